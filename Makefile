@@ -1,0 +1,42 @@
+# Quickstart on a fresh clone: `make run` (set-up, then the benchmark) and `make test`
+# (set-up, then the tests). Set-up uses the active virtualenv/conda env if there is one,
+# else creates .venv; it installs torch only when none is importable, never replacing one.
+TORCH_SPEC ?= torch==2.13.0
+SYSTEM_PYTHON ?= python3
+
+ifneq ($(VIRTUAL_ENV)$(CONDA_PREFIX),)
+PY := python
+VENV :=
+else
+PY := .venv/bin/python
+VENV := .venv/bin/python
+endif
+CSRC := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh')
+
+.PHONY: setup run test info clean
+
+setup: .stamps/build
+
+.venv/bin/python:
+	$(SYSTEM_PYTHON) -m venv .venv
+
+.stamps/deps: requirements.txt $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_SPEC)
+	$(PY) -m pip install -r requirements.txt
+	@mkdir -p .stamps && touch $@
+
+.stamps/build: .stamps/deps setup.py $(CSRC)
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	@touch $@
+
+run: setup
+	$(PY) -m fastattn bench --quick
+
+test: setup
+	$(PY) -m pytest -q tests
+
+info: setup
+	$(PY) -m fastattn info
+
+clean:
+	rm -rf .stamps build fastattn/_C*.so *.egg-info

@@ -1,0 +1,55 @@
+// The one parameter struct shared by every C++/CUDA attention kernel.
+// Plain C++: no torch headers, so CUDA translation units can include it too.
+#pragma once
+#include <cstdint>
+
+namespace fastattn {
+
+enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+enum class MaskKind : int32_t { kNone = 0, kBool = 1, kFloat = 2 };
+
+// Strides are in elements. Tensor strides are ordered (batch, head, seq, dim);
+// masks broadcast to (B, H, Nq, Nk) carry stride 0 on broadcast dims.
+struct AttentionParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t q_stride[4], k_stride[4], v_stride[4];
+
+  void* out;             // (B, H, Nq, D), dtype of q, strides o_stride
+  int64_t o_stride[4];
+  float* lse;            // (B, H, Nq) contiguous, natural log; -inf for rows that see no key
+
+  int64_t batch, heads, kv_heads, q_len, kv_len, head_dim;
+  DType dtype;
+  float scale;
+  bool causal;           // query i sees keys j <= i (top-left aligned)
+
+  // Key padding. kv_begin/kv_end (B,) bound the valid keys of each batch row;
+  // key_padding (B, Nk), true = ignore, is only set when padding is scattered inside that range.
+  const int32_t* kv_begin;
+  const int32_t* kv_end;
+  const bool* key_padding;
+  int64_t kpm_stride[2];
+
+  // attn_mask: bool (true = may attend) or float32 added to the scores.
+  MaskKind mask_kind;
+  const void* mask;
+  int64_t mask_stride[4];
+
+  float dropout_p;       // probability of dropping an attention weight
+  uint64_t seed;
+};
+
+// Backward: the forward's inputs plus the output gradient. Gradients come out in float32,
+// contiguous; dk/dv per *query* head, (B, H, Nk, D), summed over GQA groups by the caller.
+struct AttentionBwdParams : AttentionParams {
+  const void* dout;      // strides do_stride, dtype of q
+  int64_t do_stride[4];
+  const float* dlse;     // optional (B, H, Nq) contiguous gradient of lse
+  float* dq;             // (B, H, Nq, D)
+  float* dk;             // (B, H, Nk, D)
+  float* dv;             // (B, H, Nk, D)
+};
+
+}  // namespace fastattn

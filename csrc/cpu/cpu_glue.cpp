@@ -1,0 +1,68 @@
+// pybind11 entry points of the CPU kernels: tensors in, AttentionParams to the kernel.
+#include <torch/extension.h>
+
+#include "../params_from_tensors.h"
+#include "../dropout_hash.h"
+#include "flash_cpu.h"
+#include "micro_kernels.h"
+
+namespace fastattn {
+namespace {
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+}
+
+void cpu_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                 at::Tensor& lse, const MaskTensors& masks, bool causal, double scale,
+                 double dropout_p, int64_t seed) {
+  check_cpu(q, "q");
+  cpu::forward(make_params(q, k, v, out, lse, masks, causal, scale, dropout_p, seed));
+}
+
+void cpu_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                  const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                  const std::optional<at::Tensor>& dlse, const MaskTensors& masks, bool causal,
+                  double scale, double dropout_p, int64_t seed, at::Tensor& dq, at::Tensor& dk,
+                  at::Tensor& dv) {
+  check_cpu(q, "q");
+  cpu::backward(make_bwd_params(dout, q, k, v, out, lse, dlse, masks, causal, scale, dropout_p,
+                                seed, dq, dk, dv));
+}
+
+// The keep mask the kernels draw for `seed`, materialised (for tests), (B, H, Nq, Nk) bool.
+at::Tensor dropout_keep_mask(int64_t seed, int64_t B, int64_t H, int64_t Nq, int64_t Nk,
+                             double p) {
+  at::Tensor keep = at::empty({B, H, Nq, Nk}, at::kBool);
+  bool* out = keep.data_ptr<bool>();
+  at::parallel_for(0, keep.numel(), 4096, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i)
+      out[i] = dropout_keep(static_cast<uint64_t>(seed), static_cast<uint64_t>(i), static_cast<float>(p));
+  });
+  return keep;
+}
+
+std::vector<std::string> cpu_isas() {
+  std::vector<std::string> names;
+  for (const char* const* name = cpu::supported_isas(); *name != nullptr; ++name) names.emplace_back(*name);
+  return names;
+}
+
+}  // namespace
+
+void register_cpu(pybind11::module_& m) {
+  namespace py = pybind11;
+  py::class_<MaskTensors>(m, "MaskTensors")
+      .def(py::init<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
+                    std::optional<at::Tensor>>(),
+           py::arg("kv_begin") = py::none(), py::arg("kv_end") = py::none(),
+           py::arg("key_padding") = py::none(), py::arg("attn_mask") = py::none());
+  m.def("cpu_forward", &cpu_forward, "fused attention forward on the CPU (writes out, lse)");
+  m.def("cpu_backward", &cpu_backward, "fused attention backward on the CPU (writes dq, dk, dv)");
+  m.def("dropout_keep_mask", &dropout_keep_mask, "the kernels' dropout keep mask, materialised");
+  m.def("cpu_isas", &cpu_isas, "micro-kernel ISAs this CPU runs, best first");
+  m.def("cpu_isa", [] { return std::string(cpu::micro_kernels().isa); }, "the active CPU ISA");
+  m.def("cpu_set_isa", [](const std::string& isa) { cpu::set_isa(isa); }, "force a CPU ISA");
+}
+
+}  // namespace fastattn

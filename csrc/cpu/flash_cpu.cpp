@@ -1,0 +1,311 @@
+// Flash attention on the CPU: tiled, online softmax, masks applied per tile, dead tiles skipped.
+//
+// Score tiles are kept transposed, s[key][query], so that each query's softmax statistics run
+// along a contiguous row of the tile and vectorize without horizontal reductions. All arithmetic
+// is float32 whatever the input dtype; inputs are packed (converted, de-strided) once per tile.
+#include "flash_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../dropout_hash.h"
+#include "micro_kernels.h"
+
+namespace fastattn::cpu {
+namespace {
+
+constexpr int kBlockQ = 64;  // queries per tile: the columns of a score tile
+constexpr int kBlockK = 64;  // keys per tile: the rows of a score tile
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// dst[r * ld + c] = src[r, c] * mul for r < rows, c < cols; zero for cols <= c < ld.
+template <typename T>
+void pack_rows(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols, int64_t ld,
+               float* dst, float mul = 1.f) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* s = src + r * rs;
+    float* d = dst + r * ld;
+    if (cs == 1) {  // the usual layout: a unit-stride loop the compiler vectorizes
+      for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<float>(s[c]) * mul;
+    } else {
+      for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<float>(s[c * cs]) * mul;
+    }
+    std::fill(d + cols, d + ld, 0.f);
+  }
+}
+
+// dst[c * ld + r] = src[r, c] * mul for r < rows, c < cols; zero for rows <= r < ld.
+template <typename T>
+void pack_transposed(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols,
+                     int64_t ld, float* dst, float mul = 1.f) {
+  for (int64_t c = 0; c < cols; ++c) {
+    float* d = dst + c * ld;
+    for (int64_t r = 0; r < rows; ++r) d[r] = static_cast<float>(src[r * rs + c * cs]) * mul;
+    std::fill(d + rows, d + ld, 0.f);
+  }
+}
+
+// A key or value tile as the micro-kernels read it: rows of `ld` floats with unit column
+// stride. float32 rows that already have that layout are used in place; others are packed.
+template <typename T>
+struct RowTile {
+  std::vector<float> buf;
+  const float* data = nullptr;
+  int64_t ld = 0;
+
+  RowTile(int64_t rows, int64_t ld_packed) : buf(rows * ld_packed) {}
+
+  void load(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols, int64_t ld_packed) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (cs == 1 && cols == ld_packed) {
+        data = src;
+        ld = rs;
+        return;
+      }
+    }
+    pack_rows(src, rs, cs, rows, cols, ld_packed, buf.data());
+    data = buf.data();
+    ld = ld_packed;
+  }
+};
+
+// The valid keys [begin, end) of one batch row, before causality.
+struct KeyRange {
+  int64_t begin, end;
+};
+
+KeyRange key_range(const AttentionParams& p, int64_t b) {
+  if (p.kv_begin == nullptr) return {0, p.kv_len};
+  return {p.kv_begin[b], p.kv_end[b]};
+}
+
+// Everything that masks one (batch, head): applied to a transposed score tile in log2 units.
+struct TileMasker {
+  const AttentionParams& p;
+  int64_t b, h;
+
+  void apply(float* s, int64_t j0, int nk, int64_t i0, int mq) const {
+    if (p.mask_kind != MaskKind::kNone) {
+      const int64_t* st = p.mask_stride;
+      const int64_t base = b * st[0] + h * st[1] + i0 * st[2] + j0 * st[3];
+      for (int j = 0; j < nk; ++j) {
+        float* row = s + j * kBlockQ;
+        const int64_t at = base + j * st[3];
+        if (p.mask_kind == MaskKind::kFloat) {
+          const float* m = static_cast<const float*>(p.mask) + at;
+          for (int i = 0; i < mq; ++i) row[i] += m[i * st[2]] * kLog2e;
+        } else {
+          const bool* m = static_cast<const bool*>(p.mask) + at;
+          for (int i = 0; i < mq; ++i)
+            if (!m[i * st[2]]) row[i] = kNegInf;
+        }
+      }
+    }
+    if (p.key_padding != nullptr) {
+      const bool* pad = p.key_padding + b * p.kpm_stride[0];
+      for (int j = 0; j < nk; ++j)
+        if (pad[(j0 + j) * p.kpm_stride[1]]) std::fill(s + j * kBlockQ, s + j * kBlockQ + mq, kNegInf);
+    }
+    if (p.causal && j0 + nk - 1 > i0) {  // only tiles crossing the diagonal
+      for (int j = 0; j < nk; ++j) {
+        const int64_t hidden = std::min<int64_t>(mq, j0 + j - i0);  // queries i < key j
+        if (hidden > 0) std::fill(s + j * kBlockQ, s + j * kBlockQ + hidden, kNegInf);
+      }
+    }
+  }
+
+  // Multiplies the tile by keep / (1 - p) (or writes that factor into `out` when given).
+  void dropout(float* s, int64_t j0, int nk, int64_t i0, int mq, float* out = nullptr) const {
+    const float inv_keep = 1.f / (1.f - p.dropout_p);
+    const uint64_t row0 = static_cast<uint64_t>((b * p.heads + h) * p.q_len + i0);
+    for (int j = 0; j < nk; ++j)
+      for (int i = 0; i < mq; ++i) {
+        const uint64_t index = (row0 + i) * p.kv_len + j0 + j;
+        const float f = dropout_keep(p.seed, index, p.dropout_p) ? inv_keep : 0.f;
+        if (out != nullptr) out[j * kBlockQ + i] = f; else s[j * kBlockQ + i] *= f;
+      }
+  }
+};
+
+template <typename T>
+void forward_impl(const AttentionParams& p) {
+  const MicroKernels& mk = micro_kernels();
+  const int64_t H = p.heads, Nq = p.q_len, D = p.head_dim, Dp = round_up(D, 16);
+  const int64_t group = p.heads / p.kv_heads;
+  const int64_t q_blocks = (Nq + kBlockQ - 1) / kBlockQ;
+  const float qk_scale = p.scale * kLog2e;  // exp(x) = exp2(x * log2 e): fold it into q
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  T* out = static_cast<T*>(p.out);
+  const int64_t *qs = p.q_stride, *ks = p.k_stride, *vs = p.v_stride, *os = p.o_stride;
+
+  at::parallel_for(0, p.batch * H * q_blocks, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> qt(Dp * kBlockQ), s(kBlockK * kBlockQ), acc(kBlockQ * Dp), m(kBlockQ),
+        l(kBlockQ), alpha(kBlockQ);
+    RowTile<T> kt(kBlockK, Dp), vt(kBlockK, Dp);
+    for (int64_t item = first; item < last; ++item) {
+      const int64_t b = item / (H * q_blocks), h = item / q_blocks % H, hk = h / group;
+      const int64_t i0 = item % q_blocks * kBlockQ;
+      const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, Nq - i0));
+      KeyRange keys = key_range(p, b);
+      if (p.causal) keys.end = std::min(keys.end, i0 + mq);
+      const TileMasker masker{p, b, h};
+
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), 0.f);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      if (keys.begin < keys.end)
+        pack_transposed(q + b * qs[0] + h * qs[1] + i0 * qs[2], qs[2], qs[3], mq, D, kBlockQ,
+                        qt.data(), qk_scale);
+      for (int64_t j0 = keys.begin; j0 < keys.end; j0 += kBlockK) {
+        const int nk = static_cast<int>(std::min<int64_t>(kBlockK, keys.end - j0));
+        kt.load(k + b * ks[0] + hk * ks[1] + j0 * ks[2], ks[2], ks[3], nk, D, Dp);
+        mk.gemm(nk, kBlockQ, Dp, kt.data, kt.ld, 1, qt.data(), kBlockQ, s.data(), kBlockQ, false);
+        masker.apply(s.data(), j0, nk, i0, mq);
+        mk.softmax_step(s.data(), nk, mq, kBlockQ, m.data(), l.data(), alpha.data());
+        mk.scale_rows(acc.data(), mq, Dp, Dp, alpha.data());
+        if (p.dropout_p > 0.f) masker.dropout(s.data(), j0, nk, i0, mq);
+        vt.load(v + b * vs[0] + hk * vs[1] + j0 * vs[2], vs[2], vs[3], nk, D, Dp);
+        mk.gemm(mq, Dp, nk, s.data(), 1, kBlockQ, vt.data, vt.ld, acc.data(), Dp, true);
+      }
+
+      T* o = out + b * os[0] + h * os[1] + i0 * os[2];
+      float* lse = p.lse + (b * H + h) * Nq + i0;
+      for (int i = 0; i < mq; ++i) {
+        const bool seen = l[i] > 0.f;  // false: no visible key, the row is zero
+        const float inv_l = seen ? 1.f / l[i] : 0.f;
+        for (int64_t d = 0; d < D; ++d) o[i * os[2] + d * os[3]] = static_cast<T>(acc[i * Dp + d] * inv_l);
+        lse[i] = seen ? m[i] * kLn2 + std::log(l[i]) : kNegInf;
+      }
+    }
+  });
+}
+
+// Flash-attention-2 backward, one (batch, head) per task: for each key tile, sweep the query
+// tiles that can see it, recomputing probabilities from lse. dK/dV accumulate in the key tile,
+// dQ in a per-task buffer, so there are no atomics and the result is deterministic.
+template <typename T>
+void backward_impl(const AttentionBwdParams& p) {
+  const MicroKernels& mk = micro_kernels();
+  const int64_t H = p.heads, Nq = p.q_len, Nk = p.kv_len, D = p.head_dim, Dp = round_up(D, 16);
+  const int64_t Nq_pad = round_up(std::max<int64_t>(Nq, 1), kBlockQ);
+  const int64_t group = p.heads / p.kv_heads;
+  const float qk_scale = p.scale * kLog2e;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const T* out = static_cast<const T*>(p.out);
+  const T* dout = static_cast<const T*>(p.dout);
+  const int64_t *qs = p.q_stride, *ks = p.k_stride, *vs = p.v_stride, *os = p.o_stride,
+                *dos = p.do_stride;
+
+  at::parallel_for(0, p.batch * H, 1, [&](int64_t first, int64_t last) {
+    // Whole-head query-side operands, packed once per task: O(Nq * D) memory.
+    std::vector<float> qt(Dp * Nq_pad), qr(Nq_pad * Dp), dor(Nq_pad * Dp), dot(Dp * Nq_pad),
+        lse2(Nq_pad), delta(Nq_pad), dq(Nq_pad * Dp);
+    RowTile<T> kt(kBlockK, Dp), vt(kBlockK, Dp);
+    std::vector<float> s(kBlockK * kBlockQ), dp(kBlockK * kBlockQ), pd(kBlockK * kBlockQ), keep(kBlockK * kBlockQ),
+        dk(kBlockK * Dp), dv(kBlockK * Dp);
+    for (int64_t bh = first; bh < last; ++bh) {
+      const int64_t b = bh / H, h = bh % H, hk = h / group;
+      const KeyRange keys = key_range(p, b);
+      const TileMasker masker{p, b, h};
+      float* dk_out = p.dk + bh * Nk * D;
+      float* dv_out = p.dv + bh * Nk * D;
+      std::fill(dk_out, dk_out + keys.begin * D, 0.f);  // keys no query sees
+      std::fill(dk_out + std::max(keys.begin, keys.end) * D, dk_out + Nk * D, 0.f);
+      std::fill(dv_out, dv_out + keys.begin * D, 0.f);
+      std::fill(dv_out + std::max(keys.begin, keys.end) * D, dv_out + Nk * D, 0.f);
+      std::fill(dq.begin(), dq.end(), 0.f);
+
+      if (keys.begin < keys.end) {
+        const T* qh = q + b * qs[0] + h * qs[1];
+        const T* doh = dout + b * dos[0] + h * dos[1];
+        const T* oh = out + b * os[0] + h * os[1];
+        pack_transposed(qh, qs[2], qs[3], Nq, D, Nq_pad, qt.data(), qk_scale);
+        pack_rows(qh, qs[2], qs[3], Nq, D, Dp, qr.data());
+        pack_rows(doh, dos[2], dos[3], Nq, D, Dp, dor.data());
+        pack_transposed(doh, dos[2], dos[3], Nq, D, Nq_pad, dot.data());
+        const float* lse = p.lse + bh * Nq;
+        const float* dlse = p.dlse == nullptr ? nullptr : p.dlse + bh * Nq;
+        for (int64_t i = 0; i < Nq; ++i) {
+          lse2[i] = lse[i] * kLog2e;
+          float dot_do_o = 0.f;  // delta = rowsum(dO * O) - dlse, the softmax-backward offset
+          for (int64_t d = 0; d < D; ++d)
+            dot_do_o += dor[i * Dp + d] * static_cast<float>(oh[i * os[2] + d * os[3]]);
+          delta[i] = dot_do_o - (dlse != nullptr && std::isfinite(lse[i]) ? dlse[i] : 0.f);
+        }
+      }
+
+      for (int64_t j0 = keys.begin; j0 < keys.end; j0 += kBlockK) {
+        const int nk = static_cast<int>(std::min<int64_t>(kBlockK, keys.end - j0));
+        kt.load(k + b * ks[0] + hk * ks[1] + j0 * ks[2], ks[2], ks[3], nk, D, Dp);
+        vt.load(v + b * vs[0] + hk * vs[1] + j0 * vs[2], vs[2], vs[3], nk, D, Dp);
+        std::fill(dk.begin(), dk.end(), 0.f);
+        std::fill(dv.begin(), dv.end(), 0.f);
+        const int64_t first_q = p.causal ? j0 / kBlockQ * kBlockQ : 0;  // queries i >= j0
+        for (int64_t i0 = first_q; i0 < Nq; i0 += kBlockQ) {
+          const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, Nq - i0));
+          mk.gemm(nk, kBlockQ, Dp, kt.data, kt.ld, 1, qt.data() + i0, Nq_pad, s.data(), kBlockQ, false);
+          masker.apply(s.data(), j0, nk, i0, mq);
+          mk.exp2_shifted(s.data(), nk, mq, kBlockQ, lse2.data() + i0);  // P^T
+          mk.gemm(nk, kBlockQ, Dp, vt.data, vt.ld, 1, dot.data() + i0, Nq_pad, dp.data(), kBlockQ, false);
+          const float* p_used = s.data();  // the probabilities that multiplied V
+          if (p.dropout_p > 0.f) {
+            masker.dropout(nullptr, j0, nk, i0, mq, keep.data());
+            for (int j = 0; j < nk; ++j)
+              for (int i = 0; i < mq; ++i) {
+                pd[j * kBlockQ + i] = s[j * kBlockQ + i] * keep[j * kBlockQ + i];
+                dp[j * kBlockQ + i] *= keep[j * kBlockQ + i];
+              }
+            p_used = pd.data();
+          }
+          mk.gemm(nk, Dp, mq, p_used, kBlockQ, 1, dor.data() + i0 * Dp, Dp, dv.data(), Dp, true);
+          mk.softmax_grad(s.data(), dp.data(), nk, mq, kBlockQ, delta.data() + i0);  // dS^T
+          mk.gemm(nk, Dp, mq, s.data(), kBlockQ, 1, qr.data() + i0 * Dp, Dp, dk.data(), Dp, true);
+          mk.gemm(mq, Dp, nk, s.data(), 1, kBlockQ, kt.data, kt.ld, dq.data() + i0 * Dp, Dp, true);
+        }
+        for (int j = 0; j < nk; ++j)
+          for (int64_t d = 0; d < D; ++d) {
+            dk_out[(j0 + j) * D + d] = dk[j * Dp + d] * p.scale;
+            dv_out[(j0 + j) * D + d] = dv[j * Dp + d];
+          }
+      }
+      float* dq_out = p.dq + bh * Nq * D;
+      for (int64_t i = 0; i < Nq; ++i)
+        for (int64_t d = 0; d < D; ++d) dq_out[i * D + d] = dq[i * Dp + d] * p.scale;
+    }
+  });
+}
+
+}  // namespace
+
+void forward(const AttentionParams& p) {
+  switch (p.dtype) {
+    case DType::kFloat32: return forward_impl<float>(p);
+    case DType::kFloat16: return forward_impl<c10::Half>(p);
+    case DType::kBFloat16: return forward_impl<c10::BFloat16>(p);
+  }
+}
+
+void backward(const AttentionBwdParams& p) {
+  switch (p.dtype) {
+    case DType::kFloat32: return backward_impl<float>(p);
+    case DType::kFloat16: return backward_impl<c10::Half>(p);
+    case DType::kBFloat16: return backward_impl<c10::BFloat16>(p);
+  }
+}
+
+}  // namespace fastattn::cpu

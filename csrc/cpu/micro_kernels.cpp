@@ -1,0 +1,220 @@
+// Portable fp32 micro-kernels, compiled once per ISA with GCC/Clang target attributes.
+// The loops are written so the compiler vectorizes them: fixed-size register blocks for the
+// GEMM, and column-wise (query-wise) loops for the softmax, whose statistics are per column.
+#include "micro_kernels.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+#define FA_INLINE inline __attribute__((always_inline))
+
+namespace fastattn::cpu {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int kMaxCols = 256;  // widest score tile (query block) the softmax helpers take
+
+// 2^x for x <= ~1, vectorizable: round to nearest, degree-7 Taylor series of 2^f on
+// [-0.5, 0.5] (relative error < 1e-8), exponent bits for 2^n. Exactly 0 below -126 and at -inf.
+FA_INLINE float exp2_approx(float x) {
+  const float xc = x < -126.f ? -126.f : x;
+  const float n = (xc + 12582912.f) - 12582912.f;  // 1.5 * 2^23: rounds to an integer
+  const float f = xc - n;
+  float p = 1.525273380405984e-05f;
+  p = p * f + 1.5403530393381606e-04f;
+  p = p * f + 1.3333558146428443e-03f;
+  p = p * f + 9.618129107628477e-03f;
+  p = p * f + 5.550410866482158e-02f;
+  p = p * f + 2.402265069591007e-01f;
+  p = p * f + 6.931471805599453e-01f;
+  p = p * f + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return x < -126.f ? 0.f : p * two_n;
+}
+
+// One MR x NR register block of C: the accumulators stay in registers across the K loop.
+template <int MR, int NR>
+FA_INLINE void gemm_block(int K, const float* A, int64_t sam, int64_t sak, const float* B,
+                          int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  float c[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int n = 0; n < NR; ++n) c[r][n] = accumulate ? C[r * ldc + n] : 0.f;
+  for (int k = 0; k < K; ++k) {
+    const float* b = B + k * ldb;
+    for (int r = 0; r < MR; ++r) {
+      const float a = A[r * sam + k * sak];
+      for (int n = 0; n < NR; ++n) c[r][n] += a * b[n];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int n = 0; n < NR; ++n) C[r * ldc + n] = c[r][n];
+}
+
+// A block of `rows` <= MR rows, with the row count fixed at compile time.
+template <int MR, int NR>
+FA_INLINE void gemm_rows(int rows, int K, const float* A, int64_t sam, int64_t sak,
+                         const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  if constexpr (MR == 1) {
+    gemm_block<1, NR>(K, A, sam, sak, B, ldb, C, ldc, accumulate);
+  } else if (rows == MR) {
+    gemm_block<MR, NR>(K, A, sam, sak, B, ldb, C, ldc, accumulate);
+  } else {
+    gemm_rows<MR - 1, NR>(rows, K, A, sam, sak, B, ldb, C, ldc, accumulate);
+  }
+}
+
+// Full NR-wide column panels, then narrower panels for the rest, then scalar columns.
+template <int MR, int NR>
+FA_INLINE void gemm_impl(int M, int N, int K, const float* A, int64_t sam, int64_t sak,
+                         const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  int n0 = 0;
+  for (; n0 + NR <= N; n0 += NR)
+    for (int m0 = 0; m0 < M; m0 += MR)
+      gemm_rows<MR, NR>(M - m0 < MR ? M - m0 : MR, K, A + m0 * sam, sam, sak, B + n0, ldb,
+                        C + m0 * ldc + n0, ldc, accumulate);
+  if (n0 == N) return;
+  if constexpr (NR > 8) {
+    gemm_impl<MR, NR / 2>(M, N - n0, K, A, sam, sak, B + n0, ldb, C + n0, ldc, accumulate);
+  } else {
+    for (int m = 0; m < M; ++m)
+      for (int n = n0; n < N; ++n) {
+        float acc = accumulate ? C[m * ldc + n] : 0.f;
+        for (int k = 0; k < K; ++k) acc += A[m * sam + k * sak] * B[k * ldb + n];
+        C[m * ldc + n] = acc;
+      }
+  }
+}
+
+FA_INLINE void softmax_step_impl(float* s, int rows, int cols, int64_t ld, float* m, float* l,
+                                 float* alpha) {
+  float m_safe[kMaxCols], sum[kMaxCols];
+  for (int c = 0; c < cols; ++c) alpha[c] = kNegInf;
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) alpha[c] = s[r * ld + c] > alpha[c] ? s[r * ld + c] : alpha[c];
+  for (int c = 0; c < cols; ++c) {
+    const float m_new = alpha[c] > m[c] ? alpha[c] : m[c];
+    m_safe[c] = m_new == kNegInf ? 0.f : m_new;  // a column with no key yet: keep exp2 finite
+    alpha[c] = exp2_approx(m[c] - m_safe[c]);
+    m[c] = m_new;
+    sum[c] = 0.f;
+  }
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) {
+      const float p = exp2_approx(s[r * ld + c] - m_safe[c]);
+      s[r * ld + c] = p;
+      sum[c] += p;
+    }
+  for (int c = 0; c < cols; ++c) l[c] = l[c] * alpha[c] + sum[c];
+}
+
+FA_INLINE void exp2_shifted_impl(float* s, int rows, int cols, int64_t ld, const float* shift) {
+  float safe[kMaxCols];
+  for (int c = 0; c < cols; ++c) safe[c] = shift[c] == kNegInf ? 0.f : shift[c];
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) s[r * ld + c] = exp2_approx(s[r * ld + c] - safe[c]);
+}
+
+FA_INLINE void scale_rows_impl(float* x, int rows, int cols, int64_t ld, const float* f) {
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) x[r * ld + c] *= f[r];
+}
+
+FA_INLINE void softmax_grad_impl(float* p, const float* dp, int rows, int cols, int64_t ld,
+                                 const float* delta) {
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) p[r * ld + c] *= dp[r * ld + c] - delta[c];
+}
+
+// One table per ISA: the same templates, compiled under a target attribute, with register
+// blocks sized to the register file (MR rows x NR floats).
+#define FASTATTN_DEFINE_ISA(NAME, TARGET, MR, NR)                                              \
+  TARGET void gemm_##NAME(int M, int N, int K, const float* A, int64_t sam, int64_t sak,       \
+                          const float* B, int64_t ldb, float* C, int64_t ldc, bool acc) {      \
+    gemm_impl<MR, NR>(M, N, K, A, sam, sak, B, ldb, C, ldc, acc);                              \
+  }                                                                                            \
+  TARGET void softmax_step_##NAME(float* s, int rows, int cols, int64_t ld, float* m,          \
+                                  float* l, float* alpha) {                                    \
+    softmax_step_impl(s, rows, cols, ld, m, l, alpha);                                         \
+  }                                                                                            \
+  TARGET void exp2_shifted_##NAME(float* s, int rows, int cols, int64_t ld,                    \
+                                  const float* shift) {                                        \
+    exp2_shifted_impl(s, rows, cols, ld, shift);                                               \
+  }                                                                                            \
+  TARGET void scale_rows_##NAME(float* x, int rows, int cols, int64_t ld, const float* f) {    \
+    scale_rows_impl(x, rows, cols, ld, f);                                                     \
+  }                                                                                            \
+  TARGET void softmax_grad_##NAME(float* p, const float* dp, int rows, int cols, int64_t ld,   \
+                                  const float* delta) {                                        \
+    softmax_grad_impl(p, dp, rows, cols, ld, delta);                                           \
+  }                                                                                            \
+  const MicroKernels kernels_##NAME = {#NAME, gemm_##NAME, softmax_step_##NAME,                \
+                                       exp2_shifted_##NAME, scale_rows_##NAME,                 \
+                                       softmax_grad_##NAME};
+
+FASTATTN_DEFINE_ISA(generic, , 6, 8)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTATTN_X86 1
+// 16 ymm registers: 6 x 2 accumulators. 32 zmm registers: 8 x 2 accumulators.
+FASTATTN_DEFINE_ISA(avx2, __attribute__((target("avx2,fma"))), 6, 16)
+FASTATTN_DEFINE_ISA(avx512, __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma"))), 8, 32)
+#endif
+
+bool cpu_has(const std::string& isa) {
+#ifdef FASTATTN_X86
+  if (isa == "avx512")
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512dq");
+  if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  return isa == "generic";
+}
+
+const MicroKernels* table_for(const std::string& isa) {
+#ifdef FASTATTN_X86
+  if (isa == "avx512") return &kernels_avx512;
+  if (isa == "avx2") return &kernels_avx2;
+#endif
+  if (isa == "generic") return &kernels_generic;
+  return nullptr;
+}
+
+}  // namespace
+
+const char* const* supported_isas() {
+  static const char* const* list = [] {
+    static const char* names[4] = {nullptr, nullptr, nullptr, nullptr};
+    int n = 0;
+    for (const char* isa : {"avx512", "avx2", "generic"})
+      if (table_for(isa) != nullptr && cpu_has(isa)) names[n++] = isa;
+    return names;
+  }();
+  return list;
+}
+
+static const MicroKernels* active = nullptr;  // chosen on first use
+
+const MicroKernels& micro_kernels() {
+  if (active == nullptr) {
+    const char* forced = std::getenv("FASTATTN_CPU_ISA");
+    set_isa(forced != nullptr && *forced != '\0' ? forced : supported_isas()[0]);
+  }
+  return *active;
+}
+
+void set_isa(const std::string& isa) {
+  if (table_for(isa) == nullptr || !cpu_has(isa)) {
+    std::string have;
+    for (const char* const* name = supported_isas(); *name != nullptr; ++name)
+      have += std::string(have.empty() ? "" : ", ") + *name;
+    throw std::invalid_argument("CPU ISA '" + isa + "' is not available on this CPU; available: " + have);
+  }
+  active = table_for(isa);
+}
+
+}  // namespace fastattn::cpu

@@ -1,0 +1,35 @@
+// fp32 micro-kernels behind the CPU flash-attention tile loop, one table per ISA.
+// The tile loop (flash_cpu.cpp) only packs, masks and schedules; all heavy arithmetic goes
+// through this table, so faster micro-kernels slot in without touching the algorithm.
+#pragma once
+#include <cstdint>
+#include <string>
+
+namespace fastattn::cpu {
+
+struct MicroKernels {
+  const char* isa;
+  // C[M,N] (+)= A[M,K] @ B[K,N]. A is read element-wise at A[m*sam + k*sak] (any layout);
+  // B and C are row-major with unit column stride.
+  void (*gemm)(int M, int N, int K, const float* A, int64_t sam, int64_t sak,
+               const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate);
+  // One online-softmax step over a transposed score tile s[rows=keys][cols=queries] in log2
+  // units: updates the running max m and sum l per query, replaces s with exp2(s - m_new),
+  // and writes alpha = exp2(m_old - m_new), the factor that rescales the output accumulator.
+  void (*softmax_step)(float* s, int rows, int cols, int64_t ld, float* m, float* l, float* alpha);
+  // s[r][c] = exp2(s[r][c] - shift[c]); a shift of -inf (a row that saw no key) gives 0.
+  void (*exp2_shifted)(float* s, int rows, int cols, int64_t ld, const float* shift);
+  // x[r][c] *= f[r].
+  void (*scale_rows)(float* x, int rows, int cols, int64_t ld, const float* f);
+  // p[r][c] = p[r][c] * (dp[r][c] - delta[c]): the softmax backward, in place.
+  void (*softmax_grad)(float* p, const float* dp, int rows, int cols, int64_t ld, const float* delta);
+};
+
+// The active table: the best this CPU supports, unless FASTATTN_CPU_ISA=avx512|avx2|generic
+// or set_isa() chose another.
+const MicroKernels& micro_kernels();
+void set_isa(const std::string& isa);  // throws std::invalid_argument if this CPU lacks it
+// Every table this CPU can run, best first, nullptr-terminated.
+const char* const* supported_isas();
+
+}  // namespace fastattn::cpu

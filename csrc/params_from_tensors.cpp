@@ -1,0 +1,126 @@
+#include "params_from_tensors.h"
+
+namespace fastattn {
+namespace {
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "fastattn kernels take float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+void copy_strides(const at::Tensor& t, int64_t* dst, int n) {
+  for (int i = 0; i < n; ++i) dst[i] = t.stride(i);
+}
+
+void check_same(const at::Tensor& t, const char* name, const at::Tensor& like, at::IntArrayRef sizes,
+                at::ScalarType dtype) {
+  TORCH_CHECK(t.device() == like.device(), name, " is on ", t.device(), ", expected ", like.device());
+  TORCH_CHECK(t.sizes() == sizes, name, " has shape ", t.sizes(), ", expected ", sizes);
+  TORCH_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype);
+}
+
+void check_contiguous_f32(const at::Tensor& t, const char* name, const at::Tensor& like,
+                          at::IntArrayRef sizes) {
+  check_same(t, name, like, sizes, at::kFloat);
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+}  // namespace
+
+AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& out, const at::Tensor& lse, const MaskTensors& masks,
+                            bool causal, double scale, double dropout_p, int64_t seed) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-D (B, H, N, D)");
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Nk = k.size(2);
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "heads (", H, ") must be a multiple of kv heads (", Hkv, ")");
+  check_same(k, "k", q, {B, Hkv, Nk, D}, q.scalar_type());
+  check_same(v, "v", q, {B, Hkv, Nk, D}, q.scalar_type());
+  check_same(out, "out", q, q.sizes(), q.scalar_type());
+  check_contiguous_f32(lse, "lse", q, {B, H, Nq});
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+
+  AttentionParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  copy_strides(q, p.q_stride, 4);
+  copy_strides(k, p.k_stride, 4);
+  copy_strides(v, p.v_stride, 4);
+  copy_strides(out, p.o_stride, 4);
+  p.batch = B;
+  p.heads = H;
+  p.kv_heads = Hkv;
+  p.q_len = Nq;
+  p.kv_len = Nk;
+  p.head_dim = D;
+  p.dtype = dtype_of(q);
+  p.scale = static_cast<float>(scale);
+  p.causal = causal;
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.seed = static_cast<uint64_t>(seed);
+
+  TORCH_CHECK(masks.kv_begin.has_value() == masks.kv_end.has_value(),
+              "kv_begin and kv_end come together");
+  if (masks.kv_begin) {
+    for (const auto* t : {&*masks.kv_begin, &*masks.kv_end}) {
+      check_same(*t, "kv range", q, {B}, at::kInt);
+      TORCH_CHECK(t->is_contiguous(), "kv range must be contiguous");
+      if (t->is_cpu())  // on a GPU this would cost a sync; Python derived the range itself
+        TORCH_CHECK(t->ge(0).all().item<bool>() && t->le(Nk).all().item<bool>(),
+                    "kv range entries must lie in [0, ", Nk, "]");
+    }
+    p.kv_begin = masks.kv_begin->data_ptr<int32_t>();
+    p.kv_end = masks.kv_end->data_ptr<int32_t>();
+  }
+  if (masks.key_padding) {
+    TORCH_CHECK(masks.kv_begin.has_value(), "key_padding needs kv_begin/kv_end");
+    check_same(*masks.key_padding, "key_padding", q, {B, Nk}, at::kBool);
+    p.key_padding = masks.key_padding->data_ptr<bool>();
+    copy_strides(*masks.key_padding, p.kpm_stride, 2);
+  }
+  if (masks.attn_mask) {
+    const at::Tensor& m = *masks.attn_mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == at::kFloat,
+                "attn_mask must be bool or float32, got ", m.scalar_type());
+    check_same(m, "attn_mask", q, {B, H, Nq, Nk}, m.scalar_type());
+    p.mask_kind = m.scalar_type() == at::kBool ? MaskKind::kBool : MaskKind::kFloat;
+    p.mask = m.data_ptr();
+    copy_strides(m, p.mask_stride, 4);
+  }
+  return p;
+}
+
+AttentionBwdParams make_bwd_params(const at::Tensor& dout, const at::Tensor& q,
+                                   const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                   const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
+                                   const MaskTensors& masks, bool causal, double scale,
+                                   double dropout_p, int64_t seed, const at::Tensor& dq,
+                                   const at::Tensor& dk, const at::Tensor& dv) {
+  AttentionBwdParams p{};
+  static_cast<AttentionParams&>(p) =
+      make_params(q, k, v, out, lse, masks, causal, scale, dropout_p, seed);
+  check_same(dout, "dout", q, q.sizes(), q.scalar_type());
+  p.dout = dout.data_ptr();
+  copy_strides(dout, p.do_stride, 4);
+  if (dlse) {
+    check_contiguous_f32(*dlse, "dlse", q, lse.sizes());
+    p.dlse = dlse->data_ptr<float>();
+  }
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3), Nk = k.size(2);
+  check_contiguous_f32(dq, "dq", q, {B, H, Nq, D});
+  check_contiguous_f32(dk, "dk", q, {B, H, Nk, D});
+  check_contiguous_f32(dv, "dv", q, {B, H, Nk, D});
+  p.dq = dq.data_ptr<float>();
+  p.dk = dk.data_ptr<float>();
+  p.dv = dv.data_ptr<float>();
+  return p;
+}
+
+}  // namespace fastattn

@@ -1,0 +1,31 @@
+// Tensor -> AttentionParams, shared by the CPU and CUDA glue. Checks every precondition the
+// kernels rely on with TORCH_CHECK (Python validates user input before this; these guard the C++
+// entry points themselves).
+#pragma once
+#include <torch/extension.h>
+
+#include <optional>
+
+#include "attention_params.h"
+
+namespace fastattn {
+
+// Masks as the kernels take them, already normalised by Python.
+struct MaskTensors {
+  std::optional<at::Tensor> kv_begin, kv_end;  // (B,) int32: valid key range per batch row
+  std::optional<at::Tensor> key_padding;       // (B, Nk) bool, true = ignore
+  std::optional<at::Tensor> attn_mask;         // (B, H, Nq, Nk) bool or float32, may be expanded
+};
+
+AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& out, const at::Tensor& lse, const MaskTensors& masks,
+                            bool causal, double scale, double dropout_p, int64_t seed);
+
+AttentionBwdParams make_bwd_params(const at::Tensor& dout, const at::Tensor& q,
+                                   const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                   const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
+                                   const MaskTensors& masks, bool causal, double scale,
+                                   double dropout_p, int64_t seed, const at::Tensor& dq,
+                                   const at::Tensor& dk, const at::Tensor& dv);
+
+}  // namespace fastattn

@@ -1,0 +1,49 @@
+"""python -m fastattn {info, bench}."""
+from __future__ import annotations
+
+import argparse
+import platform
+
+import torch
+
+
+def info() -> None:
+    import fastattn
+    from fastattn.backends import available_backends, unavailable_backends
+
+    print(f"fastattn {fastattn.__version__}")
+    print(f"python   {platform.python_version()}")
+    print(f"torch    {torch.__version__} (CUDA {torch.version.cuda or 'none'}), "
+          f"{torch.get_num_threads()} CPU threads")
+    try:
+        import triton
+
+        print(f"triton   {triton.__version__}")
+    except ImportError:
+        print("triton   not installed")
+    if "cpu" in available_backends():
+        from fastattn import _C
+
+        print(f"cpu ISA  {_C.cpu_isa()} (this CPU runs: {', '.join(_C.cpu_isas())})")
+    print("backends available (priority order): " + ", ".join(available_backends()))
+    for name, why in unavailable_backends().items():
+        print(f"  {name} unavailable: {why}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fastattn")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, and which backends run here (and why not)")
+    bench = sub.add_parser("bench", help="fastattn against torch SDPA and nn.MultiheadAttention")
+    bench.add_argument("--quick", action="store_true", help="a small subset (about a minute)")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        info()
+    else:
+        from fastattn.bench import run
+
+        run(quick=args.quick)
+
+
+if __name__ == "__main__":
+    main()

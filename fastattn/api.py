@@ -1,0 +1,132 @@
+"""fastattn.attention: validate once, normalise masks once, dispatch, call the custom op."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .backends import Problem, select_backend
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_qkv(query, key, value) -> None:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected 4 dims (B, H, N, D), got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name}: expected a dtype in {[str(d) for d in _DTYPES]}, got {t.dtype}")
+        if t.device != query.device:
+            raise ValueError(f"{name}: expected device {query.device} (query's), got {t.device}")
+        if t.dtype != query.dtype:
+            raise TypeError(f"{name}: expected dtype {query.dtype} (query's), got {t.dtype}")
+    B, H, _, D = query.shape
+    if key.shape[0] != B or value.shape[0] != B:
+        raise ValueError(f"key/value: expected batch {B} (query's), got {key.shape[0]} and {value.shape[0]}")
+    if key.shape[3] != D or value.shape[3] != D:
+        raise ValueError(f"key/value: expected head dim {D} (query's), got {key.shape[3]} and {value.shape[3]}")
+    if key.shape[1] != value.shape[1]:
+        raise ValueError(f"value: expected {key.shape[1]} heads (key's), got {value.shape[1]}")
+    if key.shape[2] != value.shape[2]:
+        raise ValueError(f"value: expected length {key.shape[2]} (key's), got {value.shape[2]}")
+    Hkv = key.shape[1]
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"key: expected a head count dividing query's {H} heads, got {Hkv}")
+
+
+def _check_key_padding(mask, query, key) -> Tensor | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"key_padding_mask: expected a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask: expected dtype torch.bool (True = ignore), got {mask.dtype}")
+    expected = (query.shape[0], key.shape[2])
+    if tuple(mask.shape) != expected:
+        raise ValueError(f"key_padding_mask: expected shape (B, Nk) = {expected}, got {tuple(mask.shape)}")
+    if mask.device != query.device:
+        raise ValueError(f"key_padding_mask: expected device {query.device}, got {mask.device}")
+    return mask
+
+
+def _check_attn_mask(mask, query, key) -> Tensor | None:
+    """Returns the mask as a (B, H, Nq, Nk) view (stride 0 on broadcast dims), float32 if float."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"attn_mask: expected a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"attn_mask: expected dtype torch.bool or a float dtype, got {mask.dtype}")
+    if mask.device != query.device:
+        raise ValueError(f"attn_mask: expected device {query.device}, got {mask.device}")
+    if mask.requires_grad and torch.is_grad_enabled():
+        raise ValueError("attn_mask: gradients with respect to the mask are not supported; pass attn_mask.detach()")
+    full = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    try:
+        broadcast = torch.broadcast_shapes(mask.shape, full)
+    except RuntimeError:
+        broadcast = None
+    if mask.dim() > 4 or broadcast != full:
+        raise ValueError(f"attn_mask: expected a shape broadcastable to (B, H, Nq, Nk) = {full}, got {tuple(mask.shape)}")
+    if mask.is_floating_point():
+        mask = mask.to(torch.float32)  # the given shape only, before broadcasting
+    return mask.expand(full)
+
+
+def attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    key_padding_mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Fused scaled-dot-product attention.
+
+    query (B, H, Nq, D); key and value (B, Hkv, Nk, D) with H % Hkv == 0 (grouped-query
+    attention: head h reads kv head h // (H // Hkv)). Any strides.
+    key_padding_mask: (B, Nk) bool, True = ignore that key.
+    attn_mask: broadcastable to (B, H, Nq, Nk); bool True = may attend, float = added to scores.
+    causal: query i sees keys j <= i (top-left aligned, as SDPA's is_causal).
+    A query that sees no key gives a zero row (lse = -inf) and zero gradients.
+    Returns out (B, H, Nq, D) in query's dtype, or (out, lse) with lse (B, H, Nq) float32.
+    """
+    _check_qkv(query, key, value)
+    key_padding_mask = _check_key_padding(key_padding_mask, query, key)
+    attn_mask = _check_attn_mask(attn_mask, query, key)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected bool, got {type(causal).__name__}")
+    D = query.shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite float, got {scale!r}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
+
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    problem = Problem(
+        device=query.device.type,
+        dtype=query.dtype,
+        head_dim=D,
+        mask_kind=None if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "float"),
+        key_padding=key_padding_mask is not None,
+        causal=causal,
+        dropout=dropout_p > 0.0,
+        needs_grad=needs_grad,
+    )
+    chosen = select_backend(backend, problem)
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
+    out, lse = ops.attention_forward(query, key, value, key_padding_mask, attn_mask, causal,
+                                     float(scale), float(dropout_p), seed, chosen.name)
+    return (out, lse) if return_lse else out

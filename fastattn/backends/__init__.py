@@ -1,0 +1,46 @@
+"""The backend registry and dispatch: the first capable backend in priority order wins."""
+from __future__ import annotations
+
+from .base import Backend, Capabilities, Masks, Problem
+from .cpu import CpuBackend
+from .reference import ReferenceBackend
+
+# Priority order for backend="auto". GPU backends go ahead of these as they arrive.
+REGISTRY: dict[str, Backend] = {b.name: b for b in (CpuBackend(), ReferenceBackend())}
+
+
+class NoBackendError(ValueError):
+    """No backend (or not the one asked for) can take this call; the message says why."""
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run on this machine, in priority order."""
+    return [name for name, b in REGISTRY.items() if b.unavailable() is None]
+
+
+def unavailable_backends() -> dict[str, str]:
+    """Each backend that cannot run on this machine, with the reason."""
+    return {name: why for name, b in REGISTRY.items() if (why := b.unavailable()) is not None}
+
+
+def _reasons(backend: Backend, problem: Problem) -> list[str]:
+    why = backend.unavailable()
+    return [f"unavailable: {why}"] if why is not None else backend.reasons(problem)
+
+
+def select_backend(name: str, problem: Problem) -> Backend:
+    if name != "auto" and name not in REGISTRY:
+        raise ValueError(f"backend: expected 'auto' or one of {list(REGISTRY)}, got {name!r}")
+    candidates = list(REGISTRY.values()) if name == "auto" else [REGISTRY[name]]
+    declined = {}
+    for backend in candidates:
+        why = _reasons(backend, problem)
+        if not why:
+            return backend
+        declined[backend.name] = why
+    lines = "\n".join(f"  {b}: {'; '.join(why)}" for b, why in declined.items())
+    raise NoBackendError(f"no backend can run this attention call ({problem}):\n{lines}")
+
+
+__all__ = ["Backend", "Capabilities", "Masks", "NoBackendError", "Problem", "REGISTRY",
+           "available_backends", "select_backend", "unavailable_backends"]

@@ -1,0 +1,96 @@
+"""What every backend declares, and the one description of a call they judge it by."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The facts about one attention call that decide which backend can take it."""
+
+    device: str  # device type: "cpu", "cuda"
+    dtype: torch.dtype
+    head_dim: int
+    mask_kind: str | None  # None, "bool" or "float"
+    key_padding: bool
+    causal: bool
+    dropout: bool
+    needs_grad: bool
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    devices: frozenset[str]
+    dtypes: frozenset[torch.dtype]
+    max_head_dim: int
+    mask_kinds: frozenset[str] = frozenset({"bool", "float"})
+    dropout: bool = True
+    backward: bool = True
+
+
+@dataclass(frozen=True)
+class Masks:
+    """Masks as the op hands them to a backend, normalised once by fastattn.attention."""
+
+    key_padding: Tensor | None  # (B, Nk) bool, True = ignore
+    attn_mask: Tensor | None  # (B, H, Nq, Nk) bool or float32, broadcast dims with stride 0
+
+
+class Backend:
+    """A fused attention implementation. Subclasses set name and caps and implement
+    forward/backward; `unavailable` says why the backend cannot run on this machine."""
+
+    name: str
+    caps: Capabilities
+
+    def unavailable(self) -> str | None:
+        return None
+
+    def reasons(self, problem: Problem) -> list[str]:
+        """Why this backend cannot take the call; empty when it can."""
+        caps, why = self.caps, []
+        if problem.device not in caps.devices:
+            why.append(f"device {problem.device} not in {sorted(caps.devices)}")
+        if problem.dtype not in caps.dtypes:
+            why.append(f"dtype {problem.dtype} not in {sorted(map(str, caps.dtypes))}")
+        if problem.head_dim > caps.max_head_dim:
+            why.append(f"head_dim {problem.head_dim} > {caps.max_head_dim}")
+        if problem.mask_kind is not None and problem.mask_kind not in caps.mask_kinds:
+            why.append(f"{problem.mask_kind} attn_mask not supported")
+        if problem.dropout and not caps.dropout:
+            why.append("dropout not supported")
+        if problem.needs_grad and not caps.backward:
+            why.append("backward not supported")
+        return why
+
+    def forward(self, q, k, v, masks: Masks, causal: bool, scale: float, dropout_p: float,
+                seed: int) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def backward(self, dout, dlse, q, k, v, out, lse, masks: Masks, causal: bool, scale: float,
+                 dropout_p: float, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+
+def new_buffer(like: Tensor, *shape: int, dtype: torch.dtype | None = None) -> Tensor:
+    """An uninitialised kernel output. With FASTATTN_POISON=1 (the tests set it) it is filled
+    with NaN, so an element a kernel forgets to write cannot pass for a right answer."""
+    t = like.new_empty(*shape, dtype=dtype or like.dtype)
+    return t.fill_(math.nan) if os.environ.get("FASTATTN_POISON") == "1" else t
+
+
+def empty_out(q: Tensor) -> Tensor:
+    """The output buffer, (B, H, Nq, D) laid out as (B, Nq, H, D): a module reshapes it to
+    (B, Nq, H * D) with no copy. Fake and real kernels both allocate through here."""
+    B, H, Nq, D = q.shape
+    return new_buffer(q, B, Nq, H, D).transpose(1, 2)
+
+
+def empty_lse(q: Tensor) -> Tensor:
+    B, H, Nq, _ = q.shape
+    return new_buffer(q, B, H, Nq, dtype=torch.float32)

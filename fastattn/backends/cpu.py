@@ -1,0 +1,61 @@
+"""Backend `cpu`: the fused C++ flash-attention kernel (csrc/cpu), through pybind11."""
+from __future__ import annotations
+
+import torch
+
+from ..masks import key_ranges
+from .base import Backend, Capabilities, Masks, empty_lse, empty_out, new_buffer
+
+
+def _extension():
+    from .. import _C
+
+    return _C
+
+
+def _kernel_masks(masks: Masks):
+    _C = _extension()
+    if masks.key_padding is None:
+        return _C.MaskTensors(attn_mask=masks.attn_mask)
+    begin, end, scattered = key_ranges(masks.key_padding)
+    # Right, left or no padding is fully described by the range; only scattered padding
+    # needs the per-key test inside the tile loop.
+    key_padding = masks.key_padding if scattered else None
+    return _C.MaskTensors(begin, end, key_padding, masks.attn_mask)
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+    caps = Capabilities(
+        devices=frozenset({"cpu"}),
+        dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
+        max_head_dim=256,
+    )
+
+    def unavailable(self):
+        try:
+            _extension()
+        except ImportError as e:
+            return f"the C++ extension fastattn._C is not built ({e})"
+        return None
+
+    def forward(self, q, k, v, masks, causal, scale, dropout_p, seed):
+        out, lse = empty_out(q), empty_lse(q)
+        _extension().cpu_forward(q, k, v, out, lse, _kernel_masks(masks), causal, scale,
+                                 dropout_p, seed)
+        return out, lse
+
+    def backward(self, dout, dlse, q, k, v, out, lse, masks, causal, scale, dropout_p, seed):
+        B, H, Nq, D = q.shape
+        Hkv, Nk = k.shape[1], k.shape[2]
+        f32 = torch.float32
+        dq = new_buffer(q, B, H, Nq, D, dtype=f32)
+        dk, dv = new_buffer(q, B, H, Nk, D, dtype=f32), new_buffer(q, B, H, Nk, D, dtype=f32)
+        if dlse is not None:
+            dlse = dlse.to(f32).contiguous()
+        _extension().cpu_backward(dout, q, k, v, out, lse, dlse, _kernel_masks(masks), causal,
+                                  scale, dropout_p, seed, dq, dk, dv)
+        # The kernel writes dK/dV per query head; GQA sums each group of H // Hkv heads.
+        dk = dk.view(B, Hkv, H // Hkv, Nk, D).sum(2)
+        dv = dv.view(B, Hkv, H // Hkv, Nk, D).sum(2)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -1,0 +1,44 @@
+"""Builds fastattn._C: the C++ CPU kernels always; CUDA sources where nvcc and a CUDA torch exist."""
+import glob
+import os
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def sources(pattern):
+    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern), recursive=True))
+
+
+def extension():
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cpp = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
+    cuda = sources("csrc/cuda/**/*.cu") + sources("csrc/cuda/**/*.cpp")
+    with_cuda = bool(cuda) and torch.version.cuda is not None and CUDA_HOME is not None
+    if os.environ.get("FASTATTN_NO_CUDA") == "1":
+        with_cuda = False
+    if not with_cuda:
+        return CppExtension("fastattn._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    archs = os.environ.get("FASTATTN_CUDA_ARCHS", "80;90a").split(";")
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    return CUDAExtension(
+        "fastattn._C",
+        cpp + cuda,
+        define_macros=[("FASTATTN_WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", *gencode]},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    name="fastattn",
+    version="0.1.0",
+    description="Fused scaled-dot-product attention for PyTorch: masks in the kernel, O(N) memory",
+    packages=find_packages(include=["fastattn", "fastattn.*"]),
+    python_requires=">=3.9",
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+)

@@ -1,0 +1,72 @@
+"""Shared test tools: inputs, the float64 reference, and relative error with per-dtype bounds."""
+from __future__ import annotations
+
+import torch
+
+import fastattn
+from fastattn import reference_attention
+
+# ||out - ref|| / ||ref|| bounds against the float64 reference.
+TOL = {torch.float32: 2e-6, torch.float16: 3e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+CPU_BACKENDS = [b for b in ("cpu", "reference") if b in fastattn.available_backends()]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor, zero_scale: float = 1.0) -> float:
+    """||out - ref|| / ||ref||. A reference that is exactly zero (a gradient when every query
+    sees one key, say) is measured against zero_scale instead."""
+    ref_norm = ref.double().norm().item()
+    return (out.double() - ref.double()).norm().item() / (ref_norm if ref_norm > 0 else zero_scale)
+
+
+def qkv(B, H, Hkv, Nq, Nk, D, dtype=torch.float32, transposed=False, device="cpu"):
+    """Fresh random q, k, v leaves; transposed=True gives (B, N, H, D) storage viewed as
+    (B, H, N, D), the layout a module's projections produce."""
+    def make(h, n):
+        if transposed:
+            return torch.randn(B, n, h, D, device=device).to(dtype).transpose(1, 2).requires_grad_()
+        return torch.randn(B, h, n, D, device=device).to(dtype).requires_grad_()
+    return make(H, Nq), make(Hkv, Nk), make(Hkv, Nk)
+
+
+def padding_mask(kind: str, B: int, Nk: int, gen=None) -> torch.Tensor | None:
+    """(B, Nk) bool, True = padding: right, left or scattered, with some rows fully padded."""
+    if kind == "none":
+        return None
+    lens = torch.randint(0, Nk + 1, (B,), generator=gen)
+    lens[0] = Nk  # one full row
+    idx = torch.arange(Nk)[None, :]
+    if kind == "right":
+        return idx >= lens[:, None]
+    if kind == "left":
+        return idx < (Nk - lens)[:, None]
+    if kind == "random":
+        mask = torch.rand(B, Nk, generator=gen) < 0.4
+        mask[-1] = True  # one row with no valid key at all
+        return mask
+    raise ValueError(kind)
+
+
+def check_against_reference(q, k, v, backend, *, key_padding_mask=None, attn_mask=None,
+                            causal=False, scale=None):
+    """Forward (out and lse) and gradients of `backend` against the float64 reference."""
+    out, lse = fastattn.attention(q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                                  causal=causal, scale=scale, return_lse=True, backend=backend)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = reference_attention(*leaves, key_padding_mask, attn_mask, causal, scale)
+    tol = TOL[q.dtype]
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert torch.isfinite(out).all(), "NaN/inf in the output"
+    assert rel_err(out, ref) < tol, f"out: {rel_err(out, ref):.2e}"
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "lse -inf pattern differs"
+    finite = torch.isfinite(ref_lse)
+    assert rel_err(lse[finite], ref_lse[finite]) < max(tol, 1e-5), "lse"
+
+    dout = torch.randn_like(ref)
+    dlse = torch.randn_like(ref_lse)
+    dlse = torch.where(finite, dlse, torch.zeros_like(dlse))
+    torch.autograd.backward([out, lse], [dout.to(out.dtype), dlse.float()])
+    torch.autograd.backward([ref, ref_lse], [dout, dlse])
+    for name, got, want in zip("qkv", (q, k, v), leaves):
+        assert got.grad is not None and torch.isfinite(got.grad).all(), f"d{name} not finite"
+        err = rel_err(got.grad, want.grad, zero_scale=dout.norm().item())
+        assert err < 4 * tol, f"d{name}: {err:.2e}"

@@ -1,0 +1,137 @@
+"""The contract around the kernels: validation, dispatch, the custom op, dropout."""
+import pytest
+import torch
+
+import fastattn
+from fastattn.backends import REGISTRY, Problem, select_backend
+from helpers import CPU_BACKENDS, TOL, qkv, rel_err
+
+
+def call(q=None, k=None, v=None, **kw):
+    dq, dk, dv = qkv(2, 4, 2, 9, 11, 16)
+    return fastattn.attention(dq if q is None else q, dk if k is None else k,
+                              dv if v is None else v, **kw)
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(q=torch.randn(4, 9, 16)), ValueError, ["query", "4 dims", "(4, 9, 16)"]),
+    (dict(k=torch.randn(3, 2, 11, 16)), ValueError, ["batch 2", "3"]),
+    (dict(v=torch.randn(2, 2, 11, 8)), ValueError, ["head dim 16", "8"]),
+    (dict(k=torch.randn(2, 3, 11, 16), v=torch.randn(2, 3, 11, 16)), ValueError, ["dividing", "4 heads", "3"]),
+    (dict(v=torch.randn(2, 1, 11, 16)), ValueError, ["value", "2 heads", "1"]),
+    (dict(v=torch.randn(2, 2, 12, 16)), ValueError, ["value", "length 11", "12"]),
+    (dict(q=torch.randn(2, 4, 9, 16).to(torch.float64)), TypeError, ["key", "float64", "float32"]),
+    (dict(q=torch.randint(0, 3, (2, 4, 9, 16))), TypeError, ["query", "dtype", "int64"]),
+    (dict(q=[1.0]), TypeError, ["query", "torch.Tensor", "list"]),
+    (dict(q=torch.randn(2, 4, 9, 16, device="meta")), ValueError, ["key", "device", "meta"]),
+    (dict(key_padding_mask=torch.zeros(2, 11)), TypeError, ["key_padding_mask", "bool", "float32"]),
+    (dict(key_padding_mask=torch.zeros(2, 9, dtype=torch.bool)), ValueError, ["key_padding_mask", "(2, 11)", "(2, 9)"]),
+    (dict(attn_mask=torch.zeros(9, 12, dtype=torch.bool)), ValueError, ["attn_mask", "(2, 4, 9, 11)", "(9, 12)"]),
+    (dict(attn_mask=torch.zeros(3, 1, 9, 11)), ValueError, ["attn_mask", "broadcastable", "(3, 1, 9, 11)"]),
+    (dict(attn_mask=torch.zeros(9, 11, dtype=torch.int32)), TypeError, ["attn_mask", "bool", "int32"]),
+    (dict(attn_mask=torch.zeros(9, 11, device="meta")), ValueError, ["attn_mask", "device", "meta"]),
+    (dict(causal=1), TypeError, ["causal", "bool", "int"]),
+    (dict(scale=float("nan")), ValueError, ["scale", "finite", "nan"]),
+    (dict(dropout_p=1.0), ValueError, ["dropout_p", "[0, 1)", "1.0"]),
+    (dict(backend="cuda-magic"), ValueError, ["backend", "cpu", "cuda-magic"]),
+])
+def test_bad_input_names_the_argument(kwargs, error, words):
+    with pytest.raises(error) as info:
+        call(**kwargs)
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in {info.value}"
+
+
+def test_head_dim_beyond_backend_limit():
+    q, k, v = qkv(1, 2, 2, 5, 5, 512)
+    with pytest.raises(ValueError, match=r"cpu: head_dim 512 > 256"):
+        fastattn.attention(q, k, v, backend="cpu")
+    assert fastattn.attention(q, k, v).shape == q.shape  # auto falls back to the reference
+
+
+def test_dispatch_lists_every_backend_reason():
+    problem = Problem("mps", torch.float32, 64, None, False, False, False, False)
+    with pytest.raises(fastattn.NoBackendError) as info:
+        select_backend("auto", problem)
+    for name in REGISTRY:
+        assert f"{name}:" in str(info.value)
+
+
+def test_auto_picks_cpu_kernel_first():
+    problem = Problem("cpu", torch.bfloat16, 128, "bool", True, True, True, True)
+    assert select_backend("auto", problem).name == "cpu"
+    assert fastattn.available_backends()[0] == "cpu"
+
+
+def test_opcheck():
+    q, k, v = qkv(2, 4, 2, 33, 70, 32, transposed=True)
+    kpm = torch.rand(2, 70) < 0.3
+    attn = (torch.rand(33, 70) < 0.9).expand(2, 4, 33, 70)
+    for backend in CPU_BACKENDS:
+        args = (q, k, v, kpm, attn, True, 0.2, 0.0, 0, backend)
+        torch.library.opcheck(torch.ops.fastattn.attention_forward.default, args)
+
+
+def test_compile_sees_one_node():
+    q, k, v = qkv(2, 4, 2, 33, 70, 32)
+    kpm = torch.rand(2, 70) < 0.3
+
+    def f(q, k, v):
+        return fastattn.attention(q, k, v, key_padding_mask=kpm, causal=True).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v)
+    loss.backward()
+    eager = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    f(q, k, v).backward()
+    assert torch.allclose(loss, f(q, k, v))
+    assert all(torch.equal(a, t.grad) for a, t in zip(eager, (q, k, v)))
+
+
+def test_profiler_shows_fastattn_ops():
+    q, k, v = qkv(1, 2, 2, 17, 17, 16)
+    with torch.profiler.profile() as prof:
+        fastattn.attention(q, k, v).sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    assert "fastattn::attention_forward" in names and "fastattn::attention_backward" in names
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_dropout_reproducible_under_manual_seed(backend):
+    q, k, v = qkv(2, 2, 2, 40, 50, 16)
+    outs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        outs.append(fastattn.attention(q, k, v, dropout_p=0.3, backend=backend))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+
+
+def test_cpu_dropout_matches_reference_with_the_same_mask():
+    """The kernel's dropout (forward and backward) equals the reference given its keep mask."""
+    from fastattn import _C, ops, reference_attention
+
+    torch.manual_seed(0)
+    B, H, Nq, Nk, p = 2, 2, 70, 90, 0.25
+    q, k, v = qkv(B, H, 1, Nq, Nk, 32)
+    kpm = torch.rand(B, Nk) < 0.2
+    seed = 1234
+    out, lse = ops.attention_forward(q, k, v, kpm, None, True, 0.3, p, seed, "cpu")
+    keep = _C.dropout_keep_mask(seed, B, H, Nq, Nk, p)
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.01
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, _ = reference_attention(*leaves, kpm, None, True, 0.3, keep.double() / (1 - p))
+    assert rel_err(out, ref) < TOL[torch.float32]
+    dout = torch.randn_like(ref)
+    out.backward(dout.float())
+    ref.backward(dout)
+    for got, want in zip((q, k, v), leaves):
+        assert rel_err(got.grad, want.grad) < 4 * TOL[torch.float32]
+
+
+def test_dropout_is_unbiased():
+    """E[dropout(P)] V = P V: the mean over many seeds approaches the no-dropout output."""
+    q, k, v = (t.detach() for t in qkv(1, 1, 1, 8, 64, 16))
+    mean = torch.stack([fastattn.attention(q, k, v, dropout_p=0.5) for _ in range(400)]).mean(0)
+    assert rel_err(mean, fastattn.attention(q, k, v)) < 0.1

@@ -1,0 +1,105 @@
+"""The C++ CPU kernel beyond the shared grid: every ISA path, O(N) memory, determinism,
+tile skipping helpers, and random shapes and masks (hypothesis)."""
+import re
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import fastattn
+from fastattn.masks import key_ranges
+from helpers import check_against_reference, padding_mask, qkv
+
+pytestmark = pytest.mark.skipif("cpu" not in fastattn.available_backends(),
+                                reason="C++ extension not built")
+
+
+@pytest.fixture
+def isa():
+    from fastattn import _C
+
+    before = _C.cpu_isa()
+    yield _C
+    _C.cpu_set_isa(before)
+
+
+@pytest.mark.parametrize("name", ["avx512", "avx2", "generic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_every_isa_path(isa, name, dtype):
+    if name not in isa.cpu_isas():
+        pytest.skip(f"this CPU lacks {name}")
+    isa.cpu_set_isa(name)
+    assert isa.cpu_isa() == name
+    torch.manual_seed(0)
+    # D = 80 and lengths off the tile sizes exercise the narrow-panel and edge paths.
+    check_against_reference(*qkv(2, 4, 2, 131, 97, 80, dtype=dtype), "cpu",
+                            key_padding_mask=padding_mask("random", 2, 97), causal=True)
+
+
+def test_unknown_isa_is_refused(isa):
+    with pytest.raises(ValueError, match="not available"):
+        isa.cpu_set_isa("avx9000")
+
+
+def test_backward_is_deterministic():
+    q, k, v = qkv(2, 4, 1, 150, 150, 32)
+    grads = []
+    for _ in range(2):
+        for t in (q, k, v):
+            t.grad = None
+        fastattn.attention(q, k, v, causal=True, backend="cpu").square().sum().backward()
+        grads.append([t.grad.clone() for t in (q, k, v)])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return int(re.search(field + r":\s+(\d+) kB", f.read()).group(1)) / 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_memory_is_linear_in_sequence_length():
+    """A 16k-token causal forward: an Nq x Nk float buffer would be 1 GiB; we allow 64 MiB."""
+    N = 16384
+    q, k, v = (torch.randn(1, 1, N, 64) for _ in range(3))
+    fastattn.attention(q[:, :, :128], k[:, :, :128], v[:, :, :128], backend="cpu")  # warm up
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current resident size
+    before = _rss_mb("VmRSS")
+    out = fastattn.attention(q, k, v, causal=True, backend="cpu")
+    assert _rss_mb("VmHWM") - before < 64
+    assert torch.isfinite(out).all()
+
+
+def test_key_ranges():
+    kpm = torch.tensor([[False, False, True, True],  # right padding
+                        [True, False, False, False],  # left padding
+                        [True, False, True, False],  # scattered
+                        [True, True, True, True]])  # nothing valid
+    begin, end, scattered = key_ranges(kpm)
+    assert begin.tolist() == [0, 1, 1, 4] and end.tolist() == [2, 4, 4, 0]
+    assert begin.dtype == torch.int32 and scattered
+    assert not key_ranges(kpm[[0, 1, 3]])[2]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    B=st.integers(1, 3), Hkv=st.integers(1, 2), group=st.integers(1, 3),
+    Nq=st.integers(1, 150), Nk=st.integers(1, 150), D=st.sampled_from([8, 16, 24, 40, 64, 96]),
+    causal=st.booleans(), pad=st.sampled_from(["none", "right", "left", "random"]),
+    attn=st.sampled_from([None, "bool", "float"]), transposed=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_shapes_and_masks(B, Hkv, group, Nq, Nk, D, causal, pad, attn, transposed, seed):
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    H = Hkv * group
+    mask = None
+    if attn == "bool":
+        mask = torch.rand(B, 1, Nq, Nk, generator=gen) < 0.7
+    elif attn == "float":
+        mask = torch.randn(1, H, Nq, Nk, generator=gen)
+    check_against_reference(*qkv(B, H, Hkv, Nq, Nk, D, transposed=transposed), "cpu",
+                            key_padding_mask=padding_mask(pad, B, Nk, gen), attn_mask=mask,
+                            causal=causal)
