@@ -21,7 +21,7 @@
 namespace fastattn::cpu {
 namespace {
 
-constexpr int kBlockQ = 64;  // queries per tile: the columns of a score tile
+constexpr int kBlockQ = 128; // queries per tile: the columns of a score tile
 constexpr int kBlockK = 64;  // keys per tile: the rows of a score tile
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
