@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +42,7 @@ class Masks:
     attn_mask: Tensor | None  # (B, H, Nq, Nk) bool or float32, broadcast dims with stride 0
 
 
-class Backend:
+class Backend(ABC):
     """A fused attention implementation. Subclasses set name and caps and implement
     forward/backward; `unavailable` says why the backend cannot run on this machine."""
 
@@ -68,13 +69,15 @@ class Backend:
             why.append("backward not supported")
         return why
 
+    @abstractmethod
     def forward(self, q, k, v, masks: Masks, causal: bool, scale: float, dropout_p: float,
                 seed: int) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+        """(out, lse): out from empty_out(q), lse from empty_lse(q)."""
 
+    @abstractmethod
     def backward(self, dout, dlse, q, k, v, out, lse, masks: Masks, causal: bool, scale: float,
                  dropout_p: float, seed: int) -> tuple[Tensor, Tensor, Tensor]:
-        raise NotImplementedError
+        """(dq, dk, dv), contiguous, in the inputs' dtypes; dlse may be None."""
 
 
 def new_buffer(like: Tensor, *shape: int, dtype: torch.dtype | None = None) -> Tensor:
