@@ -1,9 +1,12 @@
 """fastattn: fused scaled-dot-product attention for PyTorch."""
 from .api import attention
+from .mha import MultiHeadAttention
+from .replace import replace_attention
 from .backends import NoBackendError, available_backends, unavailable_backends
+from .hf import register_transformers
 from .reference import reference_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["NoBackendError", "attention", "available_backends", "reference_attention",
-           "unavailable_backends"]
+__all__ = ["MultiHeadAttention", "NoBackendError", "attention", "available_backends", "reference_attention",
+           "register_transformers", "replace_attention", "unavailable_backends"]

@@ -2,14 +2,17 @@
 side by side in one process, with time, throughput, speedup and error against float64."""
 from __future__ import annotations
 
-import math
+import copy
+import statistics
+import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils import benchmark
 
-from . import attention
+from . import attention, replace_attention
 from .reference import reference_attention
 
 
@@ -112,6 +115,50 @@ def module_rows(case: Case, min_run_time: float):
             for name, fn in providers.items()]
 
 
+def encoder_rows(quick: bool):
+    """nn.TransformerEncoder (d_model 512, 8 heads, 6 layers, batch 8, sequence 512) untouched
+    against the same model after replace_attention: inference forward and training step
+    (dropout 0.1, MSE loss, AdamW), dense and with lengths uniform in [128, 512]."""
+    torch.manual_seed(0)
+    B, L, E = 8, 512, 512
+    layer = torch.nn.TransformerEncoderLayer(E, 8, 2048, dropout=0.1, batch_first=True)
+    models = {"nn.TransformerEncoder": torch.nn.TransformerEncoder(layer, 6)}
+    models["same after replace_attention"] = replace_attention(copy.deepcopy(models["nn.TransformerEncoder"]))
+    x, target = torch.randn(B, L, E), torch.randn(B, L, E)
+    lengths = torch.randint(128, L + 1, (B,))
+    reps = 2 if quick else 5
+    rows = []
+    for case, pad in (("dense", None), ("padded", torch.arange(L)[None, :] >= lengths[:, None])):
+        for name, model in models.items():
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+            def train_step():
+                opt.zero_grad()
+                torch.nn.functional.mse_loss(model(x, src_key_padding_mask=pad), target).backward()
+                opt.step()
+
+            def infer():
+                with torch.inference_mode():
+                    model(x, src_key_padding_mask=pad)
+
+            model.eval()
+            t_infer = median_of(infer, reps)
+            model.train()
+            rows.append((case, name, t_infer, median_of(train_step, reps)))
+    return rows
+
+
+def median_of(fn, reps: int) -> float:
+    """Median wall time of reps calls after one warm-up (for calls of a second or more)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def add_rows(table, case: Case, rows, baseline: str, peak: float, kernel: bool) -> None:
     """Module rows also spend time on projections, so they get no attention GFLOPS."""
     base = dict((name, t) for name, t, _ in rows)[baseline]
@@ -144,3 +191,16 @@ def run(quick: bool = False) -> None:
     console.print(table)
     console.print("speedup: kernel rows against torch SDPA given the equivalent boolean mask; module "
                   "rows (E=512, self-attention, eval, need_weights=False) against nn.MultiheadAttention.")
+
+    torch.set_flush_denormal(True)  # both models alike: denormal gradients slow training 10x+
+    warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors")  # torch's own
+    table = Table(title="nn.TransformerEncoder, d_model 512, 8 heads, 6 layers, batch 8, sequence 512 "
+                        "(padded: lengths uniform in [128, 512])")
+    for col in ("batch", "model", "inference ms", "speedup", "train step ms", "speedup"):
+        table.add_column(col, justify="left" if col in ("batch", "model") else "right")
+    rows = encoder_rows(quick)
+    for case, name, t_infer, t_train in rows:
+        base = next(r for r in rows if r[0] == case)
+        table.add_row(case, name, f"{t_infer * 1e3:.0f}", f"{base[2] / t_infer:.2f}×",
+                      f"{t_train * 1e3:.0f}", f"{base[3] / t_train:.2f}×")
+    console.print(table)

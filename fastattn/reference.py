@@ -13,12 +13,14 @@ import torch
 from torch import Tensor
 
 
-def _probabilities(q, k, key_padding_mask, attn_mask, causal, scale):
-    """Softmax probabilities p (B, H, Nq, Nk) and lse (B, H, Nq) in at least float32, with
-    k already repeated to H heads. Fully masked rows give p = 0 and lse = -inf, without NaN
-    in value or gradient: the max is a constant shift, and empty rows divide by 1."""
+def attention_probabilities(q, k, key_padding_mask=None, attn_mask=None, causal=False, scale=None):
+    """Softmax probabilities p (B, H, Nq, Nk) and lse (B, H, Nq), in at least float32. Fully
+    masked rows give p = 0 and lse = -inf, without NaN in value or gradient: the max is a
+    constant shift, and empty rows divide by 1."""
     compute = torch.promote_types(q.dtype, torch.float32)
     Nq, Nk = q.shape[2], k.shape[2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA: head h reads kv head h // group
     s = (q.to(compute) @ k.to(compute).transpose(-1, -2)) * scale  # (B, H, Nq, Nk)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
@@ -40,11 +42,6 @@ def _probabilities(q, k, key_padding_mask, attn_mask, causal, scale):
     return e / l_safe, lse.squeeze(-1)
 
 
-def _expand_kv(q, k, v):
-    group = q.shape[1] // k.shape[1]  # GQA: head h reads kv head h // group
-    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-
-
 def reference_attention(
     q: Tensor,  # (B, H, Nq, D)
     k: Tensor,  # (B, Hkv, Nk, D)
@@ -56,12 +53,11 @@ def reference_attention(
     dropout_mask: Tensor | None = None,  # (B, H, Nq, Nk) keep multipliers: 0 or 1 / (1 - p)
 ) -> tuple[Tensor, Tensor]:
     """Returns (out (B, H, Nq, D) in q's dtype, lse (B, H, Nq)) computed in at least float32."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    k, v = _expand_kv(q, k, v)
-    p, lse = _probabilities(q, k, key_padding_mask, attn_mask, causal, scale)
+    p, lse = attention_probabilities(q, k, key_padding_mask, attn_mask, causal, scale)
     if dropout_mask is not None:
         p = p * dropout_mask
-    return (p @ v.to(p.dtype)).to(q.dtype), lse
+    v = v.to(p.dtype).repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return (p @ v).to(q.dtype), lse
 
 
 def reference_attention_backward(
@@ -74,17 +70,17 @@ def reference_attention_backward(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     B, Hkv, Nk, D = k.shape
     group = q.shape[1] // Hkv
-    ke, ve = _expand_kv(q, k, v)
-    p, _ = _probabilities(q, ke, key_padding_mask, attn_mask, causal, scale)
+    p, _ = attention_probabilities(q, k, key_padding_mask, attn_mask, causal, scale)
+    ke, ve = (t.to(p.dtype).repeat_interleave(group, dim=1) for t in (k, v))  # (B, H, Nk, D)
     do = dout.to(p.dtype)
-    pd, dp = p, do @ ve.to(p.dtype).transpose(-1, -2)  # (B, H, Nq, Nk)
+    pd, dp = p, do @ ve.transpose(-1, -2)  # (B, H, Nq, Nk)
     if dropout_mask is not None:
         pd, dp = p * dropout_mask, dp * dropout_mask
     offset = (p * dp).sum(-1, keepdim=True)
     if dlse is not None:
         offset = offset - dlse.to(p.dtype).nan_to_num().unsqueeze(-1)
     ds = p * (dp - offset)
-    dq = scale * ds @ ke.to(p.dtype)
+    dq = scale * ds @ ke
     dk = scale * (ds.transpose(-1, -2) @ q.to(p.dtype)).view(B, Hkv, group, Nk, D).sum(2)
     dv = (pd.transpose(-1, -2) @ do).view(B, Hkv, group, Nk, D).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

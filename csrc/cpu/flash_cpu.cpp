@@ -18,6 +18,10 @@
 #include "../dropout_hash.h"
 #include "micro_kernels.h"
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
+
 namespace fastattn::cpu {
 namespace {
 
@@ -28,6 +32,20 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Flush-to-zero and denormals-are-zero for the calling thread while in scope. Probabilities
+// below 2^-126 change no result measurably, but denormal arithmetic runs tens of times slower
+// (training steps whose backward slowed 30x have been seen without it).
+class FlushDenormals {
+#if defined(__x86_64__) || defined(_M_X64)
+ public:
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }  // FTZ | DAZ
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned saved_;
+#endif
+};
 
 // dst[r * ld + c] = src[r, c] * mul for r < rows, c < cols; zero for cols <= c < ld.
 template <typename T>
@@ -152,6 +170,7 @@ void forward_impl(const AttentionParams& p) {
   const int64_t *qs = p.q_stride, *ks = p.k_stride, *vs = p.v_stride, *os = p.o_stride;
 
   at::parallel_for(0, p.batch * H * q_blocks, 1, [&](int64_t first, int64_t last) {
+    const FlushDenormals ftz;
     std::vector<float> qt(Dp * kBlockQ), s(kBlockK * kBlockQ), acc(kBlockQ * Dp), m(kBlockQ),
         l(kBlockQ), alpha(kBlockQ);
     RowTile<T> kt(kBlockK, Dp), vt(kBlockK, Dp);
@@ -212,6 +231,7 @@ void backward_impl(const AttentionBwdParams& p) {
                 *dos = p.do_stride;
 
   at::parallel_for(0, p.batch * H, 1, [&](int64_t first, int64_t last) {
+    const FlushDenormals ftz;
     // Whole-head query-side operands, packed once per task: O(Nq * D) memory.
     std::vector<float> qt(Dp * Nq_pad), qr(Nq_pad * Dp), dor(Nq_pad * Dp), dot(Dp * Nq_pad),
         lse2(Nq_pad), delta(Nq_pad), dq(Nq_pad * Dp);

@@ -88,10 +88,13 @@ def new_buffer(like: Tensor, *shape: int, dtype: torch.dtype | None = None) -> T
 
 
 def empty_out(q: Tensor) -> Tensor:
-    """The output buffer, (B, H, Nq, D) laid out as (B, Nq, H, D): a module reshapes it to
-    (B, Nq, H * D) with no copy. Fake and real kernels both allocate through here."""
-    B, H, Nq, D = q.shape
-    return new_buffer(q, B, Nq, H, D).transpose(1, 2)
+    """The output buffer, (B, H, Nq, D) laid out in q's dimension order (as empty_like does for
+    dense tensors, but also for q sliced out of a packed projection): a module that made q by
+    viewing its (B, N, E) or (N, B, E) projection reshapes the output back with no copy.
+    Fake and real kernels both allocate through here."""
+    order = sorted(range(4), key=lambda d: (-q.stride(d), d))  # outermost dimension first
+    buf = new_buffer(q, *(q.shape[d] for d in order))
+    return buf.permute(*sorted(range(4), key=order.__getitem__))
 
 
 def empty_lse(q: Tensor) -> Tensor:
