@@ -36,8 +36,16 @@ def main(argv=None) -> None:
     sub.add_parser("info", help="versions, and which backends run here (and why not)")
     bench = sub.add_parser("bench", help="fastattn against torch SDPA and nn.MultiheadAttention")
     bench.add_argument("--quick", action="store_true", help="a small subset (about a minute)")
-    args = parser.parse_args(argv)
-    if args.command == "info":
+    sub.add_parser("train", help="train the notes' Transformer (python -m fastattn train --help)",
+                   add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        from fastattn.train import main as train
+
+        train(rest)
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    elif args.command == "info":
         info()
     else:
         from fastattn.bench import run

@@ -1,0 +1,292 @@
+"""The Transformer of the study notes (shared/seed-notes-ko.txt), built on fastattn.
+
+Encoder layer: self-attention with pad masking -> add & norm -> position-wise feed-forward
+(two linear layers, ReLU) -> add & norm. Decoder layer: masked self-attention -> add & norm ->
+encoder-decoder attention (Q from the decoder, K and V from the encoder's context, source
+padding masked) -> add & norm -> feed-forward -> add & norm. A final "Generator" linear layer
+maps d_model to the vocabulary. Inference starts from <SOS> and feeds outputs back, with a
+key/value cache: one query per step over the cached keys.
+
+attention="torch" builds the same model on torch.nn.MultiheadAttention, with the same
+parameter names, so a state_dict moves between the two.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .api import attention as fused_attention
+from .mha import MultiHeadAttention
+
+ATTENTION = ("fastattn", "torch")
+
+
+@dataclass
+class TransformerConfig:
+    src_vocab: int
+    tgt_vocab: int
+    d_model: int = 512
+    num_heads: int = 8
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    max_len: int = 512
+    pad_id: int = 0
+    attention: str = "fastattn"
+
+
+@dataclass
+class LMConfig:
+    vocab: int
+    d_model: int = 512
+    num_heads: int = 8
+    num_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    max_len: int = 512
+    pad_id: int = 0
+    attention: str = "fastattn"
+
+
+def multihead(cfg) -> nn.MultiheadAttention:
+    if cfg.attention not in ATTENTION:
+        raise ValueError(f"attention: expected one of {ATTENTION}, got {cfg.attention!r}")
+    cls = MultiHeadAttention if cfg.attention == "fastattn" else nn.MultiheadAttention
+    return cls(cfg.d_model, cfg.num_heads, dropout=cfg.dropout, batch_first=True)
+
+
+def causal_mask(n: int, device) -> Tensor:
+    """torch's float causal mask (-inf above the diagonal); fastattn reads it as a flag."""
+    return nn.Transformer.generate_square_subsequent_mask(n, device=device)
+
+
+class Embedding(nn.Module):
+    """Token embedding * sqrt(d_model) + sinusoidal positional encoding, then dropout."""
+
+    def __init__(self, vocab: int, d_model: int, max_len: int, dropout: float):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d_model)
+        nn.init.normal_(self.tok.weight, std=d_model**-0.5)  # O(1) after the sqrt(d_model) scale, like the positions
+        pos = torch.arange(max_len)[:, None]
+        freq = torch.exp(torch.arange(0, d_model, 2) * (-math.log(10000.0) / d_model))
+        pe = torch.zeros(max_len, d_model)
+        pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
+        self.register_buffer("pe", pe, persistent=False)
+        self.drop = nn.Dropout(dropout)
+        self.scale = math.sqrt(d_model)
+
+    def forward(self, ids: Tensor, start: int = 0) -> Tensor:  # (B, T) -> (B, T, E)
+        if start + ids.shape[1] > self.pe.shape[0]:
+            raise ValueError(f"sequence length: expected at most max_len={self.pe.shape[0]}, got {start + ids.shape[1]}")
+        return self.drop(self.tok(ids) * self.scale + self.pe[start:start + ids.shape[1]])
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, dim_feedforward: int, dropout: float):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear2(self.drop(F.relu(self.linear1(x))))
+
+
+def greedy(logits: Tensor, pad_id: int) -> Tensor:
+    """The most likely token that is not padding: a generated pad_id would read as padding
+    when the sequence is fed back whole, so it is never produced. (B, T, V) -> (B, T)."""
+    return logits.index_fill(-1, torch.tensor([pad_id], device=logits.device), -math.inf).argmax(-1)
+
+
+class KVCache:
+    """Per-layer keys and values (B, H, t, D) seen so far, for one query per step."""
+
+    def __init__(self):
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+def _heads(x: Tensor, num_heads: int) -> Tensor:  # (B, T, E) -> (B, H, T, D)
+    return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)
+
+
+def _attend(kind: str, q, k, v, key_padding_mask=None, causal=False) -> Tensor:
+    """(B, H, Tq, D) attention of the cached path, on the model's own kind of attention."""
+    if kind == "fastattn":
+        return fused_attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal)
+    mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+
+
+def cached_self_attention(mha: nn.MultiheadAttention, kind: str, x: Tensor, cache: KVCache) -> Tensor:
+    """mha(x, x, x) for the new positions x (B, n, E) after those in the cache: either a whole
+    prompt (empty cache, causal) or one token (which sees every cached key)."""
+    if cache.k is not None and x.shape[1] != 1:
+        raise ValueError(f"cached step: expected one new token after the prompt, got {x.shape[1]}")
+    q, k, v = (_heads(t, mha.num_heads) for t in F.linear(x, mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1))
+    k, v = cache.extend(k, v)
+    out = _attend(kind, q, k, v, causal=x.shape[1] > 1)
+    return mha.out_proj(out.transpose(1, 2).flatten(2))
+
+
+def cached_cross_attention(mha: nn.MultiheadAttention, kind: str, x: Tensor, memory: KVCache,
+                           src_pad: Tensor) -> Tensor:
+    """mha(x, context, context) with the context's keys and values projected once, in `memory`."""
+    E = mha.embed_dim
+    q = _heads(F.linear(x, mha.in_proj_weight[:E], mha.in_proj_bias[:E]), mha.num_heads)
+    out = _attend(kind, q, memory.k, memory.v, key_padding_mask=src_pad)
+    return mha.out_proj(out.transpose(1, 2).flatten(2))
+
+
+def project_memory(mha: nn.MultiheadAttention, context: Tensor) -> KVCache:
+    E = mha.embed_dim
+    k, v = F.linear(context, mha.in_proj_weight[E:], mha.in_proj_bias[E:]).chunk(2, -1)
+    cache = KVCache()
+    cache.extend(_heads(k, mha.num_heads), _heads(v, mha.num_heads))
+    return cache
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.self_attn = multihead(cfg)
+        self.ff = FeedForward(cfg.d_model, cfg.dim_feedforward, cfg.dropout)
+        self.norm1, self.norm2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.kind = cfg.attention  # for the cached path
+
+    def forward(self, x: Tensor, pad: Tensor, causal: bool = False) -> Tensor:  # (B, S, E)
+        mask = causal_mask(x.shape[1], x.device) if causal else None
+        a = self.self_attn(x, x, x, key_padding_mask=pad, attn_mask=mask, is_causal=causal,
+                           need_weights=False)[0]
+        x = self.norm1(x + self.drop(a))
+        return self.norm2(x + self.drop(self.ff(x)))
+
+    def step(self, x: Tensor, cache: KVCache) -> Tensor:
+        """forward() of the causal (decoder-only) layer for new positions, keys cached."""
+        x = self.norm1(x + cached_self_attention(self.self_attn, self.kind, x, cache))
+        return self.norm2(x + self.ff(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.self_attn, self.cross_attn = multihead(cfg), multihead(cfg)
+        self.ff = FeedForward(cfg.d_model, cfg.dim_feedforward, cfg.dropout)
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(cfg.d_model) for _ in range(3))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.kind = cfg.attention  # for the cached path
+
+    def forward(self, x: Tensor, context: Tensor, tgt_pad: Tensor, src_pad: Tensor) -> Tensor:
+        T = x.shape[1]
+        a = self.self_attn(x, x, x, key_padding_mask=tgt_pad, attn_mask=causal_mask(T, x.device),
+                           is_causal=True, need_weights=False)[0]
+        x = self.norm1(x + self.drop(a))
+        a = self.cross_attn(x, context, context, key_padding_mask=src_pad, need_weights=False)[0]
+        x = self.norm2(x + self.drop(a))
+        return self.norm3(x + self.drop(self.ff(x)))
+
+    def step(self, x: Tensor, cache: KVCache, memory: KVCache, src_pad: Tensor) -> Tensor:
+        x = self.norm1(x + cached_self_attention(self.self_attn, self.kind, x, cache))
+        x = self.norm2(x + cached_cross_attention(self.cross_attn, self.kind, x, memory, src_pad))
+        return self.norm3(x + self.ff(x))
+
+
+class Transformer(nn.Module):
+    """Encoder-decoder. forward(src (B, S), tgt_in (B, T)) -> logits (B, T, tgt_vocab)."""
+
+    def __init__(self, src_vocab: int, tgt_vocab: int, d_model: int = 512, num_heads: int = 8,
+                 num_encoder_layers: int = 6, num_decoder_layers: int = 6,
+                 dim_feedforward: int = 2048, dropout: float = 0.1, max_len: int = 512,
+                 pad_id: int = 0, attention: str = "fastattn"):
+        super().__init__()
+        cfg = self.config = TransformerConfig(src_vocab, tgt_vocab, d_model, num_heads,
+                                              num_encoder_layers, num_decoder_layers,
+                                              dim_feedforward, dropout, max_len, pad_id, attention)
+        self.src_embed = Embedding(src_vocab, d_model, max_len, dropout)
+        self.tgt_embed = Embedding(tgt_vocab, d_model, max_len, dropout)
+        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(num_encoder_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(num_decoder_layers))
+        self.generator = nn.Linear(d_model, tgt_vocab)
+
+    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        src_pad = src == self.config.pad_id  # (B, S), True = padding
+        x = self.src_embed(src)
+        for layer in self.encoder:
+            x = layer(x, src_pad)
+        return x, src_pad  # context (B, S, E)
+
+    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        context, src_pad = self.encode(src)
+        tgt_pad = tgt_in == self.config.pad_id
+        x = self.tgt_embed(tgt_in)
+        for layer in self.decoder:
+            x = layer(x, context, tgt_pad, src_pad)
+        return self.generator(x)  # (B, T, tgt_vocab)
+
+    @torch.no_grad()
+    def generate(self, src: Tensor, max_len: int, sos_id: int, eos_id: int) -> Tensor:
+        """Greedy decoding from <SOS>, one query per step over cached keys. Returns (B, <= max_len)
+        ids after <SOS>; a row ends at its <EOS>, pad_id after it."""
+        context, src_pad = self.encode(src)
+        memory = [project_memory(layer.cross_attn, context) for layer in self.decoder]
+        caches = [KVCache() for _ in self.decoder]
+        token = torch.full((src.shape[0], 1), sos_id, dtype=torch.long, device=src.device)
+        out, done = [], torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
+        for t in range(max_len):
+            x = self.tgt_embed(token, start=t)
+            for layer, cache, mem in zip(self.decoder, caches, memory):
+                x = layer.step(x, cache, mem, src_pad)
+            token = greedy(self.generator(x[:, -1:]), self.config.pad_id)  # (B, 1)
+            out.append(token.masked_fill(done[:, None], self.config.pad_id))
+            done |= token[:, 0] == eos_id
+            if done.all():
+                break
+        return torch.cat(out, dim=1)
+
+
+class TransformerLM(nn.Module):
+    """Decoder-only: causal self-attention layers. forward(x (B, T)) -> logits (B, T, vocab)."""
+
+    def __init__(self, vocab: int, d_model: int = 512, num_heads: int = 8, num_layers: int = 6,
+                 dim_feedforward: int = 2048, dropout: float = 0.1, max_len: int = 512,
+                 pad_id: int = 0, attention: str = "fastattn"):
+        super().__init__()
+        cfg = self.config = LMConfig(vocab, d_model, num_heads, num_layers, dim_feedforward,
+                                     dropout, max_len, pad_id, attention)
+        self.embed = Embedding(vocab, d_model, max_len, dropout)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(num_layers))
+        self.generator = nn.Linear(d_model, vocab)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pad = x == self.config.pad_id
+        h = self.embed(x)
+        for layer in self.layers:
+            h = layer(h, pad, causal=True)
+        return self.generator(h)
+
+    @torch.no_grad()
+    def generate(self, prompt: Tensor, max_new_tokens: int) -> Tensor:
+        """Greedy continuation of equal-length prompts (B, P), keys cached: (B, P + new)."""
+        if bool((prompt == self.config.pad_id).any()):
+            raise ValueError("prompt: expected equal-length prompts without pad_id tokens")
+        caches = [KVCache() for _ in self.layers]
+        out, new, start = prompt, prompt, 0
+        for _ in range(max_new_tokens):
+            h = self.embed(new, start=start)
+            for layer, cache in zip(self.layers, caches):
+                h = layer.step(h, cache)
+            start += new.shape[1]
+            new = greedy(self.generator(h[:, -1:]), self.config.pad_id)
+            out = torch.cat([out, new], dim=1)
+        return out
