@@ -57,10 +57,10 @@ def test_dispatch_lists_every_backend_reason():
         assert f"{name}:" in str(info.value)
 
 
-def test_auto_picks_cpu_kernel_first():
+def test_auto_picks_cpu_kernel_for_cpu_tensors():
     problem = Problem("cpu", torch.bfloat16, 128, "bool", True, True, True, True)
     assert select_backend("auto", problem).name == "cpu"
-    assert fastattn.available_backends()[0] == "cpu"
+    assert {"cpu", "reference"} <= set(fastattn.available_backends())
 
 
 def test_opcheck():

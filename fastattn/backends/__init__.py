@@ -4,9 +4,10 @@ from __future__ import annotations
 from .base import Backend, Capabilities, Masks, Problem
 from .cpu import CpuBackend
 from .reference import ReferenceBackend
+from .triton import TritonBackend
 
-# Priority order for backend="auto". GPU backends go ahead of these as they arrive.
-REGISTRY: dict[str, Backend] = {b.name: b for b in (CpuBackend(), ReferenceBackend())}
+# Priority order for backend="auto".
+REGISTRY: dict[str, Backend] = {b.name: b for b in (TritonBackend(), CpuBackend(), ReferenceBackend())}
 
 
 class NoBackendError(ValueError):
@@ -35,6 +36,8 @@ def select_backend(name: str, problem: Problem) -> Backend:
     declined = {}
     for backend in candidates:
         why = _reasons(backend, problem)
+        if not why and name == "auto":
+            why = backend.auto_reasons(problem)
         if not why:
             return backend
         declined[backend.name] = why

@@ -52,6 +52,10 @@ class Backend(ABC):
     def unavailable(self) -> str | None:
         return None
 
+    def auto_reasons(self, problem: Problem) -> list[str]:
+        """Why backend="auto" should pass over this backend although it could run the call."""
+        return []
+
     def reasons(self, problem: Problem) -> list[str]:
         """Why this backend cannot take the call; empty when it can."""
         caps, why = self.caps, []

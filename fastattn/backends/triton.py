@@ -1,0 +1,72 @@
+"""Backend `triton`: the Triton flash-attention kernels (fastattn/triton_attention.py).
+
+Runs on CUDA tensors; with TRITON_INTERPRET=1 also on CPU tensors through Triton's
+interpreter, which is how CI checks the kernels. The interpreter is for testing only, so
+backend="auto" never picks it for CPU tensors."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from ..masks import key_ranges
+from .base import Backend, Capabilities, Masks, Problem, empty_lse, empty_out, new_buffer
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _kernels():
+    from .. import triton_attention
+
+    return triton_attention
+
+
+def _mask_args(q, masks: Masks):
+    begin = end = key_padding = None
+    if masks.key_padding is not None:
+        begin, end, scattered = key_ranges(masks.key_padding)
+        key_padding = masks.key_padding if scattered else None
+    return _kernels().MaskArgs(q, key_padding, begin, end, masks.attn_mask)
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    @property
+    def caps(self) -> Capabilities:
+        return Capabilities(
+            devices=frozenset({"cuda", "cpu"} if _interpreting() else {"cuda"}),
+            dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+            max_head_dim=256,
+        )
+
+    def unavailable(self):
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        if not _interpreting() and not torch.cuda.is_available():
+            return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)"
+        return None
+
+    def auto_reasons(self, problem: Problem) -> list[str]:
+        if problem.device == "cpu":
+            return ["CPU tensors run only through Triton's interpreter, for tests: name backend='triton'"]
+        return []
+
+    def forward(self, q, k, v, masks, causal, scale, dropout_p, seed):
+        out, lse = empty_out(q), empty_lse(q)
+        _kernels().forward(q, k, v, out, lse, _mask_args(q, masks), causal, scale, dropout_p, seed)
+        return out, lse
+
+    def backward(self, dout, dlse, q, k, v, out, lse, masks, causal, scale, dropout_p, seed):
+        B, H, Nq, D = q.shape
+        Hkv, Nk = k.shape[1], k.shape[2]
+        dq = new_buffer(q, B, H, Nq, D)
+        dk, dv = new_buffer(k, B, Hkv, Nk, D), new_buffer(v, B, Hkv, Nk, D)
+        if dlse is not None:
+            dlse = dlse.to(torch.float32).contiguous()
+        _kernels().backward(dout, dlse, q, k, v, out, lse, _mask_args(q, masks), causal, scale,
+                            dropout_p, seed, dq, dk, dv)
+        return dq, dk, dv

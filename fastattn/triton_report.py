@@ -1,0 +1,106 @@
+"""Compile the Triton kernels for a GPU without one, and read what the hardware would run:
+registers, spills, shared memory and (on sm_90) whether the dots became wgmma.
+
+    python -m fastattn.triton_report [--arch 90] [--check]
+
+--check exits 1 if a kernel spills registers to local memory or, on sm_90, a forward kernel
+does not use wgmma. Run it without TRITON_INTERPRET (the interpreter replaces the kernels).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+POINTERS = {"LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32", "KV_BEGIN": "*i32", "KV_END": "*i32",
+            "KPM": "*u8", "MASK": "*u8"}
+FLOATS = {"qk_scale", "sm_scale", "dropout_p"}
+UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod"}
+
+
+def compile_kernel(fn, dtype: str, arch: int, constexprs: dict):
+    """triton.compile for GPUTarget("cuda", arch, 32), with the specialisations a real launch
+    gets: 16-byte aligned pointers, 16-divisible strides and sizes, unit head-dim strides."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    consts = dict(constexprs)
+    options = dict(num_warps=consts.pop("num_warps"), num_stages=consts.pop("num_stages"))
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts or name in UNIT_STRIDES:
+            consts.setdefault(name, 1)  # unit stride along the head dim
+            signature[name] = "constexpr"
+        elif name.isupper() and name not in ("H", "D"):  # tensors are upper-case; H, D are sizes
+            signature[name] = POINTERS.get(name, f"*{dtype}")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in FLOATS:
+            signature[name] = "fp32"
+        elif name == "seed":
+            signature[name] = "i64"
+        else:
+            signature[name] = "i32"
+            if name.startswith("stride_") or name in ("Nq", "Nk", "D"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return triton.compile(ASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", arch, 32),
+                          options=options)
+
+
+def cubin_stats(cubin: bytes) -> dict:
+    """Registers and local memory from `cuobjdump -res-usage`, instruction counts from the SASS."""
+    import triton.backends.nvidia as nv
+
+    tool = str(Path(nv.__file__).parent / "bin" / "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    field = lambda key: int(re.search(key + r":(\d+)", usage).group(1))  # noqa: E731
+    return {"regs": field("REG"), "local": field("LOCAL"), "stack": field("STACK"),
+            "wgmma": len(re.findall(r"\bHGMMA", sass)), "mma.sync": len(re.findall(r"\bHMMA", sass)),
+            "spill insts": len(re.findall(r"\b(?:LDL|STL)\b", sass))}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastattn.triton_report")
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--head-dims", default="64,128")
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args(argv)
+    from fastattn import triton_attention as ta
+
+    kernels = {"_fwd_kernel": ta.FWD_CONFIGS, "_bwd_dkdv_kernel": ta.DKDV_CONFIGS, "_bwd_dq_kernel": ta.DQ_CONFIGS}
+    failures = []
+    print(f"sm_{args.arch}, bf16, causal, padding range; local = spilled bytes (stack), spill insts = LDL/STL")
+    print(f"{'kernel':<18} {'D':>4} {'BM,BN,warps,stages':>18} {'regs':>5} {'stack':>6} {'spill insts':>11} "
+          f"{'smem KiB':>8} {'wgmma':>6} {'mma.sync':>8}")
+    for name, table in kernels.items():
+        for D in map(int, args.head_dims.split(",")):
+            clean = 0
+            for m, n, w, s in table:
+                if max(m, n) * D > 128 * 128:
+                    continue  # pruned at launch, as in triton_attention._fits
+                flags = dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, HAS_RANGE=True, HAS_KPM=False,
+                             MASK_KIND=0, CAUSAL=True, DROPOUT=False, UPCAST=False, BLOCK_D=D)
+                kernel = compile_kernel(getattr(ta, name), "bf16", args.arch, flags)
+                st = cubin_stats(kernel.asm["cubin"])
+                clean += not (st["stack"] or st["spill insts"])
+                print(f"{name:<18} {D:>4} {f'{m},{n},{w},{s}':>18} {st['regs']:>5} {st['stack']:>6} "
+                      f"{st['spill insts']:>11} {kernel.metadata.shared // 1024:>8} {st['wgmma']:>6} {st['mma.sync']:>8}",
+                      flush=True)
+                if args.arch == 90 and not st["wgmma"]:
+                    failures.append(f"{name} D={D} {m},{n}: no wgmma")
+            if not clean:
+                failures.append(f"{name} D={D}: every config spills")
+    for f in failures:
+        print("FAIL:", f)
+    return 1 if args.check and failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
