@@ -35,7 +35,12 @@ def main(argv=None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, and which backends run here (and why not)")
     bench = sub.add_parser("bench", help="fastattn against torch SDPA and nn.MultiheadAttention")
-    bench.add_argument("--quick", action="store_true", help="a small subset (about a minute)")
+    bench.add_argument("--quick", action="store_true", help="a small representative subset")
+    bench.add_argument("--json", help="write the record (DEVELOPERS.md schema) here")
+    bench.add_argument("--plot", help="write TFLOPS-against-N charts (PNG) into this directory")
+    bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    bench.add_argument("--tests", help="passed,failed,skipped counts of the GPU tests, for the record")
+    bench.add_argument("--no-end-to-end", action="store_true", help="skip the whole-model timings")
     sub.add_parser("train", help="train the notes' Transformer (python -m fastattn train --help)",
                    add_help=False)
     args, rest = parser.parse_known_args(argv)
@@ -50,7 +55,8 @@ def main(argv=None) -> None:
     else:
         from fastattn.bench import run
 
-        run(quick=args.quick)
+        run(quick=args.quick, json_path=args.json, plot_dir=args.plot, device=args.device,
+            tests=args.tests, end_to_end=not args.no_end_to_end)
 
 
 if __name__ == "__main__":

@@ -1,93 +1,289 @@
-"""`python -m fastattn bench`: fastattn against the attention a user would otherwise call,
-side by side in one process, with time, throughput, speedup and error against float64."""
+"""`python -m fastattn bench`: fastattn against the attention a user would otherwise call, side by
+side in one process: every fastattn backend, torch SDPA per backend, FlexAttention, and
+nn.MultiheadAttention / whole models end to end.
+
+Each timed output is also checked against the float64 reference (max error column). FLOPs are
+4·H·D·Σ(valid query × valid key pairs), halved when causal, ×2.5 with the backward: padded
+batches count valid tokens only.
+"""
 from __future__ import annotations
 
 import copy
+import datetime
+import json
+import os
+import platform
+import re
 import statistics
+import subprocess
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils import benchmark
 
-from . import attention, replace_attention
+from . import attention, available_backends, replace_attention
+from .backends import NoBackendError, Problem, select_backend
 from .reference import reference_attention
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
 class Case:
-    name: str
+    kind: str  # dense, causal, padded, heavy-padded, causal+padded, gqa
+    mode: str  # fwd or fwd+bwd
+    dtype: str
     batch: int
     heads: int
+    kv_heads: int
     seq: int
     head_dim: int
-    causal: bool = False
-    padded: bool = False  # valid lengths N, 3N/4, N/2, N/4, ... (right padding)
+
+    @property
+    def causal(self) -> bool:
+        return "causal" in self.kind
 
     def lengths(self) -> list[int]:
-        if not self.padded:
-            return [self.seq] * self.batch
-        return [max(1, self.seq * (4 - i % 4) // 4) for i in range(self.batch)]
-
-    def key_padding_mask(self) -> torch.Tensor | None:
-        if not self.padded:
-            return None
-        lens = torch.tensor(self.lengths())
-        return torch.arange(self.seq)[None, :] >= lens[:, None]  # (B, N), True = padding
+        """Valid lengths, evenly spread (the quantiles of a uniform draw, so every run and
+        provider sees the same batch): over [N/4, N] when padded (N, 3N/4, N/2, N/4 for B = 4),
+        and, after one full row, over [1, N/8] when heavy-padded."""
+        N, B = self.seq, self.batch
+        if "padded" not in self.kind or B == 1:
+            return [N] * B
+        if self.kind == "heavy-padded":
+            return [N] + [max(1, round(N / 8 * (B - 1 - i) / (B - 1))) for i in range(B - 1)]
+        return [round(N - 3 * N / 4 * i / (B - 1)) for i in range(B)]
 
     def flops(self) -> float:
-        """4 * H * D * sum(valid query * valid key pairs); halved when causal."""
         pairs = sum(n * n for n in self.lengths())
-        return 4.0 * self.heads * self.head_dim * pairs / (2 if self.causal else 1)
+        return 4.0 * self.heads * self.head_dim * pairs / (2 if self.causal else 1) * (2.5 if self.mode == "fwd+bwd" else 1)
+
+    @property
+    def label(self) -> str:
+        gqa = f"/{self.kv_heads}kv" if self.kv_heads != self.heads else ""
+        return f"{self.kind} {self.mode} {self.dtype} B{self.batch} H{self.heads}{gqa} N{self.seq} D{self.head_dim}"
 
 
-def cases(quick: bool) -> list[Case]:
-    return [
-        Case(name, 4, 8, n, 64, causal="causal" in name, padded="padded" in name)
-        for n in ((2048,) if quick else (1024, 2048, 4096))
-        for name in ("dense", "causal", "padded", "causal+padded")
-    ]
+def grid(device: str, quick: bool) -> list[Case]:
+    """GPU: 16k tokens per batch (B·N) and H·D = 2048, bf16 over N 1k-16k, D 64 and 128, every
+    kind, forward, plus forward+backward at 4k and an fp16 subset. CPU: fp32 and bf16,
+    N up to 4k; --quick: the headline fp32 shapes and one bf16 and one backward case."""
+    kinds = ["dense", "causal", "padded", "heavy-padded", "causal+padded", "gqa"]
+
+    def case(kind, mode, dtype, N, D, tokens, width):
+        H = width // D
+        return Case(kind, mode, dtype, max(1, tokens // N), H, H // 4 if kind == "gqa" else H, N, D)
+
+    if device == "cuda":
+        if quick:
+            return [case(k, "fwd", "bf16", 4096, 128, 16384, 2048) for k in kinds]
+        cases = [case(k, "fwd", "bf16", N, D, 16384, 2048) for D in (64, 128)
+                 for N in (1024, 4096, 16384) for k in kinds]
+        cases += [case(k, "fwd+bwd", "bf16", 4096, D, 16384, 2048) for D in (64, 128)
+                  for k in ("dense", "causal", "padded")]
+        cases += [case(k, m, "fp16", 4096, 128, 16384, 2048) for k in ("dense", "causal") for m in ("fwd", "fwd+bwd")]
+        return cases
+    if quick:
+        cases = [Case(k, "fwd", "fp32", 4, 8, 8, 2048, 64) for k in ("dense", "causal", "padded", "causal+padded")]
+        return cases + [Case("padded", "fwd", "bf16", 4, 8, 8, 2048, 64), Case("dense", "fwd+bwd", "fp32", 4, 8, 8, 1024, 64)]
+    return [case(k, m, dt, N, 64, 8192, 512) for dt in ("fp32", "bf16") for N in (512, 1024, 2048, 4096)
+            for k in kinds for m in ("fwd", "fwd+bwd") if m == "fwd" or N <= 2048]
 
 
-def median_seconds(fn, min_run_time: float) -> float:
-    fn()  # warm-up
-    return benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+# --------------------------------------------------------------------------- timing and peaks
+def measure_ms(fn, device: str, min_run_time: float) -> float:
+    """Median milliseconds after warm-up: CUDA events via triton.testing.do_bench (which also
+    flushes L2 between runs) on a GPU, torch.utils.benchmark on the CPU."""
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    from torch.utils import benchmark
+
+    fn()
+    return benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
-def matmul_peak_gflops(dtype=torch.float32, n: int = 2048) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n**3 / median_seconds(lambda: a @ b, 0.5) / 1e9
+def peaks(device: str) -> dict:
+    """The machine's measured peaks in the same run: a large matmul and a large copy."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    n = 8192 if device == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    matmul = 2 * n**3 / measure_ms(lambda: a @ b, device, 0.5) / 1e9
+    x = torch.empty(256 * 2**20 // 4 if device == "cuda" else 64 * 2**20 // 4, device=device)
+    y = torch.empty_like(x)
+    copy_gbps = 2 * x.numel() * 4 / measure_ms(lambda: y.copy_(x), device, 0.3) / 1e6
+    return {"matmul_tflops": matmul, "matmul_dtype": str(dtype).removeprefix("torch."), "copy_gbps": copy_gbps}
 
 
-def max_error(out: torch.Tensor, ref: torch.Tensor, padded_rows: torch.Tensor | None) -> float:
-    """Max abs error, ignoring padded query rows (don't-care for a model); padded_rows
-    broadcasts against out."""
-    diff = (out.double() - ref).abs()
-    return (diff if padded_rows is None else diff.masked_fill(padded_rows, 0)).max().item()
+def peak_memory_mb(fn, device: str) -> float | None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the current size
+    status = lambda key: int(re.search(key + r":\s+(\d+)", Path("/proc/self/status").read_text()).group(1))  # noqa: E731
+    before = status("VmRSS")
+    fn()
+    return (status("VmHWM") - before) / 1024
 
 
-def attention_rows(case: Case, min_run_time: float):
-    B, H, N, D = case.batch, case.heads, case.seq, case.head_dim
-    q, k, v = (torch.randn(B, N, H, D).transpose(1, 2) for _ in range(3))  # (B, H, N, D) views
-    kpm = case.key_padding_mask()
-    ref = torch.cat([reference_attention(q[b:b + 1].double(), k[b:b + 1].double(), v[b:b + 1].double(),
-                                         None if kpm is None else kpm[b:b + 1], causal=case.causal)[0]
-                     for b in range(B)])
-    sdpa_mask = None if kpm is None else ~kpm[:, None, None, :]
-    if case.causal and sdpa_mask is not None:  # SDPA takes is_causal or a mask, not both
-        sdpa_mask = sdpa_mask & torch.ones(N, N, dtype=torch.bool).tril()
-    providers = {
-        "fastattn": lambda: attention(q, k, v, key_padding_mask=kpm, causal=case.causal),
-        "torch SDPA": lambda: F.scaled_dot_product_attention(
-            q, k, v, attn_mask=sdpa_mask, is_causal=case.causal and sdpa_mask is None),
-    }
-    padded_rows = None if kpm is None else kpm[:, None, :, None]
-    return [(name, median_seconds(fn, min_run_time), max_error(fn(), ref, padded_rows))
-            for name, fn in providers.items()]
+# --------------------------------------------------------------------------- one case
+@dataclass
+class Inputs:
+    """Rotating copies of q, k, v (so that caches do not flatter repeated runs), the padding
+    mask, and the same masks as SDPA and FlexAttention take them."""
+    sets: list
+    kpm: torch.Tensor | None
+    sdpa_mask: torch.Tensor | None
+    dout: torch.Tensor
+    turn: list = field(default_factory=lambda: [0])
+
+    def next(self):
+        self.turn[0] = (self.turn[0] + 1) % len(self.sets)
+        return self.sets[self.turn[0]]
 
 
+def make_inputs(case: Case, device: str) -> Inputs:
+    dtype = DTYPES[case.dtype]
+    B, H, Hkv, N, D = case.batch, case.heads, case.kv_heads, case.seq, case.head_dim
+    per_set = 2 * (B * N * (H + 2 * Hkv) * D) * torch.finfo(dtype).bits // 8
+    copies = max(2, min(4, (64 * 2**20) // max(per_set, 1) + 1)) if device == "cuda" else 2
+    grad = case.mode == "fwd+bwd"
+
+    def tensor(heads):  # (B, heads, N, D) laid out (B, N, heads, D), as a module makes it
+        return torch.randn(B, N, heads, D, device=device, dtype=dtype).transpose(1, 2).requires_grad_(grad)
+
+    sets = [(tensor(H), tensor(Hkv), tensor(Hkv)) for _ in range(copies)]
+    kpm = sdpa_mask = None
+    if "padded" in case.kind:
+        lengths = torch.tensor(case.lengths(), device=device)
+        kpm = torch.arange(N, device=device)[None, :] >= lengths[:, None]
+        sdpa_mask = ~kpm[:, None, None, :]
+        if case.causal:
+            sdpa_mask = sdpa_mask & torch.ones(N, N, dtype=torch.bool, device=device).tril()
+    dout = torch.randn(B, H, N, D, device=device, dtype=dtype)
+    return Inputs(sets, kpm, sdpa_mask, dout)
+
+
+def providers(case: Case, device: str, inputs: Inputs, quick: bool) -> dict:
+    """name -> forward callable (q, k, v) -> out, for every peer that can run the case."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    found = {}
+    problem = Problem(device, DTYPES[case.dtype], case.head_dim, None, inputs.kpm is not None,
+                      case.causal, False, case.mode == "fwd+bwd")
+    for name in available_backends():
+        if name == "reference" or (name == "triton" and device != "cuda"):
+            continue  # the ground truth, and Triton's interpreter, are not speed peers
+        try:
+            select_backend(name, problem)
+        except NoBackendError:
+            continue
+        found[f"fastattn:{name}"] = lambda q, k, v, name=name: attention(
+            q, k, v, key_padding_mask=inputs.kpm, causal=case.causal, backend=name)
+
+    sdpa_backends = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION}
+    if device == "cuda":
+        sdpa_backends.update(efficient=SDPBackend.EFFICIENT_ATTENTION, cudnn=SDPBackend.CUDNN_ATTENTION)
+    gqa = case.kv_heads != case.heads
+    for name, backend in sdpa_backends.items():
+        if name == "math" and case.seq > (4096 if device == "cuda" else 2048):
+            continue  # O(N^2) memory, and minutes per call
+        def sdpa(q, k, v, backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.sdpa_mask, enable_gqa=gqa,
+                                                      is_causal=case.causal and inputs.sdpa_mask is None)
+        found[f"sdpa:{name}"] = sdpa
+
+    # FlexAttention compiles per shape (seconds to tens of seconds): a representative subset.
+    if (device == "cuda" and case.seq == 4096 and case.kind in ("dense", "padded", "causal+padded")) or \
+            (device == "cpu" and not quick and case.seq == 1024 and case.mode == "fwd"):
+        flex = flex_provider(case, device, inputs)
+        if flex is not None:
+            found["flex"] = flex
+    return found
+
+
+def flex_provider(case: Case, device: str, inputs: Inputs):
+    """FlexAttention, compiled, with a BlockMask for padding and causality."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    lengths = torch.tensor(case.lengths(), device=device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = kv_idx < lengths[b]
+        return keep & (q_idx >= kv_idx) if case.causal else keep
+
+    block_mask = create_block_mask(mask_mod, case.batch, None, case.seq, case.seq, device=device)
+    compiled = torch.compile(flex_attention, dynamic=False)
+    gqa = case.kv_heads != case.heads
+    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+
+def reference_error(case: Case, inputs: Inputs, out: torch.Tensor) -> float:
+    """Max abs error against float64 on a sample: batch row 0, two heads, up to 256 valid query
+    rows spread over the sequence (a full reference would need O(N^2) memory)."""
+    q, k, v = inputs.sets[inputs.turn[0]]
+    n_valid = case.lengths()[0]
+    rows = torch.linspace(0, n_valid - 1, min(256, n_valid), device=q.device).long().unique()
+    heads = min(2, case.heads)
+    kv_heads = max(1, heads * case.kv_heads // case.heads)
+    qs = q[:1, :heads, rows].double()
+    ks, vs = k[:1, :kv_heads].double(), v[:1, :kv_heads].double()
+    keys = torch.arange(case.seq, device=q.device)
+    allowed = (keys[None, :] < n_valid).expand(len(rows), -1)
+    if case.causal:
+        allowed = allowed & (keys[None, :] <= rows[:, None])
+    ref, _ = reference_attention(qs, ks, vs, attn_mask=allowed)
+    return (out[:1, :heads, rows].double() - ref).abs().max().item()
+
+
+def run_case(case: Case, device: str, quick: bool, peak_tflops: float, min_run_time: float) -> list[dict]:
+    inputs = make_inputs(case, device)
+    rows = []
+    for name, forward in providers(case, device, inputs, quick).items():
+        row = dict(backend=name, case=case.label, **asdict(case))
+        try:
+            if case.mode == "fwd":
+                step = lambda: forward(*inputs.next())  # noqa: E731
+            else:
+                def step():
+                    out = forward(*inputs.next())
+                    out.backward(inputs.dout)
+            out = forward(*inputs.next())  # also compiles and autotunes
+            row["max_err"] = reference_error(case, inputs, out.detach())
+            del out
+            row["ms"] = measure_ms(step, device, min_run_time)
+            row["peak_mem_mb"] = peak_memory_mb(step, device)
+            row["tflops"] = case.flops() / row["ms"] / 1e9
+            row["pct_of_peak"] = 100 * row["tflops"] / peak_tflops
+        except Exception as e:  # a failing provider must not stop the rest
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        for t in (s for qkv in inputs.sets for s in qkv):
+            t.grad = None
+        rows.append(row)
+    timed = [r for r in rows if "ms" in r]
+    peers = [r for r in timed if not r["backend"].startswith("fastattn")]
+    best = min(peers, key=lambda r: r["ms"]) if peers else None
+    for r in rows:
+        r["best_peer"] = best["backend"] if best else None
+        r["best_peer_ms"] = best["ms"] if best else None
+        r["speedup_vs_best_peer"] = best["ms"] / r["ms"] if best and "ms" in r else None
+    return rows
+
+
+# --------------------------------------------------------------------------- modules, models
 def fastattn_mha(mha: torch.nn.MultiheadAttention, x: torch.Tensor, kpm) -> torch.Tensor:
     """nn.MultiheadAttention's self-attention, batch_first, on the fastattn kernel: packed QKV
     projection, heads as strided views, no transpose copies."""
@@ -99,42 +295,62 @@ def fastattn_mha(mha: torch.nn.MultiheadAttention, x: torch.Tensor, kpm) -> torc
     return F.linear(out.transpose(1, 2).reshape(B, N, E), mha.out_proj.weight, mha.out_proj.bias)
 
 
-def module_rows(case: Case, min_run_time: float):
-    B, H, N, D = case.batch, case.heads, case.seq, case.head_dim
-    mha = torch.nn.MultiheadAttention(H * D, H, batch_first=True).eval()
-    x = torch.randn(B, N, H * D)
-    kpm = case.key_padding_mask()
-    ref = mha.double()(x.double(), x.double(), x.double(), key_padding_mask=kpm, need_weights=False)[0]
-    mha.float()
-    providers = {
-        "fastattn on MHA weights": lambda: fastattn_mha(mha, x, kpm),
-        "nn.MultiheadAttention": lambda: mha(x, x, x, key_padding_mask=kpm, need_weights=False)[0],
-    }
-    padded_rows = None if kpm is None else kpm[:, :, None]
-    return [(name, median_seconds(fn, min_run_time), max_error(fn(), ref, padded_rows))
-            for name, fn in providers.items()]
+def module_rows(device: str, min_run_time: float) -> list[dict]:
+    """nn.MultiheadAttention (eval, need_weights=False) against the same weights on fastattn."""
+    rows = []
+    B, N, E, H = (8, 2048, 1024, 16) if device == "cuda" else (4, 2048, 512, 8)
+    for padded in (False, True):
+        mha = torch.nn.MultiheadAttention(E, H, batch_first=True, device=device).eval()
+        x = torch.randn(B, N, E, device=device)
+        kpm = None
+        if padded:
+            lengths = torch.tensor([N, 3 * N // 4, N // 2, N // 4] * (B // 4), device=device)
+            kpm = torch.arange(N, device=device)[None, :] >= lengths[:, None]
+        with torch.inference_mode():
+            times = {"fastattn on MHA weights": measure_ms(lambda: fastattn_mha(mha, x, kpm), device, min_run_time),
+                     "nn.MultiheadAttention": measure_ms(lambda: mha(x, x, x, key_padding_mask=kpm, need_weights=False),
+                                                         device, min_run_time)}
+        for name, ms in times.items():
+            rows.append(dict(backend=name, case=f"{'padded' if padded else 'dense'} B{B} N{N} E{E} H{H}", ms=ms,
+                             best_peer="nn.MultiheadAttention", best_peer_ms=times["nn.MultiheadAttention"],
+                             speedup_vs_best_peer=times["nn.MultiheadAttention"] / ms))
+    return rows
 
 
-def encoder_rows(quick: bool):
+def median_of(fn, reps: int) -> float:
+    """Median wall time (s) of reps calls after one warm-up (for calls of a second or more)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def encoder_rows(device: str, quick: bool) -> list[dict]:
     """nn.TransformerEncoder (d_model 512, 8 heads, 6 layers, batch 8, sequence 512) untouched
-    against the same model after replace_attention: inference forward and training step
+    against the same model after replace_attention: inference forward and a training step
     (dropout 0.1, MSE loss, AdamW), dense and with lengths uniform in [128, 512]."""
     torch.manual_seed(0)
     B, L, E = 8, 512, 512
-    layer = torch.nn.TransformerEncoderLayer(E, 8, 2048, dropout=0.1, batch_first=True)
+    layer = torch.nn.TransformerEncoderLayer(E, 8, 2048, dropout=0.1, batch_first=True, device=device)
     models = {"nn.TransformerEncoder": torch.nn.TransformerEncoder(layer, 6)}
     models["same after replace_attention"] = replace_attention(copy.deepcopy(models["nn.TransformerEncoder"]))
-    x, target = torch.randn(B, L, E), torch.randn(B, L, E)
-    lengths = torch.randint(128, L + 1, (B,))
+    x, target = torch.randn(B, L, E, device=device), torch.randn(B, L, E, device=device)
+    lengths = torch.randint(128, L + 1, (B,), device=device)
     reps = 2 if quick else 5
     rows = []
-    for case, pad in (("dense", None), ("padded", torch.arange(L)[None, :] >= lengths[:, None])):
+    for case, pad in (("dense", None), ("padded", torch.arange(L, device=device)[None, :] >= lengths[:, None])):
+        tokens = B * L if pad is None else int((~pad).sum())
         for name, model in models.items():
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
             def train_step():
                 opt.zero_grad()
-                torch.nn.functional.mse_loss(model(x, src_key_padding_mask=pad), target).backward()
+                F.mse_loss(model(x, src_key_padding_mask=pad), target).backward()
                 opt.step()
 
             def infer():
@@ -144,63 +360,132 @@ def encoder_rows(quick: bool):
             model.eval()
             t_infer = median_of(infer, reps)
             model.train()
-            rows.append((case, name, t_infer, median_of(train_step, reps)))
+            t_train = median_of(train_step, reps)
+            rows.append(dict(model=name, batch=case, infer_ms=t_infer * 1e3, train_ms=t_train * 1e3,
+                             train_tokens_per_s=tokens / t_train))
     return rows
 
 
-def median_of(fn, reps: int) -> float:
-    """Median wall time of reps calls after one warm-up (for calls of a second or more)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+# --------------------------------------------------------------------------- report
+def environment(device: str) -> dict:
+    def commit():
+        try:
+            return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                                  cwd=Path(__file__).parent).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return os.environ.get("FASTATTN_COMMIT", "unknown")
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return dict(device=name, commit=os.environ.get("FASTATTN_COMMIT") or commit(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                torch=torch.__version__, triton=triton_version, python=platform.python_version())
 
 
-def add_rows(table, case: Case, rows, baseline: str, peak: float, kernel: bool) -> None:
-    """Module rows also spend time on projections, so they get no attention GFLOPS."""
-    base = dict((name, t) for name, t, _ in rows)[baseline]
-    for name, t, err in rows:
-        gflops = case.flops() / t / 1e9
-        rate = (f"{gflops:.0f}", f"{100 * gflops / peak:.0f}%") if kernel else ("", "")
-        table.add_row(case.name, f"{case.batch}×{case.heads}×{case.seq}", name, f"{t * 1e3:.1f}",
-                      *rate, f"{base / t:.2f}×", f"{err:.1e}")
-
-
-def run(quick: bool = False) -> None:
+def print_tables(record: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=max(Console().width, 110))
-    min_run_time = 0.3 if quick else 1.0
-    peak = matmul_peak_gflops()
-    console.print(f"[bold]fastattn bench[/] on CPU: torch {torch.__version__}, "
-                  f"{torch.get_num_threads()} threads; measured fp32 matmul peak {peak:.0f} GFLOPS")
-    table = Table(title="forward, fp32, D=64. GFLOPS count valid tokens only (padding excluded)")
-    for col in ("case", "B×H×N", "provider", "ms", "GFLOPS", "% peak", "speedup", "max err"):
-        table.add_column(col, justify="left" if col in ("case", "provider") else "right")
-    with torch.inference_mode():
-        for case in cases(quick):
-            add_rows(table, case, attention_rows(case, min_run_time), "torch SDPA", peak, True)
-            if not case.causal:
-                add_rows(table, case, module_rows(case, min_run_time), "nn.MultiheadAttention",
-                         peak, False)
+    console = Console(width=max(Console().width, 150))
+    p = record["peaks"]
+    console.print(f"[bold]fastattn bench[/] on {record['device']}, torch {record['torch']}, triton "
+                  f"{record['triton']}; measured peaks: {p['matmul_dtype']} matmul {p['matmul_tflops']:.2f} "
+                  f"TFLOPS, copy {p['copy_gbps']:.0f} GB/s")
+    table = Table(title="attention (TFLOPS count valid tokens only: padded queries and keys excluded)")
+    for col in ("case", "provider", "ms", "TFLOPS", "% peak", "vs best peer", "best peer", "max err", "peak MB"):
+        table.add_column(col, justify="left" if col in ("case", "provider", "best peer") else "right")
+    last = None
+    for r in record["rows"]:
+        if last is not None and r["case"] != last:
             table.add_section()
+        last = r["case"]
+        if "error" in r:
+            table.add_row(r["case"], r["backend"], "—", "", "", "", "", "", "", style="dim")
+            continue
+        fa = r["backend"].startswith("fastattn")
+        speed = f"{r['speedup_vs_best_peer']:.2f}×" if r["speedup_vs_best_peer"] and fa else ""
+        mem = f"{max(r['peak_mem_mb'], 0):.0f}" if r.get("peak_mem_mb") is not None else ""
+        tflops = f"{r['tflops']:.1f}" if r["tflops"] >= 10 else f"{r['tflops']:.3f}"
+        table.add_row(r["case"], r["backend"], f"{r['ms']:.3f}", tflops, f"{r['pct_of_peak']:.0f}%",
+                      speed, r["best_peer"] if fa else "", f"{r['max_err']:.1e}", mem, style="bold" if fa else None)
     console.print(table)
-    console.print("speedup: kernel rows against torch SDPA given the equivalent boolean mask; module "
-                  "rows (E=512, self-attention, eval, need_weights=False) against nn.MultiheadAttention.")
+    failed = [r for r in record["rows"] if "error" in r]
+    if failed:
+        console.print(f"{len(failed)} provider/case pairs did not run, e.g. {failed[0]['backend']} on "
+                      f"{failed[0]['case']}: {failed[0]['error']}")
+    if record.get("modules"):
+        table = Table(title="nn.MultiheadAttention end to end (eval, need_weights=False, self-attention)")
+        for col in ("case", "module", "ms", "speedup"):
+            table.add_column(col)
+        for r in record["modules"]:
+            table.add_row(r["case"], r["backend"], f"{r['ms']:.2f}", f"{r['speedup_vs_best_peer']:.2f}×")
+        console.print(table)
+    if record.get("end_to_end"):
+        table = Table(title="nn.TransformerEncoder: d_model 512, 8 heads, 6 layers, batch 8, sequence 512 "
+                            "(padded: lengths uniform in [128, 512]); training tokens/s count real tokens")
+        for col in ("batch", "model", "inference ms", "train step ms", "train tokens/s"):
+            table.add_column(col)
+        for r in record["end_to_end"]:
+            table.add_row(r["batch"], r["model"], f"{r['infer_ms']:.0f}", f"{r['train_ms']:.0f}",
+                          f"{r['train_tokens_per_s']:.0f}")
+        console.print(table)
 
-    torch.set_flush_denormal(True)  # both models alike: denormal gradients slow training 10x+
+
+def plot(record: dict, directory: str) -> None:
+    """One PNG per (mode, dtype, D): a chart per case kind, TFLOPS against N, a line per provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    figures = {}
+    for r in record["rows"]:
+        if "tflops" in r:
+            lines = figures.setdefault((r["mode"], r["dtype"], r["head_dim"]), {}).setdefault(r["kind"], {})
+            lines.setdefault(r["backend"], []).append((r["seq"], r["tflops"]))
+    for (mode, dtype, D), charts in figures.items():
+        if max(len(points) for lines in charts.values() for points in lines.values()) < 2:
+            continue  # a single N: the table says it all
+        fig, axes = plt.subplots(1, len(charts), figsize=(4.5 * len(charts), 4), squeeze=False)
+        for ax, (kind, lines) in zip(axes[0], sorted(charts.items())):
+            for name, points in sorted(lines.items()):
+                n, t = zip(*sorted(points))
+                ax.plot(n, t, marker="o", label=name, linewidth=2.5 if name.startswith("fastattn") else 1)
+            ax.set_xscale("log", base=2)
+            ax.set(title=kind, xlabel="sequence length N", ylabel="TFLOPS (valid tokens)")
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{mode} {dtype} D={D} — {record['device']}")
+        fig.tight_layout()
+        fig.savefig(Path(directory) / f"{mode.replace('+', '_')}_{dtype}_d{D}.png", dpi=100)
+        plt.close(fig)
+
+
+def run(quick: bool = False, json_path: str | None = None, plot_dir: str | None = None,
+        device: str | None = None, tests: str | None = None, end_to_end: bool = True) -> dict:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_flush_denormal(True)  # every provider alike: denormals slow CPU training 10x+
     warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors")  # torch's own
-    table = Table(title="nn.TransformerEncoder, d_model 512, 8 heads, 6 layers, batch 8, sequence 512 "
-                        "(padded: lengths uniform in [128, 512])")
-    for col in ("batch", "model", "inference ms", "speedup", "train step ms", "speedup"):
-        table.add_column(col, justify="left" if col in ("batch", "model") else "right")
-    rows = encoder_rows(quick)
-    for case, name, t_infer, t_train in rows:
-        base = next(r for r in rows if r[0] == case)
-        table.add_row(case, name, f"{t_infer * 1e3:.0f}", f"{base[2] / t_infer:.2f}×",
-                      f"{t_train * 1e3:.0f}", f"{base[3] / t_train:.2f}×")
-    console.print(table)
+    record = environment(device)
+    if tests:
+        passed, failed, skipped = (int(x) for x in tests.split(","))
+        record["gpu_tests"] = dict(passed=passed, failed=failed, skipped=skipped)
+    record["peaks"] = peaks(device)
+    peak = record["peaks"]["matmul_tflops"]
+    min_run_time = 0.3 if quick else 1.0
+    record["rows"] = []
+    for case in grid(device, quick):
+        record["rows"] += run_case(case, device, quick, peak, min_run_time)
+    record["modules"] = module_rows(device, min_run_time)
+    record["end_to_end"] = encoder_rows(device, quick) if end_to_end else []
+    print_tables(record)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(record, indent=1, default=str))
+    if plot_dir:
+        plot(record, plot_dir)
+    return record

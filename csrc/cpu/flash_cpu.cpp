@@ -10,6 +10,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -46,6 +47,20 @@ class FlushDenormals {
   unsigned saved_;
 #endif
 };
+
+// Runs body(next) on every thread; next() hands out the items [0, total) one at a time, then -1.
+// Per-item cost varies with causality and padding, so static chunks would leave threads idle.
+// Each item writes only its own outputs: the result does not depend on which thread ran what.
+template <typename Body>
+void parallel_dynamic(int64_t total, const Body& body) {
+  std::atomic<int64_t> counter{0};
+  const auto next = [&] {
+    const int64_t item = counter.fetch_add(1);
+    return item < total ? item : int64_t{-1};
+  };
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { body(next); });
+}
 
 // dst[r * ld + c] = src[r, c] * mul for r < rows, c < cols; zero for cols <= c < ld.
 template <typename T>
@@ -169,14 +184,15 @@ void forward_impl(const AttentionParams& p) {
   T* out = static_cast<T*>(p.out);
   const int64_t *qs = p.q_stride, *ks = p.k_stride, *vs = p.v_stride, *os = p.o_stride;
 
-  at::parallel_for(0, p.batch * H * q_blocks, 1, [&](int64_t first, int64_t last) {
+  parallel_dynamic(p.batch * H * q_blocks, [&](const auto& next) {
     const FlushDenormals ftz;
     std::vector<float> qt(Dp * kBlockQ), s(kBlockK * kBlockQ), acc(kBlockQ * Dp), m(kBlockQ),
         l(kBlockQ), alpha(kBlockQ);
     RowTile<T> kt(kBlockK, Dp), vt(kBlockK, Dp);
-    for (int64_t item = first; item < last; ++item) {
-      const int64_t b = item / (H * q_blocks), h = item / q_blocks % H, hk = h / group;
-      const int64_t i0 = item % q_blocks * kBlockQ;
+    for (int64_t item = next(); item >= 0; item = next()) {
+      // The last query tiles first: under causality they are the costliest.
+      const int64_t bh = item % (p.batch * H), b = bh / H, h = bh % H, hk = h / group;
+      const int64_t i0 = (q_blocks - 1 - item / (p.batch * H)) * kBlockQ;
       const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, Nq - i0));
       KeyRange keys = key_range(p, b);
       if (p.causal) keys.end = std::min(keys.end, i0 + mq);
@@ -230,7 +246,7 @@ void backward_impl(const AttentionBwdParams& p) {
   const int64_t *qs = p.q_stride, *ks = p.k_stride, *vs = p.v_stride, *os = p.o_stride,
                 *dos = p.do_stride;
 
-  at::parallel_for(0, p.batch * H, 1, [&](int64_t first, int64_t last) {
+  parallel_dynamic(p.batch * H, [&](const auto& next) {
     const FlushDenormals ftz;
     // Whole-head query-side operands, packed once per task: O(Nq * D) memory.
     std::vector<float> qt(Dp * Nq_pad), qr(Nq_pad * Dp), dor(Nq_pad * Dp), dot(Dp * Nq_pad),
@@ -238,7 +254,7 @@ void backward_impl(const AttentionBwdParams& p) {
     RowTile<T> kt(kBlockK, Dp), vt(kBlockK, Dp);
     std::vector<float> s(kBlockK * kBlockQ), dp(kBlockK * kBlockQ), pd(kBlockK * kBlockQ), keep(kBlockK * kBlockQ),
         dk(kBlockK * Dp), dv(kBlockK * Dp);
-    for (int64_t bh = first; bh < last; ++bh) {
+    for (int64_t bh = next(); bh >= 0; bh = next()) {
       const int64_t b = bh / H, h = bh % H, hk = h / group;
       const KeyRange keys = key_range(p, b);
       const TileMasker masker{p, b, h};

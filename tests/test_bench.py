@@ -1,0 +1,70 @@
+"""The benchmark's machinery on tiny cases: rows carry the record schema, errors are measured,
+failures are contained, plots and the GPU check script are well-formed."""
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fastattn import bench
+
+SCHEMA = {"backend", "case", "ms", "tflops", "best_peer", "best_peer_ms", "speedup_vs_best_peer"}
+
+
+@pytest.mark.parametrize("kind, mode", [("causal+padded", "fwd"), ("gqa", "fwd+bwd")])
+def test_run_case_rows_follow_the_schema(kind, mode):
+    case = bench.Case(kind, mode, "fp32", 2, 4, 2 if kind == "gqa" else 4, 96, 32)
+    rows = bench.run_case(case, "cpu", quick=True, peak_tflops=0.1, min_run_time=0.01)
+    names = {r["backend"] for r in rows}
+    assert {"fastattn:cpu", "sdpa:math", "sdpa:flash"} <= names
+    for r in rows:
+        assert SCHEMA <= r.keys(), r
+        assert "error" not in r, r
+        assert r["max_err"] < 1e-5 and r["tflops"] > 0
+    ours = next(r for r in rows if r["backend"] == "fastattn:cpu")
+    assert ours["best_peer"].startswith("sdpa") and ours["speedup_vs_best_peer"] > 0
+
+
+def test_flops_count_valid_tokens_only():
+    dense = bench.Case("dense", "fwd", "fp32", 4, 8, 8, 2048, 64)
+    padded = bench.Case("padded", "fwd", "fp32", 4, 8, 8, 2048, 64)
+    assert padded.lengths() == [2048, 1536, 1024, 512]
+    assert padded.flops() / dense.flops() == pytest.approx((4 + 2.25 + 1 + 0.25) / 16)
+    assert bench.Case("causal", "fwd+bwd", "fp32", 4, 8, 8, 2048, 64).flops() == dense.flops() / 2 * 2.5
+
+
+def test_a_failing_provider_does_not_stop_the_rest(monkeypatch):
+    real = bench.providers
+
+    def with_a_broken_one(*args):
+        found = real(*args)
+        found["broken"] = lambda q, k, v: 1 / 0
+        return found
+
+    monkeypatch.setattr(bench, "providers", with_a_broken_one)
+    rows = bench.run_case(bench.Case("dense", "fwd", "fp32", 1, 2, 2, 64, 16), "cpu", True, 0.1, 0.01)
+    broken = next(r for r in rows if r["backend"] == "broken")
+    assert broken["error"].startswith("ZeroDivisionError")
+    assert all("ms" in r for r in rows if r["backend"] != "broken")
+
+
+def test_grid_sizes():
+    gpu = bench.grid("cuda", quick=False)
+    assert all(c.batch * c.seq == 16384 and c.heads * c.head_dim == 2048 for c in gpu)
+    assert {c.kind for c in gpu} >= {"dense", "causal", "padded", "heavy-padded", "causal+padded", "gqa"}
+    assert {c.mode for c in gpu} == {"fwd", "fwd+bwd"} and {c.dtype for c in gpu} == {"bf16", "fp16"}
+    assert len(bench.grid("cpu", quick=True)) <= 6
+
+
+def test_plot_and_json(tmp_path):
+    rows = [dict(backend=b, mode="fwd", dtype="bf16", head_dim=64, kind=k, seq=n, tflops=n / 100)
+            for b in ("fastattn:triton", "sdpa:flash") for k in ("dense", "causal") for n in (1024, 4096)]
+    record = dict(device="test", rows=rows)
+    bench.plot(record, str(tmp_path))
+    assert [p.name for p in tmp_path.iterdir()] == ["fwd_bf16_d64.png"]
+    json.dumps(record)
+
+
+def test_gpu_check_script_is_valid_bash():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
