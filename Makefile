@@ -13,7 +13,7 @@ VENV := .venv/bin/python
 endif
 CSRC := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: setup run test info clean
+.PHONY: setup run test info cuda-check clean
 
 setup: .stamps/build
 
@@ -37,6 +37,10 @@ test: setup
 
 info: setup
 	$(PY) -m fastattn info
+
+# Compiles every CUDA kernel for sm_80 and sm_90a with nvcc (no GPU needed) and reads the result.
+cuda-check: .stamps/deps
+	$(PY) csrc/cuda/cuda_check.py
 
 clean:
 	rm -rf .stamps build fastattn/_C*.so *.egg-info

@@ -16,19 +16,20 @@ def sources(pattern):
 def extension():
     cxx = ["-O3", "-std=c++17", "-fopenmp"]
     cpp = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
-    cuda = sources("csrc/cuda/**/*.cu") + sources("csrc/cuda/**/*.cpp")
+    cuda = sources("csrc/cuda/*.cu") + sources("csrc/cuda/*.cpp")
     with_cuda = bool(cuda) and torch.version.cuda is not None and CUDA_HOME is not None
     if os.environ.get("FASTATTN_NO_CUDA") == "1":
         with_cuda = False
     if not with_cuda:
         return CppExtension("fastattn._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
-    archs = os.environ.get("FASTATTN_CUDA_ARCHS", "80;90a").split(";")
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    # sm_80 and sm_90a by default (-gencode=arch=compute_90a,code=sm_90a); torch turns the
+    # list into -gencode flags. Override with FASTATTN_CUDA_ARCHS, e.g. "8.6" or "9.0a".
+    os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("FASTATTN_CUDA_ARCHS", "8.0;9.0a")
     return CUDAExtension(
         "fastattn._C",
         cpp + cuda,
         define_macros=[("FASTATTN_WITH_CUDA", None)],
-        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", *gencode]},
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
         extra_link_args=["-fopenmp"],
     )
 

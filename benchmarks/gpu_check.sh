@@ -5,7 +5,7 @@
 #   1. builds the extension (CUDA sources included where present; MAX_JOBS sized to the machine),
 #   2. prints the GPU, driver, torch and triton versions,
 #   3. measures the matmul and copy peaks,
-#   4. runs all the tests (GPU ones included),
+#   4. runs all the tests (GPU ones included), and compute-sanitizer on the CUDA kernels,
 #   5. runs the GPU benchmark grid,
 #   6. writes the full log (with the summary tables), the JSON record and the plots to the output
 #      directory: the first argument, else $OUT, else benchmarks/results/.
@@ -49,6 +49,16 @@ except Exception:  # no report (the run died): say so in the record
 PY
 )"
 echo "tests passed,failed,skipped: $counts"
+
+step "4b. compute-sanitizer (memcheck, racecheck) on the CUDA kernels"
+if command -v compute-sanitizer >/dev/null && $py -c "import sys, fastattn; sys.exit('cuda' not in fastattn.available_backends())"; then
+  for tool in memcheck racecheck; do
+    timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 3 $py benchmarks/cuda_sanitize.py \
+      && echo "compute-sanitizer $tool: clean" || echo "compute-sanitizer $tool: FAILED"
+  done
+else
+  echo "skipped: no compute-sanitizer, or no cuda backend"
+fi
 
 step "5. benchmark grid"
 FASTATTN_COMMIT="$(git rev-parse HEAD 2>/dev/null || echo "${FASTATTN_COMMIT:-unknown}")" \

@@ -77,6 +77,13 @@ def _check_attn_mask(mask, query, key) -> Tensor | None:
     return mask.expand(full)
 
 
+def _tile_aligned(t: Tensor) -> bool:
+    """What 16-byte tile copies need: unit head-dim stride, other strides multiples of 8
+    elements, an aligned base (not inspectable while torch.compile traces; the kernel checks)."""
+    strides_ok = t.stride(-1) == 1 and all(s % 8 == 0 or n == 1 for s, n in zip(t.stride()[:3], t.shape[:3]))
+    return strides_ok and (torch.compiler.is_compiling() or t.data_ptr() % 16 == 0)
+
+
 def attention(
     query: Tensor,
     key: Tensor,
@@ -115,6 +122,7 @@ def attention(
         raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
 
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    aligned = all(_tile_aligned(t) for t in (query, key, value))
     problem = Problem(
         device=query.device.type,
         dtype=query.dtype,
@@ -124,6 +132,7 @@ def attention(
         causal=causal,
         dropout=dropout_p > 0.0,
         needs_grad=needs_grad,
+        aligned=aligned,
     )
     chosen = select_backend(backend, problem)
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0

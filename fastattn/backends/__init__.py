@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from .base import Backend, Capabilities, Masks, Problem
 from .cpu import CpuBackend
+from .cuda import CudaBackend
 from .reference import ReferenceBackend
 from .triton import TritonBackend
 
-# Priority order for backend="auto".
-REGISTRY: dict[str, Backend] = {b.name: b for b in (TritonBackend(), CpuBackend(), ReferenceBackend())}
+# Priority order for backend="auto". `cuda` ranks after `triton` until a GPU run proves it.
+REGISTRY: dict[str, Backend] = {b.name: b for b in (TritonBackend(), CudaBackend(), CpuBackend(), ReferenceBackend())}
 
 
 class NoBackendError(ValueError):

@@ -22,6 +22,7 @@ class Problem:
     causal: bool
     dropout: bool
     needs_grad: bool
+    aligned: bool = True  # unit head-dim stride, other strides multiples of 8, 16-byte aligned data
 
 
 @dataclass(frozen=True)
