@@ -11,11 +11,10 @@ TOL = {torch.float32: 2e-6, torch.float16: 3e-3, torch.bfloat16: 1e-2, torch.flo
 CPU_BACKENDS = [b for b in ("cpu", "reference") if b in fastattn.available_backends()]
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor, zero_scale: float = 1.0) -> float:
-    """||out - ref|| / ||ref||. A reference that is exactly zero (a gradient when every query
-    sees one key, say) is measured against zero_scale instead."""
-    ref_norm = ref.double().norm().item()
-    return (out.double() - ref.double()).norm().item() / (ref_norm if ref_norm > 0 else zero_scale)
+def rel_err(out: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
+    """||out - ref|| / max(||ref||, floor); with floor 0, a zero reference is measured against 1."""
+    denominator = max(ref.double().norm().item(), floor)
+    return (out.double() - ref.double()).norm().item() / (denominator if denominator > 0 else 1.0)
 
 
 def qkv(B, H, Hkv, Nq, Nk, D, dtype=torch.float32, transposed=False, device="cpu"):
@@ -68,5 +67,8 @@ def check_against_reference(q, k, v, backend, *, key_padding_mask=None, attn_mas
     torch.autograd.backward([ref, ref_lse], [dout, dlse])
     for name, got, want in zip("qkv", (q, k, v), leaves):
         assert got.grad is not None and torch.isfinite(got.grad).all(), f"d{name} not finite"
-        err = rel_err(got.grad, want.grad, zero_scale=dout.norm().item())
+        # Gradients are measured against at least a tenth of ||dout||: where the true gradient is
+        # near zero (a query that sees one key), flash attention's dP - rowsum(dO * O) cancels,
+        # and what is left is rounding of the size of dout, not of the gradient.
+        err = rel_err(got.grad, want.grad, floor=0.1 * dout.norm().item())
         assert err < 4 * tol, f"d{name}: {err:.2e}"

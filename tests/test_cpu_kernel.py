@@ -24,7 +24,7 @@ def isa():
     _C.cpu_set_isa(before)
 
 
-@pytest.mark.parametrize("name", ["avx512", "avx2", "generic"])
+@pytest.mark.parametrize("name", ["avx512_bf16", "avx512", "avx2", "generic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_every_isa_path(isa, name, dtype):
     if name not in isa.cpu_isas():

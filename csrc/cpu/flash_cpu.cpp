@@ -28,6 +28,7 @@ namespace {
 
 constexpr int kBlockQ = 128; // queries per tile: the columns of a score tile
 constexpr int kBlockK = 64;  // keys per tile: the rows of a score tile
+constexpr int kBwdBlockK = 128;  // the backward's key tiles: fewer passes over Q, dO and dQ
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -171,59 +172,179 @@ struct TileMasker {
   }
 };
 
+// bf16 inputs on AVX512_BF16: K as bf16 rows (pairs along the head dim) and V and Q^T in pairs
+// along their reduction dim, so that vdpbf16ps multiplies them at twice the fp32 rate.
+uint32_t bf16_bits(c10::BFloat16 x) { return x.x; }
+uint32_t bf16_bits(float x) { return c10::BFloat16(x).x; }
+
+// dst[(r / 2) * ld + c] = the pair (src[r, c], src[r + 1, c]); zeros past rows and cols < ld.
+template <typename T>
+void pack_pairs(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols, int64_t ld, uint32_t* dst,
+                float mul = 1.f) {
+  for (int64_t r = 0; r < rows; r += 2) {
+    uint32_t* d = dst + r / 2 * ld;
+    for (int64_t c = 0; c < cols; ++c) {
+      const auto at = [&](int64_t row) {
+        if (row >= rows) return 0u;
+        const T x = src[row * rs + c * cs];
+        return mul == 1.f ? bf16_bits(x) : bf16_bits(static_cast<float>(x) * mul);
+      };
+      d[c] = at(r) | at(r + 1) << 16;
+    }
+    std::fill(d + cols, d + ld, 0u);
+  }
+}
+
+// Where a query tile reads its keys and values: fp32 rows of `ld` floats with unit column
+// stride, or, for bf16 dot products, K^T and V in pairs along their reduction dims.
+struct KVRows {
+  const float* k;
+  int64_t ldk;
+  const float* v;
+  int64_t ldv;
+  const uint32_t* k2 = nullptr;  // [Dp / 2][keys]: pairs of head-dim entries, key stride 1
+  int64_t ldk2 = 0;
+  const uint32_t* v2 = nullptr;  // [keys / 2][Dp]: pairs of keys
+};
+
+struct ForwardBuffers {
+  std::vector<float> qt, s, acc, m, l, alpha;
+  std::vector<uint32_t> qt2, p2;  // Q^T and P in bf16 pairs, for bf16 dot products
+  ForwardBuffers(int64_t Dp, bool bf16_dots)
+      : qt(Dp * kBlockQ), s(kBlockK * kBlockQ), acc(kBlockQ * Dp), m(kBlockQ), l(kBlockQ), alpha(kBlockQ),
+        qt2(bf16_dots ? Dp / 2 * kBlockQ : 0), p2(bf16_dots ? kBlockK / 2 * kBlockQ : 0) {}
+};
+
+// n rows of keys and values, converted and packed once, in the layout the dot products read.
+struct PackedKV {
+  std::vector<float> k, v;
+  std::vector<uint32_t> k2, v2;
+  int64_t n = 0;
+
+  template <typename T>
+  void pack(const T* ks, int64_t krs, int64_t kcs, const T* vs, int64_t vrs, int64_t vcs, int64_t rows,
+            int64_t D, int64_t Dp, bool bf16_dots) {
+    n = rows;
+    if (bf16_dots) {
+      k2.assign(Dp / 2 * n, 0u);
+      pack_pairs(ks, kcs, krs, D, n, n, k2.data());  // K^T: rows = head dim, pairs along it
+      v2.assign((n + 1) / 2 * Dp, 0u);
+      pack_pairs(vs, vrs, vcs, n, D, Dp, v2.data());
+    } else {
+      k.resize(n * Dp);
+      v.resize(n * Dp);
+      pack_rows(ks, krs, kcs, n, D, Dp, k.data());
+      pack_rows(vs, vrs, vcs, n, D, Dp, v.data());
+    }
+  }
+
+  KVRows from(int64_t first, int64_t Dp, bool bf16_dots) const {  // rows from `first` (even) on
+    if (bf16_dots) return KVRows{nullptr, 0, nullptr, 0, k2.data() + first, n, v2.data() + first / 2 * Dp};
+    return KVRows{k.data() + first * Dp, Dp, v.data() + first * Dp, Dp};
+  }
+};
+
 template <typename T>
 void forward_impl(const AttentionParams& p) {
   const MicroKernels& mk = micro_kernels();
-  const int64_t H = p.heads, Nq = p.q_len, D = p.head_dim, Dp = round_up(D, 16);
-  const int64_t group = p.heads / p.kv_heads;
+  const int64_t B = p.batch, H = p.heads, Hkv = p.kv_heads, Nq = p.q_len, D = p.head_dim;
+  const int64_t Dp = round_up(D, 16), group = H / Hkv;
   const int64_t q_blocks = (Nq + kBlockQ - 1) / kBlockQ;
   const float qk_scale = p.scale * kLog2e;  // exp(x) = exp2(x * log2 e): fold it into q
+  const bool bf16_dots = std::is_same_v<T, c10::BFloat16> && mk.gemm_bf16 != nullptr;
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   T* out = static_cast<T*>(p.out);
   const int64_t *qs = p.q_stride, *ks = p.k_stride, *vs = p.v_stride, *os = p.o_stride;
 
-  parallel_dynamic(p.batch * H * q_blocks, [&](const auto& next) {
+  // One query tile of head h against its visible keys; kv(j0, nk) gives the key/value rows.
+  const auto query_tile = [&](ForwardBuffers& buf, int64_t b, int64_t h, int64_t i0, const auto& kv) {
+    const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, Nq - i0));
+    KeyRange keys = key_range(p, b);
+    if (p.causal) keys.end = std::min(keys.end, i0 + mq);
+    const TileMasker masker{p, b, h};
+    std::fill(buf.m.begin(), buf.m.end(), kNegInf);
+    std::fill(buf.l.begin(), buf.l.end(), 0.f);
+    std::fill(buf.acc.begin(), buf.acc.end(), 0.f);
+    const T* qh = q + b * qs[0] + h * qs[1] + i0 * qs[2];
+    if (keys.begin < keys.end) {
+      if (bf16_dots)  // Q^T in pairs along the head dim: [Dp / 2][queries]
+        pack_pairs(qh, qs[3], qs[2], D, mq, kBlockQ, buf.qt2.data(), qk_scale);
+      else
+        pack_transposed(qh, qs[2], qs[3], mq, D, kBlockQ, buf.qt.data(), qk_scale);
+    }
+    for (int64_t j0 = keys.begin; j0 < keys.end; j0 += kBlockK) {
+      const int nk = static_cast<int>(std::min<int64_t>(kBlockK, keys.end - j0));
+      const KVRows rows = kv(j0, nk);
+      if (bf16_dots)
+        mk.gemm_bf16(nk, kBlockQ, Dp / 2, rows.k2, 1, rows.ldk2, buf.qt2.data(), kBlockQ, buf.s.data(), kBlockQ, false);
+      else
+        mk.gemm(nk, kBlockQ, Dp, rows.k, rows.ldk, 1, buf.qt.data(), kBlockQ, buf.s.data(), kBlockQ, false);
+      masker.apply(buf.s.data(), j0, nk, i0, mq);
+      mk.softmax_step(buf.s.data(), nk, mq, kBlockQ, buf.m.data(), buf.l.data(), buf.alpha.data());
+      mk.scale_rows(buf.acc.data(), mq, Dp, Dp, buf.alpha.data());
+      if (p.dropout_p > 0.f) masker.dropout(buf.s.data(), j0, nk, i0, mq);
+      if (bf16_dots) {  // P in pairs of keys: [keys / 2][queries]
+        mk.pack_pairs_bf16(buf.s.data(), nk, kBlockQ, kBlockQ, buf.p2.data(), kBlockQ);
+        mk.gemm_bf16(mq, Dp, (nk + 1) / 2, buf.p2.data(), 1, kBlockQ, rows.v2, Dp, buf.acc.data(), Dp, true);
+      } else {
+        mk.gemm(mq, Dp, nk, buf.s.data(), 1, kBlockQ, rows.v, rows.ldv, buf.acc.data(), Dp, true);
+      }
+    }
+    T* o = out + b * os[0] + h * os[1] + i0 * os[2];
+    float* lse = p.lse + (b * H + h) * Nq + i0;
+    for (int i = 0; i < mq; ++i) {
+      const bool seen = buf.l[i] > 0.f;  // false: no visible key, the row is zero
+      const float inv_l = seen ? 1.f / buf.l[i] : 0.f;
+      for (int64_t d = 0; d < D; ++d) o[i * os[2] + d * os[3]] = static_cast<T>(buf.acc[i * Dp + d] * inv_l);
+      lse[i] = seen ? buf.m[i] * kLn2 + std::log(buf.l[i]) : kNegInf;
+    }
+  };
+
+  if (B * Hkv >= 2 * at::get_num_threads()) {
+    // Enough kv heads to keep every thread busy: a task is one kv head, whose valid keys and
+    // values are converted and packed once (contiguous rows: no cache-set conflicts from long
+    // strides) and then serve all its query heads and tiles.
+    parallel_dynamic(B * Hkv, [&](const auto& next) {
+      const FlushDenormals ftz;
+      ForwardBuffers buf(Dp, bf16_dots);
+      PackedKV packed;
+      for (int64_t item = next(); item >= 0; item = next()) {
+        const int64_t b = item / Hkv, hk = item % Hkv;
+        const KeyRange keys = key_range(p, b);
+        packed.pack(k + b * ks[0] + hk * ks[1] + keys.begin * ks[2], ks[2], ks[3],
+                    v + b * vs[0] + hk * vs[1] + keys.begin * vs[2], vs[2], vs[3],
+                    std::max<int64_t>(keys.end - keys.begin, 0), D, Dp, bf16_dots);
+        const auto kv = [&](int64_t j0, int) { return packed.from(j0 - keys.begin, Dp, bf16_dots); };
+        for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
+          for (int64_t qb = q_blocks - 1; qb >= 0; --qb) query_tile(buf, b, h, qb * kBlockQ, kv);
+      }
+    });
+    return;
+  }
+  // Few heads: a task is one (query head, query tile); key/value tiles are packed as they come
+  // (fp32 rows with unit stride are read in place), and the last query tiles go first: under
+  // causality they cost most.
+  parallel_dynamic(B * H * q_blocks, [&](const auto& next) {
     const FlushDenormals ftz;
-    std::vector<float> qt(Dp * kBlockQ), s(kBlockK * kBlockQ), acc(kBlockQ * Dp), m(kBlockQ),
-        l(kBlockQ), alpha(kBlockQ);
+    ForwardBuffers buf(Dp, bf16_dots);
     RowTile<T> kt(kBlockK, Dp), vt(kBlockK, Dp);
+    PackedKV tile;
     for (int64_t item = next(); item >= 0; item = next()) {
-      // The last query tiles first: under causality they are the costliest.
-      const int64_t bh = item % (p.batch * H), b = bh / H, h = bh % H, hk = h / group;
-      const int64_t i0 = (q_blocks - 1 - item / (p.batch * H)) * kBlockQ;
-      const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, Nq - i0));
-      KeyRange keys = key_range(p, b);
-      if (p.causal) keys.end = std::min(keys.end, i0 + mq);
-      const TileMasker masker{p, b, h};
-
-      std::fill(m.begin(), m.end(), kNegInf);
-      std::fill(l.begin(), l.end(), 0.f);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      if (keys.begin < keys.end)
-        pack_transposed(q + b * qs[0] + h * qs[1] + i0 * qs[2], qs[2], qs[3], mq, D, kBlockQ,
-                        qt.data(), qk_scale);
-      for (int64_t j0 = keys.begin; j0 < keys.end; j0 += kBlockK) {
-        const int nk = static_cast<int>(std::min<int64_t>(kBlockK, keys.end - j0));
-        kt.load(k + b * ks[0] + hk * ks[1] + j0 * ks[2], ks[2], ks[3], nk, D, Dp);
-        mk.gemm(nk, kBlockQ, Dp, kt.data, kt.ld, 1, qt.data(), kBlockQ, s.data(), kBlockQ, false);
-        masker.apply(s.data(), j0, nk, i0, mq);
-        mk.softmax_step(s.data(), nk, mq, kBlockQ, m.data(), l.data(), alpha.data());
-        mk.scale_rows(acc.data(), mq, Dp, Dp, alpha.data());
-        if (p.dropout_p > 0.f) masker.dropout(s.data(), j0, nk, i0, mq);
-        vt.load(v + b * vs[0] + hk * vs[1] + j0 * vs[2], vs[2], vs[3], nk, D, Dp);
-        mk.gemm(mq, Dp, nk, s.data(), 1, kBlockQ, vt.data, vt.ld, acc.data(), Dp, true);
-      }
-
-      T* o = out + b * os[0] + h * os[1] + i0 * os[2];
-      float* lse = p.lse + (b * H + h) * Nq + i0;
-      for (int i = 0; i < mq; ++i) {
-        const bool seen = l[i] > 0.f;  // false: no visible key, the row is zero
-        const float inv_l = seen ? 1.f / l[i] : 0.f;
-        for (int64_t d = 0; d < D; ++d) o[i * os[2] + d * os[3]] = static_cast<T>(acc[i * Dp + d] * inv_l);
-        lse[i] = seen ? m[i] * kLn2 + std::log(l[i]) : kNegInf;
-      }
+      const int64_t bh = item % (B * H), b = bh / H, h = bh % H, hk = h / group;
+      const auto kv = [&](int64_t j0, int nk) {
+        const T* kr = k + b * ks[0] + hk * ks[1] + j0 * ks[2];
+        const T* vr = v + b * vs[0] + hk * vs[1] + j0 * vs[2];
+        if (bf16_dots) {
+          tile.pack(kr, ks[2], ks[3], vr, vs[2], vs[3], nk, D, Dp, true);
+          return tile.from(0, Dp, true);
+        }
+        kt.load(kr, ks[2], ks[3], nk, D, Dp);
+        vt.load(vr, vs[2], vs[3], nk, D, Dp);
+        return KVRows{kt.data, kt.ld, vt.data, vt.ld};
+      };
+      query_tile(buf, b, h, (q_blocks - 1 - item / (B * H)) * kBlockQ, kv);
     }
   });
 }
@@ -251,9 +372,9 @@ void backward_impl(const AttentionBwdParams& p) {
     // Whole-head query-side operands, packed once per task: O(Nq * D) memory.
     std::vector<float> qt(Dp * Nq_pad), qr(Nq_pad * Dp), dor(Nq_pad * Dp), dot(Dp * Nq_pad),
         lse2(Nq_pad), delta(Nq_pad), dq(Nq_pad * Dp);
-    RowTile<T> kt(kBlockK, Dp), vt(kBlockK, Dp);
-    std::vector<float> s(kBlockK * kBlockQ), dp(kBlockK * kBlockQ), pd(kBlockK * kBlockQ), keep(kBlockK * kBlockQ),
-        dk(kBlockK * Dp), dv(kBlockK * Dp);
+    std::vector<float> kt(kBwdBlockK * Dp), vt(kBwdBlockK * Dp);  // packed: each serves every query tile
+    std::vector<float> s(kBwdBlockK * kBlockQ), dp(kBwdBlockK * kBlockQ), pd(kBwdBlockK * kBlockQ), keep(kBwdBlockK * kBlockQ),
+        dk(kBwdBlockK * Dp), dv(kBwdBlockK * Dp);
     for (int64_t bh = next(); bh >= 0; bh = next()) {
       const int64_t b = bh / H, h = bh % H, hk = h / group;
       const KeyRange keys = key_range(p, b);
@@ -270,10 +391,15 @@ void backward_impl(const AttentionBwdParams& p) {
         const T* qh = q + b * qs[0] + h * qs[1];
         const T* doh = dout + b * dos[0] + h * dos[1];
         const T* oh = out + b * os[0] + h * os[1];
-        pack_transposed(qh, qs[2], qs[3], Nq, D, Nq_pad, qt.data(), qk_scale);
+        // Transposed Q and dO per query tile ([tile][Dp][kBlockQ]): a long row stride here would
+        // map a GEMM operand's rows onto a few cache sets.
+        for (int64_t i0 = 0; i0 < Nq; i0 += kBlockQ) {
+          const int64_t mq = std::min<int64_t>(kBlockQ, Nq - i0);
+          pack_transposed(qh + i0 * qs[2], qs[2], qs[3], mq, D, kBlockQ, qt.data() + i0 * Dp, qk_scale);
+          pack_transposed(doh + i0 * dos[2], dos[2], dos[3], mq, D, kBlockQ, dot.data() + i0 * Dp);
+        }
         pack_rows(qh, qs[2], qs[3], Nq, D, Dp, qr.data());
         pack_rows(doh, dos[2], dos[3], Nq, D, Dp, dor.data());
-        pack_transposed(doh, dos[2], dos[3], Nq, D, Nq_pad, dot.data());
         const float* lse = p.lse + bh * Nq;
         const float* dlse = p.dlse == nullptr ? nullptr : p.dlse + bh * Nq;
         for (int64_t i = 0; i < Nq; ++i) {
@@ -285,19 +411,19 @@ void backward_impl(const AttentionBwdParams& p) {
         }
       }
 
-      for (int64_t j0 = keys.begin; j0 < keys.end; j0 += kBlockK) {
-        const int nk = static_cast<int>(std::min<int64_t>(kBlockK, keys.end - j0));
-        kt.load(k + b * ks[0] + hk * ks[1] + j0 * ks[2], ks[2], ks[3], nk, D, Dp);
-        vt.load(v + b * vs[0] + hk * vs[1] + j0 * vs[2], vs[2], vs[3], nk, D, Dp);
+      for (int64_t j0 = keys.begin; j0 < keys.end; j0 += kBwdBlockK) {
+        const int nk = static_cast<int>(std::min<int64_t>(kBwdBlockK, keys.end - j0));
+        pack_rows(k + b * ks[0] + hk * ks[1] + j0 * ks[2], ks[2], ks[3], nk, D, Dp, kt.data());
+        pack_rows(v + b * vs[0] + hk * vs[1] + j0 * vs[2], vs[2], vs[3], nk, D, Dp, vt.data());
         std::fill(dk.begin(), dk.end(), 0.f);
         std::fill(dv.begin(), dv.end(), 0.f);
         const int64_t first_q = p.causal ? j0 / kBlockQ * kBlockQ : 0;  // queries i >= j0
         for (int64_t i0 = first_q; i0 < Nq; i0 += kBlockQ) {
           const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, Nq - i0));
-          mk.gemm(nk, kBlockQ, Dp, kt.data, kt.ld, 1, qt.data() + i0, Nq_pad, s.data(), kBlockQ, false);
+          mk.gemm(nk, kBlockQ, Dp, kt.data(), Dp, 1, qt.data() + i0 * Dp, kBlockQ, s.data(), kBlockQ, false);
           masker.apply(s.data(), j0, nk, i0, mq);
           mk.exp2_shifted(s.data(), nk, mq, kBlockQ, lse2.data() + i0);  // P^T
-          mk.gemm(nk, kBlockQ, Dp, vt.data, vt.ld, 1, dot.data() + i0, Nq_pad, dp.data(), kBlockQ, false);
+          mk.gemm(nk, kBlockQ, Dp, vt.data(), Dp, 1, dot.data() + i0 * Dp, kBlockQ, dp.data(), kBlockQ, false);
           const float* p_used = s.data();  // the probabilities that multiplied V
           if (p.dropout_p > 0.f) {
             masker.dropout(nullptr, j0, nk, i0, mq, keep.data());
@@ -311,7 +437,7 @@ void backward_impl(const AttentionBwdParams& p) {
           mk.gemm(nk, Dp, mq, p_used, kBlockQ, 1, dor.data() + i0 * Dp, Dp, dv.data(), Dp, true);
           mk.softmax_grad(s.data(), dp.data(), nk, mq, kBlockQ, delta.data() + i0);  // dS^T
           mk.gemm(nk, Dp, mq, s.data(), kBlockQ, 1, qr.data() + i0 * Dp, Dp, dk.data(), Dp, true);
-          mk.gemm(mq, Dp, nk, s.data(), 1, kBlockQ, kt.data, kt.ld, dq.data() + i0 * Dp, Dp, true);
+          mk.gemm(mq, Dp, nk, s.data(), 1, kBlockQ, kt.data(), Dp, dq.data() + i0 * Dp, Dp, true);
         }
         for (int j = 0; j < nk; ++j)
           for (int64_t d = 0; d < D; ++d) {

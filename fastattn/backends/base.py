@@ -105,3 +105,22 @@ def empty_out(q: Tensor) -> Tensor:
 def empty_lse(q: Tensor) -> Tensor:
     B, H, Nq, _ = q.shape
     return new_buffer(q, B, H, Nq, dtype=torch.float32)
+
+
+def fp32_grad_buffers(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """dq (B, H, Nq, D) and per-query-head dk, dv (B, H, Nk, D), fp32 and contiguous: what the
+    C++ kernels write (AttentionBwdParams)."""
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    f32 = torch.float32
+    return (new_buffer(q, B, H, Nq, D, dtype=f32), new_buffer(q, B, H, Nk, D, dtype=f32),
+            new_buffer(q, B, H, Nk, D, dtype=f32))
+
+
+def finish_grads(dq: Tensor, dk: Tensor, dv: Tensor, k: Tensor, dtype: torch.dtype):
+    """Per-query-head fp32 gradients -> the inputs' dtype, dK/dV summed over each GQA group."""
+    B, H, Nk, D = dk.shape
+    Hkv = k.shape[1]
+    dk = dk.view(B, Hkv, H // Hkv, Nk, D).sum(2)
+    dv = dv.view(B, Hkv, H // Hkv, Nk, D).sum(2)
+    return dq.to(dtype), dk.to(dtype), dv.to(dtype)

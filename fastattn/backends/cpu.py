@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..masks import key_ranges
-from .base import Backend, Capabilities, Masks, empty_lse, empty_out, new_buffer
+from .base import Backend, Capabilities, Masks, empty_lse, empty_out, finish_grads, fp32_grad_buffers
 
 
 def _extension():
@@ -46,16 +46,9 @@ class CpuBackend(Backend):
         return out, lse
 
     def backward(self, dout, dlse, q, k, v, out, lse, masks, causal, scale, dropout_p, seed):
-        B, H, Nq, D = q.shape
-        Hkv, Nk = k.shape[1], k.shape[2]
-        f32 = torch.float32
-        dq = new_buffer(q, B, H, Nq, D, dtype=f32)
-        dk, dv = new_buffer(q, B, H, Nk, D, dtype=f32), new_buffer(q, B, H, Nk, D, dtype=f32)
+        dq, dk, dv = fp32_grad_buffers(q, k)
         if dlse is not None:
-            dlse = dlse.to(f32).contiguous()
+            dlse = dlse.to(torch.float32).contiguous()
         _extension().cpu_backward(dout, q, k, v, out, lse, dlse, _kernel_masks(masks), causal,
                                   scale, dropout_p, seed, dq, dk, dv)
-        # The kernel writes dK/dV per query head; GQA sums each group of H // Hkv heads.
-        dk = dk.view(B, Hkv, H // Hkv, Nk, D).sum(2)
-        dv = dv.view(B, Hkv, H // Hkv, Nk, D).sum(2)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        return finish_grads(dq, dk, dv, k, q.dtype)
