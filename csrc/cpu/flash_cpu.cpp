@@ -1,8 +1,9 @@
 // Flash attention on the CPU: tiled, online softmax, masks applied per tile, dead tiles skipped.
 //
 // Score tiles are kept transposed, s[key][query], so that each query's softmax statistics run
-// along a contiguous row of the tile and vectorize without horizontal reductions. All arithmetic
-// is float32 whatever the input dtype; inputs are packed (converted, de-strided) once per tile.
+// along a contiguous row of the tile and vectorize without horizontal reductions. Accumulation is
+// float32 whatever the input dtype; inputs are packed (converted, de-strided) once per kv head or
+// per tile, and the dot products run in the micro-kernels (micro_kernels.h).
 #include "flash_cpu.h"
 
 #include <ATen/Parallel.h>
