@@ -366,6 +366,41 @@ def encoder_rows(device: str, quick: bool) -> list[dict]:
     return rows
 
 
+def model_rows(device: str, quick: bool) -> list[dict]:
+    """A training step of the notes' encoder-decoder Transformer (fastattn.models; d_model 512, 8
+    heads, 2 + 2 layers, dropout 0.1) on padded batches (8 pairs, lengths uniform in [32, 256]),
+    on torch attention and on fastattn: real (non-padding) tokens per second."""
+    from .models import Transformer
+
+    gen = torch.Generator().manual_seed(0)
+    B, L, V = 8, 256, 1000
+
+    def padded():
+        ids = torch.randint(3, V, (B, L), generator=gen)
+        lengths = torch.randint(32, L + 1, (B,), generator=gen)
+        return ids.masked_fill(torch.arange(L)[None, :] >= lengths[:, None], 0).to(device)
+
+    src, tgt = padded(), padded()
+    tgt_in = torch.cat([torch.full_like(tgt[:, :1], 1), tgt[:, :-1]], dim=1)
+    tokens = int((src != 0).sum() + (tgt != 0).sum())
+    rows = []
+    for kind in ("torch", "fastattn"):
+        torch.manual_seed(0)
+        model = Transformer(V, V, 512, 8, 2, 2, 2048, 0.1, L, 0, kind).to(device).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            opt.zero_grad()
+            logits = model(src, tgt_in)
+            F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=0).backward()
+            opt.step()
+
+        seconds = median_of(step, 2 if quick else 5)
+        rows.append(dict(model=f"fastattn.models.Transformer, attention={kind}", batch="padded",
+                         train_ms=seconds * 1e3, train_tokens_per_s=tokens / seconds))
+    return rows
+
+
 # --------------------------------------------------------------------------- report
 def environment(device: str) -> dict:
     def commit():
@@ -425,13 +460,14 @@ def print_tables(record: dict) -> None:
             table.add_row(r["case"], r["backend"], f"{r['ms']:.2f}", f"{r['speedup_vs_best_peer']:.2f}×")
         console.print(table)
     if record.get("end_to_end"):
-        table = Table(title="nn.TransformerEncoder: d_model 512, 8 heads, 6 layers, batch 8, sequence 512 "
-                            "(padded: lengths uniform in [128, 512]); training tokens/s count real tokens")
+        table = Table(title="Whole models. nn.TransformerEncoder: d_model 512, 8 heads, 6 layers, batch 8, "
+                            "sequence 512 (padded: lengths uniform in [128, 512]). fastattn.models.Transformer: "
+                            "d_model 512, 2 + 2 layers, 8 pairs of lengths in [32, 256]. Tokens/s count real tokens")
         for col in ("batch", "model", "inference ms", "train step ms", "train tokens/s"):
             table.add_column(col)
         for r in record["end_to_end"]:
-            table.add_row(r["batch"], r["model"], f"{r['infer_ms']:.0f}", f"{r['train_ms']:.0f}",
-                          f"{r['train_tokens_per_s']:.0f}")
+            infer = f"{r['infer_ms']:.0f}" if "infer_ms" in r else ""
+            table.add_row(r["batch"], r["model"], infer, f"{r['train_ms']:.0f}", f"{r['train_tokens_per_s']:.0f}")
         console.print(table)
 
 
@@ -481,7 +517,7 @@ def run(quick: bool = False, json_path: str | None = None, plot_dir: str | None 
     for case in grid(device, quick):
         record["rows"] += run_case(case, device, quick, peak, min_run_time)
     record["modules"] = module_rows(device, min_run_time)
-    record["end_to_end"] = encoder_rows(device, quick) if end_to_end else []
+    record["end_to_end"] = encoder_rows(device, quick) + model_rows(device, quick) if end_to_end else []
     print_tables(record)
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)

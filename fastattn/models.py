@@ -61,8 +61,8 @@ def multihead(cfg) -> nn.MultiheadAttention:
 
 
 def causal_mask(n: int, device) -> Tensor:
-    """torch's float causal mask (-inf above the diagonal); fastattn reads it as a flag."""
-    return nn.Transformer.generate_square_subsequent_mask(n, device=device)
+    """torch's bool causal mask (True above the diagonal: hidden); fastattn reads it as a flag."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
 
 
 class Embedding(nn.Module):
