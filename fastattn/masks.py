@@ -19,3 +19,13 @@ def key_ranges(key_padding: Tensor) -> tuple[Tensor, Tensor, bool]:
     end = torch.where(valid, idx + 1, 0).amax(dim=1)
     scattered = bool((valid.sum(dim=1) < (end - begin).clamp(min=0)).any())
     return begin.to(torch.int32), end.to(torch.int32), scattered
+
+
+def kernel_padding(key_padding: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """What the kernels take for a padding mask: (kv_begin, kv_end, per-key mask). Right, left
+    or no padding is fully described by the range; only scattered padding keeps the per-key
+    test inside the tile loop. (None, None, None) without a mask."""
+    if key_padding is None:
+        return None, None, None
+    begin, end, scattered = key_ranges(key_padding)
+    return begin, end, key_padding if scattered else None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import key_ranges
+from ..masks import kernel_padding
 from .base import Backend, Capabilities, Masks, empty_lse, empty_out, finish_grads, fp32_grad_buffers
 
 
@@ -14,14 +14,7 @@ def _extension():
 
 
 def _kernel_masks(masks: Masks):
-    _C = _extension()
-    if masks.key_padding is None:
-        return _C.MaskTensors(attn_mask=masks.attn_mask)
-    begin, end, scattered = key_ranges(masks.key_padding)
-    # Right, left or no padding is fully described by the range; only scattered padding
-    # needs the per-key test inside the tile loop.
-    key_padding = masks.key_padding if scattered else None
-    return _C.MaskTensors(begin, end, key_padding, masks.attn_mask)
+    return _extension().MaskTensors(*kernel_padding(masks.key_padding), masks.attn_mask)
 
 
 class CpuBackend(Backend):

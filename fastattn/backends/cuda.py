@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import key_ranges
+from ..masks import kernel_padding
 from .base import Backend, Capabilities, Masks, Problem, empty_lse, empty_out, finish_grads, fp32_grad_buffers
 
 HEAD_DIMS = (64, 128)  # csrc/cuda: one .cu per (head dim, dtype)
@@ -19,11 +19,7 @@ def _extension():
 
 
 def _kernel_masks(masks: Masks):
-    _C = _extension()
-    if masks.key_padding is None:
-        return _C.MaskTensors()
-    begin, end, scattered = key_ranges(masks.key_padding)
-    return _C.MaskTensors(begin, end, masks.key_padding if scattered else None)
+    return _extension().MaskTensors(*kernel_padding(masks.key_padding))
 
 
 class CudaBackend(Backend):

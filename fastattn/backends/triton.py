@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from ..masks import key_ranges
+from ..masks import kernel_padding
 from .base import Backend, Capabilities, Masks, Problem, empty_lse, empty_out, new_buffer
 
 
@@ -25,10 +25,7 @@ def _kernels():
 
 
 def _mask_args(q, masks: Masks):
-    begin = end = key_padding = None
-    if masks.key_padding is not None:
-        begin, end, scattered = key_ranges(masks.key_padding)
-        key_padding = masks.key_padding if scattered else None
+    begin, end, key_padding = kernel_padding(masks.key_padding)
     return _kernels().MaskArgs(q, key_padding, begin, end, masks.attn_mask)
 
 
