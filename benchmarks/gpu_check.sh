@@ -1,67 +1,138 @@
 #!/usr/bin/env bash
 # The one-call GPU check, for a bare GPU machine that already has torch, triton, nvcc, ninja and
-# pybind11: no network, no pip downloads, no root assumed. In one go (well under 8 minutes on an
-# H100) it
-#   1. builds the extension (CUDA sources included where present; MAX_JOBS sized to the machine),
-#   2. prints the GPU, driver, torch and triton versions,
-#   3. measures the matmul and copy peaks,
-#   4. runs all the tests (GPU ones included), and compute-sanitizer on the CUDA kernels,
-#   5. runs the GPU benchmark grid,
-#   6. writes the full log (with the summary tables), the JSON record and the plots to the output
-#      directory: the first argument, else $OUT, else benchmarks/results/.
-# A failing test does not stop the benchmark; a failing benchmark case does not stop the rest.
-# QUICK=1 runs the benchmark's quick subset.      Usage: bash benchmarks/gpu_check.sh [OUT_DIR]
+# pybind11 (pytest-xdist and pytest-timeout used when present): no network, no pip, no root.
+# Steps, in order of value, each under its own timeout and all under one deadline (TOTAL_S, default
+# 450 s, build included), so that a run cut short still leaves what matters most:
+#   build      setup.py build_ext --inplace, MAX_JOBS = nproc, FASTATTN_CUDA_ARCHS=9.0a   BUILD_TIMEOUT=200
+#   versions   nvidia-smi, python -m fastattn info                                         (30 s each)
+#   tests      the GPU tests: test_triton/test_cuda/test_gpu, and the torch.compile ones   TEST_TIMEOUT=150
+#              (TEST_WORKERS=8 with xdist, TEST_CASE_TIMEOUT=120 s per test with pytest-timeout)
+#   sanitizer  compute-sanitizer memcheck, racecheck on benchmarks/cuda_sanitize.py        SANITIZE_TIMEOUT=60 each
+#   tune       python -m fastattn tune, leaving BENCH_RESERVE=150 s; its winners become    TUNE_BUDGET=150
+#              fastattn/tuned/sm<arch>.json, the defaults the benchmark then runs
+#   bench      the benchmark grid (QUICK=1: the quick subset; END_TO_END=1: whole models)  BENCH_TIMEOUT=240
+# Each step start and end prints the UTC time and the seconds since the start; a summary table ends
+# the log, even after a kill by SIGTERM. Outputs, in the output directory (first argument, else
+# $OUT, else benchmarks/results/), written as they happen so a kill loses nothing before it:
+#   gpu_check.log  test_failures.log (each failure, at once)  test_counts.txt (passed,failed,skipped)
+#   gpu_record.json (rewritten after every bench case)  gpu_plots.png  tuned.json
+# The commit recorded: git rev-parse HEAD, else benchmarks/.commit, else $FASTATTN_COMMIT.
+# Usage: bash benchmarks/gpu_check.sh [OUT_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out_dir="${1:-${OUT:-benchmarks/results}}"
 mkdir -p "$out_dir"
-stamp="$(date -u +%Y-%m-%dT%H%M%SZ)"
-exec > >(tee "$out_dir/gpu_check_$stamp.log") 2>&1
+exec > >(trap '' TERM INT; exec tee "$out_dir/gpu_check.log") 2>&1  # tee outlives a group kill
+tee_pid=$!
 py="${PYTHON:-python3}"
-export MAX_JOBS="${MAX_JOBS:-$(nproc)}" PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}" FASTATTN_CUDA_ARCHS="${FASTATTN_CUDA_ARCHS:-9.0a}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
 unset TRITON_INTERPRET
-step() { echo; echo "== $* ($(date -u +%T))"; }
+export FASTATTN_LIVE_LOG="$out_dir/test_failures.log" FASTATTN_LIVE_COUNTS="$out_dir/test_counts.txt"
+rm -f "$FASTATTN_LIVE_LOG" "$FASTATTN_LIVE_COUNTS"
+record="$out_dir/gpu_record.json" png="$out_dir/gpu_plots.png"
 
-step "1. build, MAX_JOBS=$MAX_JOBS"
-$py setup.py -q build_ext --inplace || echo "BUILD FAILED: the C++ backends will be missing"
+t0=$(date +%s)
+deadline=$((t0 + ${TOTAL_S:-450}))
+summary=() child= current=
+stamp() { echo "$(date -u +%T) +$(($(date +%s) - t0))s"; }
 
-step "2. versions"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no nvidia-smi"
-$py -m fastattn info
+# step NAME CAP_S COMMAND...: COMMAND under `timeout`, the cap clamped to the time left. In the
+# background, so that a TERM to this script reaches the trap at once and is passed on.
+step() {
+  local name=$1 cap=$2 left=$((deadline - $(date +%s))) start status rc
+  shift 2
+  ((cap > left)) && cap=$left
+  if ((left < 5)); then
+    echo "== [$(stamp)] $name: skipped, the deadline (TOTAL_S) is reached"
+    summary+=("$name|-|-|skipped: deadline")
+    return 1
+  fi
+  start=$(date +%s)
+  echo; echo "== [$(stamp)] start $name (limit ${cap}s)"
+  current="$name|$((start - t0))"
+  timeout -k 5 "$cap" "$@" &
+  child=$!
+  wait "$child"
+  rc=$?
+  child= current=
+  case $rc in 0) status=ok ;; 124 | 137) status="TIMED OUT at ${cap}s" ;; *) status="FAILED (exit $rc)" ;; esac
+  echo "== [$(stamp)] end $name: $status after $(($(date +%s) - start))s"
+  summary+=("$name|$((start - t0))|$(($(date +%s) - start))|$status")
+  return $rc
+}
+skip() { echo; echo "== [$(stamp)] $1: skipped, $2"; summary+=("$1|-|-|skipped: $2"); }
 
-step "3. peaks"
-$py -c "import json, torch; from fastattn.bench import peaks; print(json.dumps(peaks('cuda' if torch.cuda.is_available() else 'cpu')))"
-
-step "4. tests"
-junit="$(mktemp --suffix=.xml)"
-timeout "${TEST_TIMEOUT:-360}" $py -m pytest tests -q -p no:cacheprovider --junitxml="$junit"
-counts="$($py - "$junit" <<'PY'
-import sys, xml.etree.ElementTree as ET
-try:
-    root = ET.parse(sys.argv[1]).getroot()
-    suite = root if root.tag == "testsuite" else root[0]
-    total, skipped = int(suite.get("tests")), int(suite.get("skipped"))
-    failed = int(suite.get("failures")) + int(suite.get("errors"))
-    print(f"{total - failed - skipped},{failed},{skipped}")
-except Exception:  # no report (the run died): say so in the record
-    print("0,-1,0")
-PY
-)"
-echo "tests passed,failed,skipped: $counts"
-
-step "4b. compute-sanitizer (memcheck, racecheck) on the CUDA kernels"
-if command -v compute-sanitizer >/dev/null && $py -c "import sys, fastattn; sys.exit('cuda' not in fastattn.available_backends())"; then
-  for tool in memcheck racecheck; do
-    timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 3 $py benchmarks/cuda_sanitize.py \
-      && echo "compute-sanitizer $tool: clean" || echo "compute-sanitizer $tool: FAILED"
+finish() {
+  echo; echo "== [$(stamp)] summary (output in $out_dir)"
+  printf '%-22s %8s %8s  %s\n' step "start s" "took s" status
+  local row
+  for row in "${summary[@]}"; do
+    IFS='|' read -r name start took status <<<"$row"
+    printf '%-22s %8s %8s  %s\n' "$name" "$start" "$took" "$status"
   done
+  echo "total: $(($(date +%s) - t0))s"
+  exec >&- 2>&-
+  wait "$tee_pid"  # the log is complete before the caller collects it
+}
+trap finish EXIT
+on_signal() {
+  [[ -n $child ]] && kill -TERM "$child" 2>/dev/null  # timeout passes it on to the step's processes
+  [[ -n $current ]] && summary+=("$current|$(($(date +%s) - t0 - ${current#*|}))|KILLED (signal)")
+  exit 143
+}
+trap on_signal TERM INT
+
+step build "${BUILD_TIMEOUT:-200}" $py setup.py -q build_ext --inplace ||
+  echo "BUILD FAILED: the C++/CUDA backends will be missing"
+
+step "versions: nvidia-smi" 30 nvidia-smi
+step "versions: fastattn" 30 $py -m fastattn info
+
+gpu_tests=()
+for f in tests/test_triton.py tests/test_cuda.py tests/test_gpu.py; do [[ -f $f ]] && gpu_tests+=("$f"); done
+pytest_args=(-p no:cacheprovider -q -p pytest_live --continue-on-collection-errors
+  -k "(test_triton.py or test_cuda.py or test_gpu.py or compile) and not sm90")  # sm90: CI compiles it
+$py -c "import xdist" 2>/dev/null && pytest_args+=(-n "${TEST_WORKERS:-8}")
+$py -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout "${TEST_CASE_TIMEOUT:-120}")
+PYTHONPATH="$PWD/benchmarks:$PYTHONPATH" step tests "${TEST_TIMEOUT:-150}" \
+  $py -m pytest "${pytest_args[@]}" "${gpu_tests[@]}" tests/test_api.py tests/test_replace.py
+counts="$(cat "$FASTATTN_LIVE_COUNTS" 2>/dev/null || echo 0,-1,0)"
+echo "GPU tests passed,failed,skipped: $counts (failures in full: $FASTATTN_LIVE_LOG)"
+
+if ! command -v compute-sanitizer >/dev/null; then
+  skip compute-sanitizer "no compute-sanitizer"
+elif ! $py -c "import sys, fastattn; sys.exit('cuda' not in fastattn.available_backends())"; then
+  skip compute-sanitizer "no cuda backend"
 else
-  echo "skipped: no compute-sanitizer, or no cuda backend"
+  for tool in memcheck racecheck; do
+    step "sanitizer: $tool" "${SANITIZE_TIMEOUT:-60}" \
+      compute-sanitizer --tool "$tool" --error-exitcode 3 $py benchmarks/cuda_sanitize.py
+  done
 fi
 
-step "5. benchmark grid"
-FASTATTN_COMMIT="$(git rev-parse HEAD 2>/dev/null || echo "${FASTATTN_COMMIT:-unknown}")" \
-  $py -m fastattn bench ${QUICK:+--quick} --json "$out_dir/gpu_$stamp.json" --plot "$out_dir/plots_$stamp" --tests "$counts"
+# The sweep goes before the benchmark, which then times its winners; what it leaves is kept.
+budget=${TUNE_BUDGET:-150} left=$((deadline - $(date +%s) - ${BENCH_RESERVE:-150}))
+((budget > left)) && budget=$left
+if ((budget < 20)); then
+  skip tune "under 20 s left before the benchmark's reserve"
+elif ! timeout 60 $py -m fastattn tune --help >/dev/null 2>&1; then
+  skip tune "no 'python -m fastattn tune'"
+else
+  step tune $((budget + 30)) $py -m fastattn tune --budget-s "$budget" --json "$out_dir/tuned.json"
+  arch="$($py -c 'import torch; print("sm%d%d" % torch.cuda.get_device_capability())')"
+  [[ -f $out_dir/tuned.json ]] && mkdir -p fastattn/tuned && cp "$out_dir/tuned.json" "fastattn/tuned/$arch.json" && echo "defaults: fastattn/tuned/$arch.json"
+fi
 
-step "6. done: $out_dir/gpu_check_$stamp.log, $out_dir/gpu_$stamp.json, $out_dir/plots_$stamp/"
+FASTATTN_COMMIT="$(git rev-parse HEAD 2>/dev/null || cat benchmarks/.commit 2>/dev/null || echo "${FASTATTN_COMMIT:-unknown}")"
+export FASTATTN_COMMIT
+echo "commit: $FASTATTN_COMMIT"
+e2e=--no-end-to-end
+[[ ${END_TO_END:-} == 1 ]] && e2e=
+step bench "${BENCH_TIMEOUT:-240}" $py -m fastattn bench ${QUICK:+--quick} $e2e --json "$record" --plot "$png" --tests "$counts"
+if [[ -f $record && ! -f $png ]]; then  # cut short: plot the rows it saved
+  step plot 60 $py -c "import json, sys; from fastattn.bench import plot; plot(json.load(open(sys.argv[1])), sys.argv[2])" "$record" "$png"
+fi
+
+echo; echo "== [$(stamp)] done"

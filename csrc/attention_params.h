@@ -25,10 +25,12 @@ struct AttentionParams {
   float scale;
   bool causal;           // query i sees keys j <= i (top-left aligned)
 
-  // Key padding. kv_begin/kv_end (B,) bound the valid keys of each batch row;
-  // key_padding (B, Nk), true = ignore, is only set when padding is scattered inside that range.
+  // Key padding. kv_begin/kv_end (B,) bound the valid keys of each batch row; kv_holes (B,) is
+  // nonzero where padding also lies inside that range, and only those rows test key_padding
+  // (B, Nk), true = ignore, key by key. All four are set together, or none.
   const int32_t* kv_begin;
   const int32_t* kv_end;
+  const int32_t* kv_holes;
   const bool* key_padding;
   int64_t kpm_stride[2];
 

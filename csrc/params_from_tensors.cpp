@@ -66,21 +66,18 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   p.dropout_p = static_cast<float>(dropout_p);
   p.seed = static_cast<uint64_t>(seed);
 
-  TORCH_CHECK(masks.kv_begin.has_value() == masks.kv_end.has_value(),
-              "kv_begin and kv_end come together");
-  if (masks.kv_begin) {
-    for (const auto* t : {&*masks.kv_begin, &*masks.kv_end}) {
-      check_same(*t, "kv range", q, {B}, at::kInt);
-      TORCH_CHECK(t->is_contiguous(), "kv range must be contiguous");
-      if (t->is_cpu())  // on a GPU this would cost a sync; Python derived the range itself
-        TORCH_CHECK(t->ge(0).all().item<bool>() && t->le(Nk).all().item<bool>(),
-                    "kv range entries must lie in [0, ", Nk, "]");
-    }
-    p.kv_begin = masks.kv_begin->data_ptr<int32_t>();
-    p.kv_end = masks.kv_end->data_ptr<int32_t>();
-  }
-  if (masks.key_padding) {
-    TORCH_CHECK(masks.kv_begin.has_value(), "key_padding needs kv_begin/kv_end");
+  TORCH_CHECK(masks.key_ranges.has_value() == masks.key_padding.has_value(),
+              "key_ranges and key_padding come together");
+  if (masks.key_ranges) {
+    const at::Tensor& r = *masks.key_ranges;
+    check_same(r, "key_ranges", q, {3, B}, at::kInt);
+    TORCH_CHECK(r.is_contiguous(), "key_ranges must be contiguous");
+    if (r.is_cpu())  // on a GPU this would cost a sync; Python derived the ranges itself
+      TORCH_CHECK(r.slice(0, 0, 2).ge(0).all().item<bool>() && r.slice(0, 0, 2).le(Nk).all().item<bool>(),
+                  "key range entries must lie in [0, ", Nk, "]");
+    p.kv_begin = r.data_ptr<int32_t>();
+    p.kv_end = p.kv_begin + B;
+    p.kv_holes = p.kv_end + B;
     check_same(*masks.key_padding, "key_padding", q, {B, Nk}, at::kBool);
     p.key_padding = masks.key_padding->data_ptr<bool>();
     copy_strides(*masks.key_padding, p.kpm_stride, 2);

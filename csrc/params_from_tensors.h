@@ -12,8 +12,8 @@ namespace fastattn {
 
 // Masks as the kernels take them, already normalised by Python.
 struct MaskTensors {
-  std::optional<at::Tensor> kv_begin, kv_end;  // (B,) int32: valid key range per batch row
-  std::optional<at::Tensor> key_padding;       // (B, Nk) bool, true = ignore
+  std::optional<at::Tensor> key_ranges;   // (3, B) int32: begin, end, holes (fastattn.masks)
+  std::optional<at::Tensor> key_padding;  // (B, Nk) bool, true = ignore
   std::optional<at::Tensor> attn_mask;         // (B, H, Nq, Nk) bool or float32, may be expanded
 };
 

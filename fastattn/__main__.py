@@ -1,4 +1,4 @@
-"""python -m fastattn {info, bench}."""
+"""python -m fastattn {info, bench, train, tune}."""
 from __future__ import annotations
 
 import argparse
@@ -37,17 +37,23 @@ def main(argv=None) -> None:
     bench = sub.add_parser("bench", help="fastattn against torch SDPA and nn.MultiheadAttention")
     bench.add_argument("--quick", action="store_true", help="a small representative subset")
     bench.add_argument("--json", help="write the record (DEVELOPERS.md schema) here")
-    bench.add_argument("--plot", help="write TFLOPS-against-N charts (PNG) into this directory")
+    bench.add_argument("--plot", help="write the TFLOPS charts, all in one PNG, to this path")
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     bench.add_argument("--tests", help="passed,failed,skipped counts of the GPU tests, for the record")
     bench.add_argument("--no-end-to-end", action="store_true", help="skip the whole-model timings")
     sub.add_parser("train", help="train the notes' Transformer (python -m fastattn train --help)",
+                   add_help=False)
+    sub.add_parser("tune", help="sweep the Triton kernels' configurations into their defaults (--help)",
                    add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":
         from fastattn.train import main as train
 
         train(rest)
+    elif args.command == "tune":
+        from fastattn.tune import main as tune
+
+        raise SystemExit(tune(rest))
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     elif args.command == "info":
@@ -55,7 +61,7 @@ def main(argv=None) -> None:
     else:
         from fastattn.bench import run
 
-        run(quick=args.quick, json_path=args.json, plot_dir=args.plot, device=args.device,
+        run(quick=args.quick, json_path=args.json, plot_path=args.plot, device=args.device,
             tests=args.tests, end_to_end=not args.no_end_to_end)
 
 

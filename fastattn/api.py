@@ -8,6 +8,7 @@ from torch import Tensor
 
 from . import ops
 from .backends import Problem, select_backend
+from .masks import key_ranges
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -136,6 +137,7 @@ def attention(
     )
     chosen = select_backend(backend, problem)
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
-    out, lse = ops.attention_forward(query, key, value, key_padding_mask, attn_mask, causal,
+    ranges = None if key_padding_mask is None else key_ranges(key_padding_mask)
+    out, lse = ops.attention_forward(query, key, value, key_padding_mask, ranges, attn_mask, causal,
                                      float(scale), float(dropout_p), seed, chosen.name)
     return (out, lse) if return_lse else out

@@ -8,6 +8,7 @@ batches count valid tokens only.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
@@ -191,7 +192,8 @@ def providers(case: Case, device: str, inputs: Inputs, quick: bool) -> dict:
         found[f"fastattn:{name}"] = lambda q, k, v, name=name: attention(
             q, k, v, key_padding_mask=inputs.kpm, causal=case.causal, backend=name)
 
-    sdpa_backends = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION}
+    # "default": no backend forced, what a user gets from SDPA as is
+    sdpa_backends = {"default": None, "math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION}
     if device == "cuda":
         sdpa_backends.update(efficient=SDPBackend.EFFICIENT_ATTENTION, cudnn=SDPBackend.CUDNN_ATTENTION)
     gqa = case.kv_heads != case.heads
@@ -199,7 +201,7 @@ def providers(case: Case, device: str, inputs: Inputs, quick: bool) -> dict:
         if name == "math" and case.seq > (4096 if device == "cuda" else 2048):
             continue  # O(N^2) memory, and minutes per call
         def sdpa(q, k, v, backend=backend):
-            with sdpa_kernel(backend):
+            with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.sdpa_mask, enable_gqa=gqa,
                                                       is_causal=case.causal and inputs.sdpa_mask is None)
         found[f"sdpa:{name}"] = sdpa
@@ -463,37 +465,57 @@ def print_tables(record: dict) -> None:
         console.print(table)
 
 
-def plot(record: dict, directory: str) -> None:
-    """One PNG per (mode, dtype, D): a chart per case kind, TFLOPS against N, a line per provider."""
+def plot(record: dict, path: str) -> None:
+    """One PNG: a row of charts per (mode, dtype, D), a column per case kind. TFLOPS against N,
+    a line per provider; bars per provider where the group has a single N. A provider keeps its
+    colour across charts, and one legend serves them all."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    figures = {}
+    groups = {}
     for r in record["rows"]:
         if "tflops" in r:
-            lines = figures.setdefault((r["mode"], r["dtype"], r["head_dim"]), {}).setdefault(r["kind"], {})
+            lines = groups.setdefault((r["mode"], r["dtype"], r["head_dim"]), {}).setdefault(r["kind"], {})
             lines.setdefault(r["backend"], []).append((r["seq"], r["tflops"]))
-    for (mode, dtype, D), charts in figures.items():
-        if max(len(points) for lines in charts.values() for points in lines.values()) < 2:
-            continue  # a single N: the table says it all
-        fig, axes = plt.subplots(1, len(charts), figsize=(4.5 * len(charts), 4), squeeze=False)
-        for ax, (kind, lines) in zip(axes[0], sorted(charts.items())):
-            for name, points in sorted(lines.items()):
-                n, t = zip(*sorted(points))
-                ax.plot(n, t, marker="o", label=name, linewidth=2.5 if name.startswith("fastattn") else 1)
-            ax.set_xscale("log", base=2)
-            ax.set(title=kind, xlabel="sequence length N", ylabel="TFLOPS (valid tokens)")
-            ax.legend(fontsize=7)
-        fig.suptitle(f"{mode} {dtype} D={D} — {record['device']}")
-        fig.tight_layout()
-        fig.savefig(Path(directory) / f"{mode.replace('+', '_')}_{dtype}_d{D}.png", dpi=100)
-        plt.close(fig)
+    if not groups:
+        return
+    kinds = sorted({kind for charts in groups.values() for kind in charts})
+    names = sorted({name for charts in groups.values() for lines in charts.values() for name in lines})
+    cmap = plt.get_cmap("tab20")
+    colour = {name: cmap(i % 20) for i, name in enumerate(names)}
+    fig, axes = plt.subplots(len(groups), len(kinds), figsize=(4.5 * len(kinds), 3.6 * len(groups)), squeeze=False)
+    for row, ((mode, dtype, D), charts) in zip(axes, sorted(groups.items())):
+        for ax, kind in zip(row, kinds):
+            lines = charts.get(kind)
+            if not lines:
+                ax.axis("off")
+                continue
+            seqs = sorted({n for points in lines.values() for n, _ in points})
+            for i, (name, points) in enumerate(sorted(lines.items())):
+                if len(seqs) > 1:
+                    n, t = zip(*sorted(points))
+                    ax.plot(n, t, marker="o", color=colour[name], linewidth=2.5 if name.startswith("fastattn") else 1)
+                else:
+                    ax.barh(i, points[0][1], color=colour[name])
+            if len(seqs) > 1:
+                ax.set_xscale("log", base=2)
+                ax.set(xlabel="sequence length N", ylabel="TFLOPS (valid tokens)")
+            else:
+                ax.set_yticks(range(len(lines)), sorted(lines), fontsize=7)
+                ax.set(xlabel=f"TFLOPS (valid tokens), N={seqs[0]}")
+            ax.set_title(f"{kind}, {mode} {dtype} D={D}", fontsize=9)
+    handles = [plt.Line2D([], [], color=colour[n], linewidth=2.5 if n.startswith("fastattn") else 1) for n in names]
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 6), fontsize=8)
+    fig.suptitle(record["device"])
+    fig.tight_layout(rect=(0, 0.6 / fig.get_figheight(), 1, 1))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
 
 
-def run(quick: bool = False, json_path: str | None = None, plot_dir: str | None = None,
+def run(quick: bool = False, json_path: str | None = None, plot_path: str | None = None,
         device: str | None = None, tests: str | None = None, end_to_end: bool = True) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_flush_denormal(True)  # every provider alike: denormals slow CPU training 10x+
@@ -506,14 +528,23 @@ def run(quick: bool = False, json_path: str | None = None, plot_dir: str | None 
     peak = record["peaks"]["matmul_tflops"]
     min_run_time = 0.3 if quick else 1.0
     record["rows"] = []
+    record["complete"] = False
+
+    def save():  # after every case too, so that a run killed at a time limit still leaves its rows
+        if json_path:
+            tmp = Path(f"{json_path}.tmp")
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(record, indent=1, default=str))
+            os.replace(tmp, json_path)  # a kill mid-write leaves the previous whole record
+
     for case in grid(device, quick):
         record["rows"] += run_case(case, device, quick, peak, min_run_time)
+        save()
     record["modules"] = module_rows(device, min_run_time)
     record["end_to_end"] = encoder_rows(device, quick) + model_rows(device, quick) if end_to_end else []
+    record["complete"] = True
+    save()
     print_tables(record)
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(record, indent=1, default=str))
-    if plot_dir:
-        plot(record, plot_dir)
+    if plot_path:
+        plot(record, plot_path)
     return record

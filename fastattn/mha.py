@@ -61,7 +61,10 @@ class MultiHeadAttention(nn.MultiheadAttention):
     initialisation, state_dict and forward semantics) whose attention runs on fastattn.
 
     Differences from torch: a query that sees no key gives zeros rather than NaN; with dropout
-    in training, the returned weights are the probabilities before dropout.
+    in training, the returned weights are the probabilities before dropout; is_causal is
+    honoured on nested input (torch ignores it there) and, with add_bias_kv or add_zero_attn,
+    keeps the appended keys visible on every path (torch's need_weights=False path without a
+    key_padding_mask hides them).
     """
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
@@ -91,6 +94,11 @@ class MultiHeadAttention(nn.MultiheadAttention):
                 key_padding_mask: Tensor | None = None, need_weights: bool = True,
                 attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        if query.is_nested or key.is_nested or value.is_nested:
+            if not self._torch_runs_nested(query, key, value, key_padding_mask, attn_mask):
+                return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                       average_attn_weights, is_causal)  # raises torch's error
+            return self._forward_nested(query, need_weights, average_attn_weights, is_causal)
         packed = query is key and key is value and self._qkv_same_embed_dim
         kv_packed = key is value and self._qkv_same_embed_dim
         is_batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, self.num_heads)
@@ -130,6 +138,39 @@ class MultiHeadAttention(nn.MultiheadAttention):
         if not is_batched:
             out = out.squeeze(batch_dim)
             weights = None if weights is None else weights.squeeze(0)
+        return out, weights
+
+    def _torch_runs_nested(self, query, key, value, key_padding_mask, attn_mask) -> bool:
+        """Whether nn.MultiheadAttention runs these nested inputs: only on its inference fast
+        path, so self-attention on a strided nested batch in eval under no_grad, with these
+        conditions (torch's, less the device and make_fx checks)."""
+        params = (self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias)
+        return (torch.backends.mha.get_fastpath_enabled() and query.dim() == 3
+                and query is key and key is value and not self.training and self.batch_first
+                and self.num_heads % 2 == 0 and self._qkv_same_embed_dim
+                and self.in_proj_bias is not None and self.bias_k is None and not self.add_zero_attn
+                and self.in_proj_weight.dtype == self.in_proj_bias.dtype == query.dtype
+                and key_padding_mask is None and attn_mask is None
+                and not torch.is_autocast_enabled()
+                and not torch.overrides.has_torch_function((query, *params))  # jagged layout
+                and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, *params))))
+
+    def _forward_nested(self, x: Tensor, need_weights: bool, average_attn_weights: bool,
+                        is_causal: bool) -> tuple[Tensor, Tensor | None]:
+        """Self-attention of a strided nested (B, ragged L, E) batch: right-padded, with a key
+        padding mask, through the dense path. Returns, as torch does, a nested output and
+        padded weights (B, [H,] Lmax, Lmax) that are zero outside each sequence. Unlike torch,
+        which ignores is_causal here, is_causal applies (within each sequence)."""
+        lengths = torch.tensor([t.shape[0] for t in x.unbind()], device=x.device)
+        padded = x.to_padded_tensor(0.0)
+        valid = torch.arange(padded.shape[1], device=x.device) < lengths[:, None]  # (B, Lmax)
+        out, weights = self.forward(padded, padded, padded, key_padding_mask=~valid,
+                                    need_weights=need_weights,
+                                    average_attn_weights=average_attn_weights, is_causal=is_causal)
+        out = torch._nested_tensor_from_mask(out, valid, mask_check=False)
+        if weights is not None:  # torch's weights are zero in the padding queries' rows too
+            rows = valid.unsqueeze(-1) if average_attn_weights else valid[:, None, :, None]
+            weights = weights.masked_fill(~rows, 0.0)
         return out, weights
 
     def _check_shapes(self, query, key, value, key_padding_mask, attn_mask, B, L, S, is_batched):
@@ -177,7 +218,6 @@ class MultiHeadAttention(nn.MultiheadAttention):
         """torch's masks (bool True = hidden, float added) in the kernel's terms. Padding and
         causal masks become a (B, S) padding mask and a flag, never a (B*H, L, S) tensor."""
         masks = _Masks(device)
-        masks._device = device
         inspect = not torch.compiler.is_compiling()  # value checks would break the graph
         if key_padding_mask is not None:
             if key_padding_mask.dtype == torch.bool:

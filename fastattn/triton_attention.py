@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_tuning as tuning
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -24,16 +26,17 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 # --------------------------------------------------------------------------- masks of one tile
 @triton.jit
-def _mma(a, b, UPCAST: tl.constexpr):
-    """a @ b, accumulated in fp32. Triton's interpreter multiplies bf16 operands wrongly, so
-    under it (UPCAST) they are widened to fp32 first."""
-    if UPCAST:
+def _mma(a, b, PREC: tl.constexpr):
+    """a @ b, accumulated in fp32. PREC is the dots' input precision for fp32 operands, "ieee"
+    or "tf32" (see dot_precision), or "upcast": Triton's interpreter multiplies bf16 operands
+    wrongly, so under it they are widened to fp32 first."""
+    if PREC == "upcast":
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    return tl.dot(a, b)
+    return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
-def _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, Nq, Nk, kpm_row, stride_kpn, mask_bh,
+def _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, holes, Nq, Nk, kpm_row, stride_kpn, mask_bh,
                stride_mm, stride_mn, BOUNDS: tl.constexpr, CAUSAL: tl.constexpr,
                HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr):
     """s (BLOCK_M, BLOCK_N) in log2 units -> with -inf where a query may not see a key."""
@@ -45,9 +48,10 @@ def _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, Nq, Nk, kpm_row, stride_kpn, mas
         m = tl.load(mask_bh + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
                     mask=(offs_m[:, None] < Nq) & (offs_n[None, :] < Nk), other=0)
         s = tl.where(m != 0, s, float("-inf"))
-    if HAS_KPM:  # scattered key padding: True = ignore
-        pad = tl.load(kpm_row + offs_n * stride_kpn, mask=offs_n < Nk, other=1)
-        s = tl.where(pad[None, :] == 0, s, float("-inf"))
+    if HAS_KPM:  # key padding, True = ignore: tested key by key only in rows with holes
+        if holes != 0:
+            pad = tl.load(kpm_row + offs_n * stride_kpn, mask=offs_n < Nk, other=1)
+            s = tl.where(pad[None, :] == 0, s, float("-inf"))
     if BOUNDS:  # the valid key range, and causality, on the tiles that straddle them
         keep = (offs_n[None, :] >= kv_lo) & (offs_n[None, :] < kv_hi)
         if CAUSAL:
@@ -57,11 +61,12 @@ def _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, Nq, Nk, kpm_row, stride_kpn, mas
 
 
 @triton.jit
-def _key_range(KV_BEGIN, KV_END, b, Nk, HAS_RANGE: tl.constexpr):
-    """The valid keys [kv_lo, kv_hi) of batch row b: all of them without a padding mask."""
-    if HAS_RANGE:
-        return tl.load(KV_BEGIN + b), tl.load(KV_END + b)
-    return 0, Nk
+def _key_range(KV_RANGES, b, B, Nk, HAS_KPM: tl.constexpr):
+    """The valid keys [kv_lo, kv_hi) of batch row b, and whether padding lies inside them (see
+    fastattn.masks.key_ranges): all keys, no holes, without a padding mask."""
+    if HAS_KPM:
+        return tl.load(KV_RANGES + b), tl.load(KV_RANGES + B + b), tl.load(KV_RANGES + 2 * B + b)
+    return 0, Nk, 0
 
 
 @triton.jit
@@ -90,17 +95,17 @@ def _tile_ranges(start_m, kv_lo, kv_hi, Nk, CAUSAL: tl.constexpr, BLOCK_M: tl.co
 # --------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-               offs_m, offs_d, start, end, kv_lo, kv_hi, Nq, Nk, D, qk_scale, kpm_row, stride_kpn,
+               offs_m, offs_d, start, end, kv_lo, kv_hi, holes, Nq, Nk, D, qk_scale, kpm_row, stride_kpn,
                mask_bh, stride_mm, stride_mn, seed, bh, dropout_p,
                BOUNDS: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-               MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+               MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
                BLOCK_N: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
-        s = _mma(q, tl.trans(k), UPCAST) * qk_scale
-        s = _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, Nq, Nk, kpm_row, stride_kpn, mask_bh,
+        s = _mma(q, tl.trans(k), PREC) * qk_scale
+        s = _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, holes, Nq, Nk, kpm_row, stride_kpn, mask_bh,
                        stride_mm, stride_mn, BOUNDS, CAUSAL, HAS_KPM, MASK_KIND)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet stays 0
@@ -111,19 +116,19 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
             keep = _dropout_keep(seed, bh, offs_m, offs_n, Nk, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
-        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, UPCAST)
+        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, PREC)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, KV_BEGIN, KV_END, KPM, MASK,
+def _fwd_kernel(Q, K, V, O, LSE, KV_RANGES, KPM, MASK,
                 stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                 stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
                 stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm, stride_mn,
-                H, Nq, Nk, D, group, qk_scale, dropout_p, seed,
-                HAS_RANGE: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
-                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+                B, H, Nq, Nk, D, group, qk_scale, dropout_p, seed,
+                HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
+                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -131,7 +136,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KV_BEGIN, KV_END, KPM, MASK,
     hk = h // group  # GQA: the kv head this query head reads
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_lo, kv_hi = _key_range(KV_BEGIN, KV_END, b, Nk, HAS_RANGE)
+    kv_lo, kv_hi, holes = _key_range(KV_RANGES, b, B, Nk, HAS_KPM)
 
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D), other=0.0)
@@ -146,18 +151,18 @@ def _fwd_kernel(Q, K, V, O, LSE, KV_BEGIN, KV_END, KPM, MASK,
     t_lo, head_end, i_lo, i_hi, t_hi = _tile_ranges(start_m, kv_lo, kv_hi, Nk, CAUSAL, BLOCK_M, BLOCK_N)
     # Range and causal masks only where a tile straddles them; interior tiles skip that work.
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
-                               stride_vd, offs_m, offs_d, t_lo, head_end, kv_lo, kv_hi, Nq, Nk, D,
+                               stride_vd, offs_m, offs_d, t_lo, head_end, kv_lo, kv_hi, holes, Nq, Nk, D,
                                qk_scale, kpm_row, stride_kpn, mask_bh, stride_mm, stride_mn, seed,
-                               bh, dropout_p, True, CAUSAL, HAS_KPM, MASK_KIND, DROPOUT, UPCAST, BLOCK_N)
+                               bh, dropout_p, True, CAUSAL, HAS_KPM, MASK_KIND, DROPOUT, PREC, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
-                               stride_vd, offs_m, offs_d, i_lo, i_hi, kv_lo, kv_hi, Nq, Nk, D,
+                               stride_vd, offs_m, offs_d, i_lo, i_hi, kv_lo, kv_hi, holes, Nq, Nk, D,
                                qk_scale, kpm_row, stride_kpn, mask_bh, stride_mm, stride_mn, seed,
-                               bh, dropout_p, False, CAUSAL, HAS_KPM, MASK_KIND, DROPOUT, UPCAST, BLOCK_N)
+                               bh, dropout_p, False, CAUSAL, HAS_KPM, MASK_KIND, DROPOUT, PREC, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
                                stride_vd, offs_m, offs_d, tl.maximum(i_hi, head_end), t_hi, kv_lo,
-                               kv_hi, Nq, Nk, D, qk_scale, kpm_row, stride_kpn, mask_bh, stride_mm,
+                               kv_hi, holes, Nq, Nk, D, qk_scale, kpm_row, stride_kpn, mask_bh, stride_mm,
                                stride_mn, seed, bh, dropout_p, True, CAUSAL, HAS_KPM, MASK_KIND,
-                               DROPOUT, UPCAST, BLOCK_N)
+                               DROPOUT, PREC, BLOCK_N)
 
     seen = l_i > 0.0  # False: the row sees no key: zeros and lse = -inf
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -187,13 +192,13 @@ def _bwd_preprocess(O, DO, DLSE, DELTA, stride_ob, stride_oh, stride_om, stride_
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BEGIN, KV_END, KPM, MASK,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_RANGES, KPM, MASK,
                      stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                      stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
                      stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm, stride_mn,
-                     H, Hkv, Nq, Nk, D, group, qk_scale, sm_scale, dropout_p, seed,
-                     HAS_RANGE: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
-                     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+                     B, H, Hkv, Nq, Nk, D, group, qk_scale, sm_scale, dropout_p, seed,
+                     HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
+                     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dK, dV of one key tile of one kv head: the sum over the query heads of its GQA group
     and over every query tile that can see it. No atomics: deterministic."""
@@ -203,7 +208,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BEGIN, KV_END, KPM, MAS
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kv_ok = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
-    kv_lo, kv_hi = _key_range(KV_BEGIN, KV_END, b, Nk, HAS_RANGE)
+    kv_lo, kv_hi, holes = _key_range(KV_RANGES, b, B, Nk, HAS_KPM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if (start_n + BLOCK_N > kv_lo) & (start_n < kv_hi):  # else no query sees these keys
@@ -226,33 +231,33 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_BEGIN, KV_END, KPM, MAS
                 do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=q_ok, other=0.0)
                 lse2 = tl.load(LSE + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0) * 1.4426950408889634
                 delta = tl.load(DELTA + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
-                s = _mma(q, tl.trans(k), UPCAST) * qk_scale
-                s = _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, Nq, Nk, kpm_row, stride_kpn, mask_bh,
+                s = _mma(q, tl.trans(k), PREC) * qk_scale
+                s = _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, holes, Nq, Nk, kpm_row, stride_kpn, mask_bh,
                                stride_mm, stride_mn, True, CAUSAL, HAS_KPM, MASK_KIND)
                 # lse = -inf (a row with no key) has only -inf scores: p = 0 there.
                 p = tl.math.exp2(s - tl.where(lse2 == float("-inf"), 0.0, lse2)[:, None])
-                dp = _mma(do, tl.trans(v), UPCAST)
+                dp = _mma(do, tl.trans(v), PREC)
                 p_used = p
                 if DROPOUT:
                     keep = _dropout_keep(seed, bh, offs_m, offs_n, Nk, dropout_p)
                     p_used = tl.where(keep, p / (1.0 - dropout_p), 0.0)
                     dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-                dv += _mma(tl.trans(p_used.to(do.dtype)), do, UPCAST)
+                dv += _mma(tl.trans(p_used.to(do.dtype)), do, PREC)
                 ds = p * (dp - delta[:, None])
-                dk += _mma(tl.trans(ds.to(q.dtype)), q, UPCAST)
+                dk += _mma(tl.trans(ds.to(q.dtype)), q, PREC)
     out_ok = kv_ok
     tl.store(DK + bhk * Nk * D + offs_n[:, None] * D + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=out_ok)
     tl.store(DV + bhk * Nk * D + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_BEGIN, KV_END, KPM, MASK,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_RANGES, KPM, MASK,
                    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
                    stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm, stride_mn,
-                   H, Nq, Nk, D, group, qk_scale, sm_scale, dropout_p, seed,
-                   HAS_RANGE: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
-                   CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+                   B, H, Nq, Nk, D, group, qk_scale, sm_scale, dropout_p, seed,
+                   HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
+                   CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dQ of one query tile: the key tiles the forward visited, probabilities recomputed."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -262,7 +267,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_BEGIN, KV_END, KPM, MASK,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q_ok = (offs_m[:, None] < Nq) & (offs_d[None, :] < D)
-    kv_lo, kv_hi = _key_range(KV_BEGIN, KV_END, b, Nk, HAS_RANGE)
+    kv_lo, kv_hi, holes = _key_range(KV_RANGES, b, B, Nk, HAS_KPM)
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_ok, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=q_ok, other=0.0)
     lse2 = tl.load(LSE + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0) * 1.4426950408889634
@@ -279,16 +284,16 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_BEGIN, KV_END, KPM, MASK,
         kv_ok = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
-        s = _mma(q, tl.trans(k), UPCAST) * qk_scale
-        s = _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, Nq, Nk, kpm_row, stride_kpn, mask_bh,
+        s = _mma(q, tl.trans(k), PREC) * qk_scale
+        s = _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, holes, Nq, Nk, kpm_row, stride_kpn, mask_bh,
                        stride_mm, stride_mn, True, CAUSAL, HAS_KPM, MASK_KIND)
         p = tl.math.exp2(s - lse2[:, None])
-        dp = _mma(do, tl.trans(v), UPCAST)
+        dp = _mma(do, tl.trans(v), PREC)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, Nk, dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
-        dq += _mma(ds.to(k.dtype), k, UPCAST)
+        dq += _mma(ds.to(k.dtype), k, PREC)
     tl.store(DQ + bh * Nq * D + offs_m[:, None] * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok)
 
 
@@ -304,46 +309,13 @@ def _dropout_mask_kernel(KEEP, H, Nq, Nk, dropout_p, seed, BLOCK_M: tl.constexpr
 
 
 # --------------------------------------------------------------------------- launch glue
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Each list holds, for D = 64 and 128, configs that
-# compile for sm_90 without spilling (python -m fastattn.triton_report shows the table).
-FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)]
-DKDV_CONFIGS = [(32, 128, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2), (16, 64, 4, 2)]
-DQ_CONFIGS = [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)]
-
-
-def _configs(table):
-    """Fixed small tiles under the interpreter (no tuning on the CPU), else the table."""
-    if INTERPRETING:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in table]
-
-
-def _fits(configs, named_args, **kwargs):
-    """Drops tiles too large for the head dim's registers and shared memory (D = 256)."""
-    d = kwargs["BLOCK_D"]
-    kept = [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) * d <= 128 * 128]
-    return kept or configs[-1:]
-
-
-def _tuned(kernel, table):
-    return triton.autotune(_configs(table), key=["Nq", "Nk", "BLOCK_D", "HAS_KPM", "MASK_KIND", "CAUSAL", "DROPOUT"],
-                           prune_configs_by={"early_config_prune": _fits})(kernel)
-
-
-_fwd = _tuned(_fwd_kernel, FWD_CONFIGS)
-_dkdv = _tuned(_bwd_dkdv_kernel, DKDV_CONFIGS)
-_dq = _tuned(_bwd_dq_kernel, DQ_CONFIGS)
-
-
 class MaskArgs:
     """Kernel arguments for the masks: pointers (a dummy where absent), strides, flags."""
 
-    def __init__(self, q: torch.Tensor, key_padding, kv_begin, kv_end, attn_mask):
+    def __init__(self, q: torch.Tensor, key_padding, key_ranges, attn_mask):
         dummy = q.new_empty(1, dtype=torch.int32)
-        self.has_range = kv_begin is not None
-        self.kv_begin = kv_begin if self.has_range else dummy
-        self.kv_end = kv_end if self.has_range else dummy
         self.has_kpm = key_padding is not None
+        self.ranges = key_ranges if self.has_kpm else dummy
         self.kpm = key_padding.view(torch.uint8) if self.has_kpm else dummy
         self.kpm_strides = key_padding.stride() if self.has_kpm else (0, 0)
         self.kind = 0 if attn_mask is None else (1 if attn_mask.dtype == torch.bool else 2)
@@ -351,21 +323,42 @@ class MaskArgs:
         self.mask_strides = (0, 0, 0, 0) if attn_mask is None else attn_mask.stride()
 
     def pointers(self):
-        return self.kv_begin, self.kv_end, self.kpm, self.mask
+        return self.ranges, self.kpm, self.mask
 
     def strides(self):
         return (*self.kpm_strides, *self.mask_strides)
 
     def flags(self):
-        return dict(HAS_RANGE=self.has_range, HAS_KPM=self.has_kpm, MASK_KIND=self.kind)
+        return dict(HAS_KPM=self.has_kpm, MASK_KIND=self.kind)
 
 
-def _upcast(q: torch.Tensor) -> bool:
-    return INTERPRETING and q.dtype == torch.bfloat16
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 follows torch's own switch, torch.backends.cuda.matmul.allow_tf32 (which
+    torch.set_float32_matmul_precision and the fp32_precision settings also set): IEEE fp32 dots
+    unless the user opted into TF32. Read at each call, outside anything torch.compile traces."""
+    if INTERPRETING and dtype == torch.bfloat16:
+        return "upcast"
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 def block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
+
+
+def _launch(kernel, name: str, grid, args, flags: dict, nq: int, nk: int, dtype: torch.dtype):
+    """Launches `kernel` with the configuration fastattn.triton_tuning picks for this call;
+    grid(BLOCK_M, BLOCK_N) -> the launch grid."""
+    def run(config):
+        m, n, warps, stages = config
+        kernel[grid(m, n)](*args, **flags, BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
+
+    if INTERPRETING:
+        return run(tuning.TUNER.force.get(name, tuning.INTERPRETER_CONFIG))
+    kind = tuning.mask_kind(flags["CAUSAL"], flags["HAS_KPM"], flags["MASK_KIND"], flags["DROPOUT"])
+    key = tuning.make_key(name, tuning.dtype_name(dtype, flags["PREC"] == "tf32"), flags["BLOCK_D"], kind, nq, nk)
+    run(tuning.TUNER.config(key, name, flags["BLOCK_D"], nq, lambda c: tuning.time_ms(lambda: run(c))))
 
 
 def dropout_keep_mask(seed: int, B: int, H: int, Nq: int, Nk: int, p: float, device) -> torch.Tensor:
@@ -377,11 +370,11 @@ def dropout_keep_mask(seed: int, B: int, H: int, Nq: int, Nk: int, p: float, dev
 def forward(q, k, v, out, lse, masks: MaskArgs, causal: bool, scale: float, dropout_p: float, seed: int):
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _fwd[grid](q, k, v, out, lse, *masks.pointers(), *q.stride(), *k.stride(), *v.stride(),
-               *out.stride(), *masks.strides(), H, Nq, Nk, D, H // Hkv, scale * LOG2E, dropout_p,
-               seed, CAUSAL=causal, DROPOUT=dropout_p > 0, UPCAST=_upcast(q), BLOCK_D=block_d(D),
-               **masks.flags())
+    args = (q, k, v, out, lse, *masks.pointers(), *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *masks.strides(), B, H, Nq, Nk, D, H // Hkv, scale * LOG2E, dropout_p, seed)
+    flags = dict(CAUSAL=causal, DROPOUT=dropout_p > 0, PREC=dot_precision(q.dtype), BLOCK_D=block_d(D),
+                 **masks.flags())
+    _launch(_fwd_kernel, "fwd", lambda m, n: (triton.cdiv(Nq, m), B * H), args, flags, Nq, Nk, q.dtype)
 
 
 def backward(dout, dlse, q, k, v, out, lse, masks: MaskArgs, causal: bool, scale: float,
@@ -394,11 +387,11 @@ def backward(dout, dlse, q, k, v, out, lse, masks: MaskArgs, causal: bool, scale
         out, dout, dlse if dlse is not None else lse, delta, *out.stride(), *dout.stride(), H, Nq, D,
         HAS_DLSE=dlse is not None, BLOCK_M=pre_block, BLOCK_D=block_d(D))
     common = (*masks.pointers(), *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *masks.strides())
-    flags = dict(CAUSAL=causal, DROPOUT=dropout_p > 0, UPCAST=_upcast(q), BLOCK_D=block_d(D),
+    flags = dict(CAUSAL=causal, DROPOUT=dropout_p > 0, PREC=dot_precision(q.dtype), BLOCK_D=block_d(D),
                  **masks.flags())
-    _dkdv[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv)](
-        q, k, v, dout, lse, delta, dk, dv, *common, H, Hkv, Nq, Nk, D, H // Hkv, scale * LOG2E,
-        scale, dropout_p, seed, **flags)
-    _dq[lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)](
-        q, k, v, dout, lse, delta, dq, *common, H, Nq, Nk, D, H // Hkv, scale * LOG2E, scale,
-        dropout_p, seed, **flags)
+    _launch(_bwd_dkdv_kernel, "dkdv", lambda m, n: (triton.cdiv(Nk, n), B * Hkv),
+            (q, k, v, dout, lse, delta, dk, dv, *common, B, H, Hkv, Nq, Nk, D, H // Hkv, scale * LOG2E,
+             scale, dropout_p, seed), flags, Nq, Nk, q.dtype)
+    _launch(_bwd_dq_kernel, "dq", lambda m, n: (triton.cdiv(Nq, m), B * H),
+            (q, k, v, dout, lse, delta, dq, *common, B, H, Nq, Nk, D, H // Hkv, scale * LOG2E, scale,
+             dropout_p, seed), flags, Nq, Nk, q.dtype)

@@ -15,8 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-POINTERS = {"LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32", "KV_BEGIN": "*i32", "KV_END": "*i32",
-            "KPM": "*u8", "MASK": "*u8"}
+POINTERS = {"LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32", "KV_RANGES": "*i32", "KPM": "*u8", "MASK": "*u8"}
 FLOATS = {"qk_scale", "sm_scale", "dropout_p"}
 UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod"}
 
@@ -35,7 +34,7 @@ def compile_kernel(fn, dtype: str, arch: int, constexprs: dict):
         if name in consts or name in UNIT_STRIDES:
             consts.setdefault(name, 1)  # unit stride along the head dim
             signature[name] = "constexpr"
-        elif name.isupper() and name not in ("H", "D"):  # tensors are upper-case; H, D are sizes
+        elif name.isupper() and name not in ("B", "H", "D"):  # tensors are upper-case; B, H, D are sizes
             signature[name] = POINTERS.get(name, f"*{dtype}")
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in FLOATS:
@@ -73,20 +72,22 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
     from fastattn import triton_attention as ta
+    from fastattn.triton_tuning import CANDIDATES, fits
 
-    kernels = {"_fwd_kernel": ta.FWD_CONFIGS, "_bwd_dkdv_kernel": ta.DKDV_CONFIGS, "_bwd_dq_kernel": ta.DQ_CONFIGS}
+    kernels = {"_fwd_kernel": CANDIDATES["fwd"], "_bwd_dkdv_kernel": CANDIDATES["dkdv"],
+               "_bwd_dq_kernel": CANDIDATES["dq"]}
     failures = []
-    print(f"sm_{args.arch}, bf16, causal, padding range; local = spilled bytes (stack), spill insts = LDL/STL")
+    print(f"sm_{args.arch}, bf16, causal, key padding; local = spilled bytes (stack), spill insts = LDL/STL")
     print(f"{'kernel':<18} {'D':>4} {'BM,BN,warps,stages':>18} {'regs':>5} {'stack':>6} {'spill insts':>11} "
           f"{'smem KiB':>8} {'wgmma':>6} {'mma.sync':>8}")
     for name, table in kernels.items():
         for D in map(int, args.head_dims.split(",")):
             clean = 0
             for m, n, w, s in table:
-                if max(m, n) * D > 128 * 128:
-                    continue  # pruned at launch, as in triton_attention._fits
-                flags = dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, HAS_RANGE=True, HAS_KPM=False,
-                             MASK_KIND=0, CAUSAL=True, DROPOUT=False, UPCAST=False, BLOCK_D=D)
+                if not fits((m, n, w, s), D):
+                    continue  # never launched at this head dim
+                flags = dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, HAS_KPM=True,
+                             MASK_KIND=0, CAUSAL=True, DROPOUT=False, PREC="tf32", BLOCK_D=D)
                 kernel = compile_kernel(getattr(ta, name), "bf16", args.arch, flags)
                 st = cubin_stats(kernel.asm["cubin"])
                 clean += not (st["stack"] or st["spill insts"])

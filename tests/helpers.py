@@ -72,3 +72,17 @@ def check_against_reference(q, k, v, backend, *, key_padding_mask=None, attn_mas
         # and what is left is rounding of the size of dout, not of the gradient.
         err = rel_err(got.grad, want.grad, floor=0.1 * dout.norm().item())
         assert err < 4 * tol, f"d{name}: {err:.2e}"
+
+
+def count_fastattn_nodes(f, *args) -> int:
+    """The fastattn:: nodes in the graph torch.compile(fullgraph=True) captures of f(*args)."""
+    count = 0
+
+    def backend(gm, example_inputs):
+        nonlocal count
+        count += sum(n.op == "call_function" and "fastattn" in str(n.target) for n in gm.graph.nodes)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(f, fullgraph=True, backend=backend)(*args)
+    return count

@@ -16,7 +16,7 @@ def test_run_case_rows_follow_the_schema(kind, mode):
     case = bench.Case(kind, mode, "fp32", 2, 4, 2 if kind == "gqa" else 4, 96, 32)
     rows = bench.run_case(case, "cpu", quick=True, peak_tflops=0.1, min_run_time=0.01)
     names = {r["backend"] for r in rows}
-    assert {"fastattn:cpu", "sdpa:math", "sdpa:flash"} <= names
+    assert {"fastattn:cpu", "sdpa:default", "sdpa:math", "sdpa:flash"} <= names
     for r in rows:
         assert SCHEMA <= r.keys(), r
         assert "error" not in r, r
@@ -59,9 +59,11 @@ def test_grid_sizes():
 def test_plot_and_json(tmp_path):
     rows = [dict(backend=b, mode="fwd", dtype="bf16", head_dim=64, kind=k, seq=n, tflops=n / 100)
             for b in ("fastattn:triton", "sdpa:flash") for k in ("dense", "causal") for n in (1024, 4096)]
+    rows += [dict(backend="sdpa:default", mode="fwd+bwd", dtype="fp16", head_dim=128, kind="gqa", seq=4096, tflops=5.0),
+             dict(backend="broken", mode="fwd", dtype="bf16", head_dim=64, kind="dense", seq=1024, error="x")]
     record = dict(device="test", rows=rows)
-    bench.plot(record, str(tmp_path))
-    assert [p.name for p in tmp_path.iterdir()] == ["fwd_bf16_d64.png"]
+    bench.plot(record, str(tmp_path / "plots.png"))  # lines where N varies, bars where it does not
+    assert [p.name for p in tmp_path.iterdir()] == ["plots.png"]
     json.dumps(record)
 
 

@@ -77,10 +77,10 @@ def test_key_ranges():
                         [True, False, False, False],  # left padding
                         [True, False, True, False],  # scattered
                         [True, True, True, True]])  # nothing valid
-    begin, end, scattered = key_ranges(kpm)
-    assert begin.tolist() == [0, 1, 1, 4] and end.tolist() == [2, 4, 4, 0]
-    assert begin.dtype == torch.int32 and scattered
-    assert not key_ranges(kpm[[0, 1, 3]])[2]
+    ranges = key_ranges(kpm)
+    assert ranges.dtype == torch.int32 and ranges.shape == (3, 4)
+    assert ranges.tolist() == [[0, 1, 1, 4], [2, 4, 4, 0], [0, 0, 1, 0]]  # begin, end, holes
+    assert key_ranges(torch.ones(2, 0, dtype=torch.bool)).tolist() == [[0, 0], [0, 0], [0, 0]]
 
 
 @settings(max_examples=40, deadline=None)

@@ -53,10 +53,9 @@ std::vector<std::string> cpu_isas() {
 void register_cpu(pybind11::module_& m) {
   namespace py = pybind11;
   py::class_<MaskTensors>(m, "MaskTensors")
-      .def(py::init<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
-                    std::optional<at::Tensor>>(),
-           py::arg("kv_begin") = py::none(), py::arg("kv_end") = py::none(),
-           py::arg("key_padding") = py::none(), py::arg("attn_mask") = py::none());
+      .def(py::init<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>(),
+           py::arg("key_ranges") = py::none(), py::arg("key_padding") = py::none(),
+           py::arg("attn_mask") = py::none());
   m.def("cpu_forward", &cpu_forward, "fused attention forward on the CPU (writes out, lse)");
   m.def("cpu_backward", &cpu_backward, "fused attention backward on the CPU (writes dq, dk, dv)");
   m.def("dropout_keep_mask", &dropout_keep_mask, "the kernels' dropout keep mask, materialised");

@@ -147,7 +147,7 @@ struct TileMasker {
         }
       }
     }
-    if (p.key_padding != nullptr) {
+    if (p.key_padding != nullptr && p.kv_holes[b]) {
       const bool* pad = p.key_padding + b * p.kpm_stride[0];
       for (int j = 0; j < nk; ++j)
         if (pad[(j0 + j) * p.kpm_stride[1]]) std::fill(s + j * kBlockQ, s + j * kBlockQ + mq, kNegInf);

@@ -28,7 +28,7 @@ constexpr int fwd_smem_bytes() {
 __device__ __forceinline__ bool hidden(const AttentionParams& p, int64_t b, int64_t row, int64_t col,
                                        int64_t kv_lo, int64_t kv_hi) {
   if (col < kv_lo || col >= kv_hi || row >= p.q_len || (p.causal && col > row)) return true;
-  return p.key_padding != nullptr && p.key_padding[b * p.kpm_stride[0] + col * p.kpm_stride[1]];
+  return p.key_padding != nullptr && p.kv_holes[b] && p.key_padding[b * p.kpm_stride[0] + col * p.kpm_stride[1]];
 }
 
 template <int D, typename T>
@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(kFwdThreads) flash_fwd_kernel(const AttentionP
       }
     }
     const bool edge = n0 < kv_lo || n0 + kFwdBlockN > kv_hi || (p.causal && n0 + kFwdBlockN - 1 > m0) ||
-                      p.key_padding != nullptr;
+                      (p.key_padding != nullptr && p.kv_holes[b]);
     float tile_max[2] = {-INFINITY, -INFINITY};
     for (int nb = 0; nb < kNB; ++nb) {
       for (int i = 0; i < 4; ++i) {

@@ -17,16 +17,16 @@ class NoBackendError(ValueError):
 
 def available_backends() -> list[str]:
     """Names of the backends that can run on this machine, in priority order."""
-    return [name for name, b in REGISTRY.items() if b.unavailable() is None]
+    return [name for name, b in REGISTRY.items() if b.unavailable_reason is None]
 
 
 def unavailable_backends() -> dict[str, str]:
     """Each backend that cannot run on this machine, with the reason."""
-    return {name: why for name, b in REGISTRY.items() if (why := b.unavailable()) is not None}
+    return {name: why for name, b in REGISTRY.items() if (why := b.unavailable_reason) is not None}
 
 
 def _reasons(backend: Backend, problem: Problem) -> list[str]:
-    why = backend.unavailable()
+    why = backend.unavailable_reason
     return [f"unavailable: {why}"] if why is not None else backend.reasons(problem)
 
 

@@ -40,17 +40,24 @@ class Masks:
     """Masks as the op hands them to a backend, normalised once by fastattn.attention."""
 
     key_padding: Tensor | None  # (B, Nk) bool, True = ignore
+    key_ranges: Tensor | None  # (3, B) int32 from masks.key_ranges: begin, end, holes
     attn_mask: Tensor | None  # (B, H, Nq, Nk) bool or float32, broadcast dims with stride 0
 
 
 class Backend(ABC):
     """A fused attention implementation. Subclasses set name and caps and implement
-    forward/backward; `unavailable` says why the backend cannot run on this machine."""
+    forward/backward; `probe` says why the backend cannot run on this machine."""
 
     name: str
     caps: Capabilities
 
-    def unavailable(self) -> str | None:
+    def __init__(self) -> None:
+        # Probed once, when the registry is built at import: dispatch then reads a constant, so
+        # nothing that torch.compile traces asks the machine anything.
+        self.unavailable_reason = self.probe()
+
+    def probe(self) -> str | None:
+        """Why this backend cannot run on this machine; None when it can."""
         return None
 
     def auto_reasons(self, problem: Problem) -> list[str]:

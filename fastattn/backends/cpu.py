@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import kernel_padding
 from .base import Backend, Capabilities, Masks, empty_lse, empty_out, finish_grads, fp32_grad_buffers
 
 
@@ -14,7 +13,7 @@ def _extension():
 
 
 def _kernel_masks(masks: Masks):
-    return _extension().MaskTensors(*kernel_padding(masks.key_padding), masks.attn_mask)
+    return _extension().MaskTensors(masks.key_ranges, masks.key_padding, masks.attn_mask)
 
 
 class CpuBackend(Backend):
@@ -25,7 +24,7 @@ class CpuBackend(Backend):
         max_head_dim=256,
     )
 
-    def unavailable(self):
+    def probe(self):
         try:
             _extension()
         except ImportError as e:

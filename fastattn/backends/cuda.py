@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import kernel_padding
 from .base import Backend, Capabilities, Masks, Problem, empty_lse, empty_out, finish_grads, fp32_grad_buffers
 
 HEAD_DIMS = (64, 128)  # csrc/cuda: one .cu per (head dim, dtype)
@@ -19,7 +18,7 @@ def _extension():
 
 
 def _kernel_masks(masks: Masks):
-    return _extension().MaskTensors(*kernel_padding(masks.key_padding))
+    return _extension().MaskTensors(masks.key_ranges, masks.key_padding)
 
 
 class CudaBackend(Backend):
@@ -32,7 +31,7 @@ class CudaBackend(Backend):
         dropout=False,
     )
 
-    def unavailable(self):
+    def probe(self):
         try:
             if not _extension().with_cuda:
                 return "fastattn._C was built without its CUDA sources (they need nvcc and a CUDA build of torch)"

@@ -10,12 +10,10 @@ import os
 
 import torch
 
-from ..masks import kernel_padding
 from .base import Backend, Capabilities, Masks, Problem, empty_lse, empty_out, new_buffer
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"  # read once, like Triton itself
 
 
 def _kernels():
@@ -25,25 +23,21 @@ def _kernels():
 
 
 def _mask_args(q, masks: Masks):
-    begin, end, key_padding = kernel_padding(masks.key_padding)
-    return _kernels().MaskArgs(q, key_padding, begin, end, masks.attn_mask)
+    return _kernels().MaskArgs(q, masks.key_padding, masks.key_ranges, masks.attn_mask)
 
 
 class TritonBackend(Backend):
     name = "triton"
+    caps = Capabilities(
+        devices=frozenset({"cuda", "cpu"} if INTERPRETING else {"cuda"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+        max_head_dim=256,
+    )
 
-    @property
-    def caps(self) -> Capabilities:
-        return Capabilities(
-            devices=frozenset({"cuda", "cpu"} if _interpreting() else {"cuda"}),
-            dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-            max_head_dim=256,
-        )
-
-    def unavailable(self):
+    def probe(self):
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed"
-        if not _interpreting() and not torch.cuda.is_available():
+        if not INTERPRETING and not torch.cuda.is_available():
             return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)"
         return None
 

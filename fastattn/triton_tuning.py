@@ -1,0 +1,171 @@
+"""Launch configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) for the Triton kernels.
+
+A configuration is looked up by a key of kernel, dtype, head dim, mask kind and the *length
+buckets* of Nq and Nk (powers of two), so sequences of every length in a bucket share one
+compile and one tuning. In order:
+  1. decoding shapes (Nq <= 16) take a rule: 16-query tiles, no tuning;
+  2. this machine's cache (~/.cache/fastattn, or $FASTATTN_CACHE_DIR) and the defaults shipped in
+     fastattn/tuned/sm<arch>.json (written by `python -m fastattn tune`), exact key first, then
+     the shipped entry of the nearest length bucket: one compile per kernel, no tuning;
+  3. else a short tuning over CANDIDATES, remembered in this machine's cache (FASTATTN_TUNE=0
+     takes the first candidate instead).
+`TUNINGS` counts the tunings run in this process.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import statistics
+from pathlib import Path
+
+import torch
+
+Config = tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, num_warps, num_stages
+
+# What a run-time tuning tries, per kernel, best guess first: configs that compile for sm_90
+# without spilling at D = 64 and 128 (python -m fastattn.triton_report shows them).
+CANDIDATES: dict[str, list[Config]] = {
+    "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
+    "dkdv": [(32, 128, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2), (16, 64, 4, 2)],
+    "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
+}
+# The wider space `python -m fastattn tune` sweeps.
+SWEEP: dict[str, list[Config]] = {
+    "fwd": sorted({(m, n, w, s) for m in (64, 128) for n in (64, 128) for w in (4, 8) for s in (2, 3)}
+                  | set(CANDIDATES["fwd"])),
+    "dkdv": sorted({(m, n, w, s) for m in (32, 64) for n in (64, 128) for w in (4, 8) for s in (2, 3)}
+                   | set(CANDIDATES["dkdv"])),
+    "dq": sorted({(m, n, w, s) for m in (64, 128) for n in (32, 64) for w in (4, 8) for s in (2, 3)}
+                 | set(CANDIDATES["dq"])),
+}
+INTERPRETER_CONFIG: Config = (32, 32, 4, 1)  # small tiles: the interpreter runs them on the CPU
+DECODE_MAX_Q = 16
+TUNINGS: collections.Counter = collections.Counter()
+_SHIPPED_DIR = Path(__file__).parent / "tuned"
+
+
+def fits(config: Config, block_d: int) -> bool:
+    """Tiles the registers and shared memory hold at this head dim (D = 256 needs smaller ones)."""
+    return max(config[0], config[1]) * block_d <= 128 * 128
+
+
+def bucket(n: int) -> int:
+    return 1 << max(4, math.ceil(math.log2(max(n, 1))))
+
+
+def mask_kind(causal: bool, padding: bool, attn_mask: int, dropout: bool) -> str:
+    parts = [name for name, on in (("causal", causal), ("padded", padding), ("bool-mask", attn_mask == 1),
+                                   ("float-mask", attn_mask == 2), ("dropout", dropout)) if on]
+    return "+".join(parts) or "dense"
+
+
+def dtype_name(dtype: torch.dtype, tf32: bool) -> str:
+    """fp16 and bf16 share configurations; fp32 tunes apart for IEEE and TF32 dots."""
+    if dtype == torch.float32:
+        return "fp32-tf32" if tf32 else "fp32"
+    return "16bit"
+
+
+def make_key(kernel: str, dtype: str, block_d: int, kind: str, nq: int, nk: int) -> str:
+    return f"{kernel}|{dtype}|d{block_d}|{kind}|q{bucket(nq)}|k{bucket(nk)}"
+
+
+def _parse(key: str) -> tuple[str, int, int]:
+    """(the key without its buckets, log2 of the Nq bucket, log2 of the Nk bucket)"""
+    *head, q, k = key.split("|")
+    return "|".join(head), int(q[1:]).bit_length(), int(k[1:]).bit_length()
+
+
+def _arch() -> str:
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm{major}{minor}"
+
+
+def cache_path() -> Path:
+    import triton
+
+    root = Path(os.environ.get("FASTATTN_CACHE_DIR", Path.home() / ".cache" / "fastattn"))
+    name = torch.cuda.get_device_name().replace(" ", "-").lower()
+    return root / f"triton-{name}-triton{triton.__version__}.json"
+
+
+def _load(path: Path) -> dict[str, Config]:
+    try:
+        return {k: tuple(v) for k, v in json.loads(path.read_text())["configs"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+class Tuner:
+    """Remembers the configuration of each key; `bench(config) -> ms` is asked only on a miss."""
+
+    def __init__(self):
+        self.chosen: dict[str, Config] = {}
+        self.force: dict[str, Config] = {}  # kernel -> config: the sweep's, over everything else
+        self._shipped: dict[str, Config] | None = None
+        self._cache: dict[str, Config] | None = None
+
+    def shipped(self) -> dict[str, Config]:
+        if self._shipped is None:
+            self._shipped = _load(_SHIPPED_DIR / f"{_arch()}.json")
+        return self._shipped
+
+    def cached(self) -> dict[str, Config]:
+        if self._cache is None:
+            self._cache = _load(cache_path())
+        return self._cache
+
+    def nearest_shipped(self, key: str) -> Config | None:
+        head, q, k = _parse(key)
+        near = [(abs(q - q2) + abs(k - k2), c) for key2, c in self.shipped().items()
+                for head2, q2, k2 in [_parse(key2)] if head2 == head]
+        return min(near)[1] if near else None
+
+    def config(self, key: str, kernel: str, block_d: int, nq: int, bench) -> Config:
+        if kernel in self.force:
+            return self.force[kernel]
+        if nq <= DECODE_MAX_Q:
+            return (16, 128 if block_d <= 128 else 64, 4, 2)
+        if key in self.chosen:
+            return self.chosen[key]
+        candidates = [c for c in CANDIDATES[kernel] if fits(c, block_d)] or [min(CANDIDATES[kernel])]
+        found = self.cached().get(key) or self.shipped().get(key) or self.nearest_shipped(key)
+        if found is None and os.environ.get("FASTATTN_TUNE") == "0":
+            found = candidates[0]
+        if found is None:
+            TUNINGS[key] += 1
+            found = min(candidates, key=bench)
+            self.cached()[key] = found
+            self._save()
+        self.chosen[key] = found
+        return found
+
+    def _save(self) -> None:
+        path = cache_path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"configs": self.cached()}, indent=1, sort_keys=True))
+            tmp.replace(path)  # atomic: processes tuning side by side never see half a file
+        except OSError:
+            pass  # a read-only home: the tuning still holds for this process
+
+
+def time_ms(launch, reps: int = 5) -> float:
+    """Median of a few CUDA-event timings after a first launch (which compiles). Tuning only:
+    its synchronisation happens once per key, never in steady state."""
+    launch()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        launch()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+TUNER = Tuner()

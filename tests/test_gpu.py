@@ -1,0 +1,75 @@
+"""What only a GPU shows: torch.compile on CUDA tensors, no host syncs, fp32 precision, tuning
+counts during decoding. benchmarks/gpu_check.sh runs this file with test_triton and test_cuda."""
+import pytest
+import torch
+
+import fastattn
+from fastattn import triton_tuning
+from helpers import TOL, padding_mask, qkv, rel_err
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+GPU_BACKENDS = [b for b in ("triton", "cuda") if b in fastattn.available_backends()]
+
+
+def cuda_inputs(*shape, dtype=torch.bfloat16):
+    return [t.detach().cuda().requires_grad_() for t in qkv(*shape, dtype=dtype, transposed=True)]
+
+
+@pytest.mark.parametrize("backend", ["auto", *GPU_BACKENDS])
+def test_compile_fullgraph_holds_one_fastattn_node(backend):
+    from helpers import count_fastattn_nodes
+
+    q, k, v = cuda_inputs(2, 4, 2, 100, 130, 64)
+    kpm = padding_mask("random", 2, 130).cuda()
+    f = lambda q, k, v: fastattn.attention(q, k, v, key_padding_mask=kpm, causal=True, backend=backend)  # noqa: E731
+    assert count_fastattn_nodes(f, q, k, v) == 1
+    # The compiled graph computes what eager does.
+    compiled = torch.compile(f, fullgraph=True)
+    assert torch.equal(compiled(q, k, v), f(q, k, v))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_no_host_sync_in_forward_or_backward(backend):
+    q, k, v = cuda_inputs(2, 4, 2, 200, 300, 64)
+    kpm = padding_mask("random", 2, 300).cuda()  # scattered: the per-key test stays on
+    step = lambda: fastattn.attention(q, k, v, key_padding_mask=kpm, causal=True, backend=backend).sum().backward()  # noqa: E731
+    step()  # compiles (and, with no shipped defaults, tunes: syncs allowed once)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_fp32_is_ieee_unless_tf32_is_opted_in():
+    torch.manual_seed(0)
+    q, k, v = (t.detach() for t in cuda_inputs(2, 4, 4, 256, 256, 64, dtype=torch.float32))
+    ref = fastattn.reference_attention(q.double(), k.double(), v.double())[0]
+    assert torch.backends.cuda.matmul.allow_tf32 is False  # torch's default
+    ieee = rel_err(fastattn.attention(q, k, v, backend="triton"), ref)
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        tf32 = rel_err(fastattn.attention(q, k, v, backend="triton"), ref)
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    assert ieee < TOL[torch.float32], ieee
+    assert 1e-5 < tf32 < 3e-3, tf32  # TF32 dots: faster, about 1e-3
+
+
+def test_greedy_decoding_tunes_a_handful_of_times(tmp_path, monkeypatch):
+    """A 200-token generation with a growing cache, after a 100-token prefill: lengths share
+    power-of-two buckets and decoding shapes take a rule, so tuning runs only a few times."""
+    monkeypatch.setenv("FASTATTN_TUNE", "1")
+    monkeypatch.setenv("FASTATTN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(triton_tuning, "TUNER", triton_tuning.Tuner())
+    monkeypatch.setattr(triton_tuning.Tuner, "shipped", lambda self: {})  # tune here, not from defaults
+    before = sum(triton_tuning.TUNINGS.values())
+    H, D, prompt = 8, 64, 100
+    k_cache, v_cache = (torch.randn(1, H, prompt + 200, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    q = torch.randn(1, H, prompt, D, device="cuda", dtype=torch.bfloat16)
+    fastattn.attention(q, k_cache[:, :, :prompt], v_cache[:, :, :prompt], causal=True)
+    for n in range(prompt + 1, prompt + 201):
+        fastattn.attention(q[:, :, :1], k_cache[:, :, :n], v_cache[:, :, :n])
+    assert sum(triton_tuning.TUNINGS.values()) - before <= 2

@@ -1,0 +1,81 @@
+"""Launch-configuration lookup (fastattn.triton_tuning), without a GPU: the benchmark is faked."""
+import json
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import triton_tuning as tuning
+
+
+@pytest.fixture
+def tuner(tmp_path, monkeypatch):
+    monkeypatch.setattr(tuning, "cache_path", lambda: tmp_path / "cache.json")
+    monkeypatch.setattr(tuning, "_arch", lambda: "sm90")
+    monkeypatch.setattr(tuning, "_SHIPPED_DIR", tmp_path / "shipped")
+    monkeypatch.delenv("FASTATTN_TUNE", raising=False)
+    return tuning.Tuner()
+
+
+def lookups(tuner, lengths, kernel="fwd"):
+    """Tunings run while calls of these (Nq, Nk) look their configuration up."""
+    before = sum(tuning.TUNINGS.values())
+    for nq, nk in lengths:
+        key = tuning.make_key(kernel, "16bit", 64, "causal+padded", nq, nk)
+        tuner.config(key, kernel, 64, nq, bench=lambda c: c[0] * 1000 + c[1])
+    return sum(tuning.TUNINGS.values()) - before
+
+
+def test_training_on_varying_lengths_tunes_once_per_bucket(tuner):
+    lengths = [(n, n) for n in range(17, 1025)]
+    assert lookups(tuner, lengths) == 6  # buckets 32, 64, ..., 1024
+    assert lookups(tuning.Tuner(), lengths) == 0  # a new process reads the cache
+
+
+def test_decoding_takes_a_rule(tuner):
+    assert lookups(tuner, [(1, n) for n in range(1, 300)] + [(16, 300)]) == 0
+
+
+def test_shipped_defaults_mean_no_tuning(tuner, tmp_path):
+    shipped = {tuning.make_key("fwd", "16bit", 64, "causal+padded", 4096, 4096): [128, 128, 8, 2]}
+    (tmp_path / "shipped").mkdir()
+    (tmp_path / "shipped" / "sm90.json").write_text(json.dumps({"configs": shipped}))
+    assert lookups(tuner, [(4096, 4096), (1000, 1000), (9000, 9000)]) == 0  # exact, then nearest
+    key = tuning.make_key("fwd", "16bit", 64, "causal+padded", 1000, 1000)
+    assert tuner.config(key, "fwd", 64, 1000, bench=None) == (128, 128, 8, 2)
+    assert lookups(tuner, [(4096, 4096)], kernel="dq") == 1  # no default for that kernel
+
+
+def test_tuning_off_takes_the_first_candidate_that_fits(tuner, monkeypatch):
+    monkeypatch.setenv("FASTATTN_TUNE", "0")
+    assert lookups(tuner, [(500, 500)]) == 0
+    key = tuning.make_key("dkdv", "16bit", 256, "dense", 500, 500)
+    config = tuner.config(key, "dkdv", 256, 500, bench=None)
+    assert config == next(c for c in tuning.CANDIDATES["dkdv"] if tuning.fits(c, 256))
+
+
+def test_key_ranges_computed_once_and_no_host_reads(monkeypatch):
+    """Forward and backward derive the padding mask's kernel form once, with no host read of a
+    tensor (on a GPU each would wait for the device: test_gpu checks that with sync debug)."""
+    from helpers import padding_mask, qkv
+
+    calls = []
+    real = fastattn.api.key_ranges
+    monkeypatch.setattr(fastattn.api, "key_ranges", lambda m: calls.append(1) or real(m))
+    q, k, v = qkv(2, 4, 2, 50, 70, 32)
+    kpm = padding_mask("random", 2, 70)
+    for name in ("item", "tolist", "__bool__"):
+        def refuse(*args, name=name):
+            raise AssertionError(f"Tensor.{name} in the hot path")
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    fastattn.attention(q, k, v, key_padding_mask=kpm, causal=True, backend="cpu").sum().backward()
+    assert len(calls) == 1
+
+
+def test_sweep_runs_end_to_end(tmp_path):
+    """python -m fastattn tune, through the interpreter on tiny shapes: winners checked and written."""
+    from fastattn.tune import main
+
+    assert main(["--json", str(tmp_path / "tuned.json")]) == 0
+    record = json.loads((tmp_path / "tuned.json").read_text())
+    assert len(record["configs"]) == 6 and all(e <= 1 for e in record["checks"].values())
