@@ -73,3 +73,20 @@ def test_greedy_decoding_tunes_a_handful_of_times(tmp_path, monkeypatch):
     for n in range(prompt + 1, prompt + 201):
         fastattn.attention(q[:, :, :1], k_cache[:, :, :n], v_cache[:, :, :n])
     assert sum(triton_tuning.TUNINGS.values()) - before <= 2
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_every_candidate_config_is_right(kernel, D, monkeypatch):
+    """Run-time tuning may pick any candidate: each must compute the right thing (one did not)."""
+    from helpers import check_against_reference
+
+    monkeypatch.setattr(triton_tuning, "TUNER", triton_tuning.Tuner())
+    kpm = padding_mask("random", 2, 300).cuda()
+    for config in triton_tuning.CANDIDATES[kernel]:
+        triton_tuning.TUNER.force = {kernel: config}
+        torch.manual_seed(0)
+        try:
+            check_against_reference(*cuda_inputs(2, 4, 2, 200, 300, D), "triton", key_padding_mask=kpm, causal=True)
+        except AssertionError as e:
+            raise AssertionError(f"{kernel} {config}: {e}") from e
