@@ -16,7 +16,8 @@
 # $OUT, else benchmarks/results/), written as they happen so a kill loses nothing before it:
 #   gpu_check.log  test_failures.log (each failure, at once)  test_counts.txt (passed,failed,skipped)
 #   gpu_record.json (rewritten after every bench case)  gpu_plots.png  tuned.json
-# The commit recorded: git rev-parse HEAD, else benchmarks/.commit, else $FASTATTN_COMMIT.
+# The commit recorded: benchmarks/.commit (write it before a device run: `git rev-parse HEAD >
+# benchmarks/.commit`, and carry it), else git rev-parse HEAD, else $FASTATTN_COMMIT.
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -125,7 +126,8 @@ else
   [[ -f $out_dir/tuned.json ]] && mkdir -p fastattn/tuned && cp "$out_dir/tuned.json" "fastattn/tuned/$arch.json" && echo "defaults: fastattn/tuned/$arch.json"
 fi
 
-FASTATTN_COMMIT="$(git rev-parse HEAD 2>/dev/null || cat benchmarks/.commit 2>/dev/null || echo "${FASTATTN_COMMIT:-unknown}")"
+# benchmarks/.commit first: the device tool's copy of the tree can carry a stale .git
+FASTATTN_COMMIT="$(cat benchmarks/.commit 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo "${FASTATTN_COMMIT:-unknown}")"
 export FASTATTN_COMMIT
 echo "commit: $FASTATTN_COMMIT"
 e2e=--no-end-to-end

@@ -41,6 +41,7 @@ def main(argv=None) -> None:
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     bench.add_argument("--tests", help="passed,failed,skipped counts of the GPU tests, for the record")
     bench.add_argument("--no-end-to-end", action="store_true", help="skip the whole-model timings")
+    bench.add_argument("--table", metavar="RECORD", help="print a record's rows as the README's markdown table")
     sub.add_parser("train", help="train the notes' Transformer (python -m fastattn train --help)",
                    add_help=False)
     sub.add_parser("tune", help="sweep the Triton kernels' configurations into their defaults (--help)",
@@ -58,6 +59,12 @@ def main(argv=None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     elif args.command == "info":
         info()
+    elif args.table:
+        import json
+
+        from fastattn.bench import markdown_table
+
+        print(markdown_table(json.loads(open(args.table).read())))
     else:
         from fastattn.bench import run
 

@@ -415,6 +415,25 @@ def environment(device: str) -> dict:
                 torch=torch.__version__, triton=triton_version, python=platform.python_version())
 
 
+def markdown_table(record: dict) -> str:
+    """The README's GPU table: a line per case, TFLOPS per provider, fastattn's ratio to the best
+    peer. Regenerate with `python -m fastattn bench --table RECORD.json`."""
+    cases = {}
+    for r in record["rows"]:
+        cases.setdefault(r["case"], {})[r["backend"]] = r
+    names = sorted({r["backend"] for r in record["rows"] if r.get("tflops") and r["backend"] != "sdpa:math"},
+                   key=lambda n: (not n.startswith("fastattn"), n))
+    lines = [f"| case | {' | '.join(names)} | best peer | {' | '.join(n + ' ÷ best' for n in names if n.startswith('fastattn'))} |",
+             "|---" * (2 + len(names) + sum(n.startswith("fastattn") for n in names)) + "|"]
+    for case, rows in cases.items():
+        cells = [f"{rows[n]['tflops']:.0f}" if "tflops" in rows.get(n, {}) else "—" for n in names]
+        any_row = next(iter(rows.values()))
+        ratios = [f"{rows[n]['speedup_vs_best_peer']:.2f}×" if rows.get(n, {}).get("speedup_vs_best_peer") else "—"
+                  for n in names if n.startswith("fastattn")]
+        lines.append(f"| {case} | {' | '.join(cells)} | {any_row['best_peer']} | {' | '.join(ratios)} |")
+    return "\n".join(lines)
+
+
 def print_tables(record: dict) -> None:
     from rich.console import Console
     from rich.table import Table

@@ -11,11 +11,13 @@ a scattered padding mask or an attn_mask is applied on every visited tile.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from . import triton_tuning as tuning
 
@@ -358,7 +360,19 @@ def _launch(kernel, name: str, grid, args, flags: dict, nq: int, nk: int, dtype:
         return run(tuning.TUNER.force.get(name, tuning.INTERPRETER_CONFIG))
     kind = tuning.mask_kind(flags["CAUSAL"], flags["HAS_KPM"], flags["MASK_KIND"], flags["DROPOUT"])
     key = tuning.make_key(name, tuning.dtype_name(dtype, flags["PREC"] == "tf32"), flags["BLOCK_D"], kind, nq, nk)
-    run(tuning.TUNER.config(key, name, flags["BLOCK_D"], nq, lambda c: tuning.time_ms(lambda: run(c))))
+
+    def bench(config):
+        try:
+            return tuning.time_ms(lambda: run(config))
+        except OutOfResources:  # too large for this dtype and head dim: not a candidate
+            return math.inf
+
+    config = tuning.TUNER.config(key, name, flags["BLOCK_D"], nq, bench)
+    while True:
+        try:
+            return run(config)
+        except OutOfResources:  # e.g. fp32 tiles at D = 128 (the shipped defaults are 16-bit ones)
+            config = tuning.TUNER.next_candidate(key, name, flags["BLOCK_D"], config)
 
 
 def dropout_keep_mask(seed: int, B: int, H: int, Nq: int, Nk: int, p: float, device) -> torch.Tensor:

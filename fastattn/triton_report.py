@@ -1,10 +1,11 @@
 """Compile the Triton kernels for a GPU without one, and read what the hardware would run:
 registers, spills, shared memory and (on sm_90) whether the dots became wgmma.
 
-    python -m fastattn.triton_report [--arch 90] [--check]
+    python -m fastattn.triton_report [--arch 90] [--dtypes bf16,fp32] [--check]
 
---check exits 1 if a kernel spills registers to local memory or, on sm_90, a forward kernel
-does not use wgmma. Run it without TRITON_INTERPRET (the interpreter replaces the kernels).
+--check exits 1 if, for some kernel, dtype and head dim, every candidate spills registers to
+local memory (fp32: exceeds shared memory), or if on sm_90 a 16-bit kernel does not use wgmma.
+Run it without TRITON_INTERPRET (the interpreter replaces the kernels).
 """
 from __future__ import annotations
 
@@ -65,10 +66,14 @@ def cubin_stats(cubin: bytes) -> dict:
             "spill insts": len(re.findall(r"\b(?:LDL|STL)\b", sass))}
 
 
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes a block may use, per arch
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastattn.triton_report")
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--head-dims", default="64,128")
+    parser.add_argument("--dtypes", default="bf16", help="e.g. bf16,fp32 (fp32: IEEE dots, minutes to compile)")
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
     from fastattn import triton_attention as ta
@@ -76,28 +81,35 @@ def main(argv=None) -> int:
 
     kernels = {"_fwd_kernel": CANDIDATES["fwd"], "_bwd_dkdv_kernel": CANDIDATES["dkdv"],
                "_bwd_dq_kernel": CANDIDATES["dq"]}
+    limit = SMEM_LIMIT.get(args.arch, 101376)
     failures = []
-    print(f"sm_{args.arch}, bf16, causal, key padding; local = spilled bytes (stack), spill insts = LDL/STL")
-    print(f"{'kernel':<18} {'D':>4} {'BM,BN,warps,stages':>18} {'regs':>5} {'stack':>6} {'spill insts':>11} "
-          f"{'smem KiB':>8} {'wgmma':>6} {'mma.sync':>8}")
+    print(f"sm_{args.arch}, causal, key padding; local = spilled bytes (stack), spill insts = LDL/STL; "
+          f"a config over {limit // 1024} KiB of shared memory cannot launch (the launch takes the next)")
+    print(f"{'kernel':<18} {'dtype':>5} {'D':>4} {'BM,BN,warps,stages':>18} {'regs':>5} {'stack':>6} "
+          f"{'spill insts':>11} {'smem KiB':>8} {'wgmma':>6} {'mma.sync':>8}")
     for name, table in kernels.items():
-        for D in map(int, args.head_dims.split(",")):
-            clean = 0
-            for m, n, w, s in table:
-                if not fits((m, n, w, s), D):
-                    continue  # never launched at this head dim
-                flags = dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, HAS_KPM=True,
-                             MASK_KIND=0, CAUSAL=True, DROPOUT=False, PREC="tf32", BLOCK_D=D)
-                kernel = compile_kernel(getattr(ta, name), "bf16", args.arch, flags)
-                st = cubin_stats(kernel.asm["cubin"])
-                clean += not (st["stack"] or st["spill insts"])
-                print(f"{name:<18} {D:>4} {f'{m},{n},{w},{s}':>18} {st['regs']:>5} {st['stack']:>6} "
-                      f"{st['spill insts']:>11} {kernel.metadata.shared // 1024:>8} {st['wgmma']:>6} {st['mma.sync']:>8}",
-                      flush=True)
-                if args.arch == 90 and not st["wgmma"]:
-                    failures.append(f"{name} D={D} {m},{n}: no wgmma")
-            if not clean:
-                failures.append(f"{name} D={D}: every config spills")
+        for dtype in args.dtypes.split(","):
+            for D in map(int, args.head_dims.split(",")):
+                clean = 0
+                for m, n, w, s in table:
+                    if not fits((m, n, w, s), D):
+                        continue  # never launched at this head dim
+                    flags = dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, HAS_KPM=True, MASK_KIND=0,
+                                 CAUSAL=True, DROPOUT=False, PREC="ieee" if dtype == "fp32" else "tf32", BLOCK_D=D)
+                    kernel = compile_kernel(getattr(ta, name), dtype, args.arch, flags)
+                    st = cubin_stats(kernel.asm["cubin"])
+                    smem = kernel.metadata.shared
+                    # fp32's IEEE dots run on the FMA units and spill at every tile size: there only
+                    # the fit in shared memory is required
+                    spills = dtype != "fp32" and (st["stack"] or st["spill insts"])
+                    clean += not spills and smem <= limit
+                    print(f"{name:<18} {dtype:>5} {D:>4} {f'{m},{n},{w},{s}':>18} {st['regs']:>5} {st['stack']:>6} "
+                          f"{st['spill insts']:>11} {smem // 1024:>8}{'!' if smem > limit else ' '}"
+                          f"{st['wgmma']:>5} {st['mma.sync']:>8}", flush=True)
+                    if args.arch == 90 and dtype != "fp32" and not st["wgmma"]:
+                        failures.append(f"{name} {dtype} D={D} {m},{n}: no wgmma")
+                if not clean:
+                    failures.append(f"{name} {dtype} D={D}: every config spills or exceeds shared memory")
     for f in failures:
         print("FAIL:", f)
     return 1 if args.check and failures else 0

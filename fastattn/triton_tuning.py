@@ -31,7 +31,7 @@ Config = tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, num_warps, num_stages
 CANDIDATES: dict[str, list[Config]] = {
     "fwd": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 32, 4, 2)],
     "dkdv": [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (16, 64, 4, 2)],
-    "dq": [(128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 8, 2)],
+    "dq": [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2)],
 }
 # The wider space `python -m fastattn tune` sweeps.
 SWEEP: dict[str, list[Config]] = {
@@ -51,6 +51,10 @@ _SHIPPED_DIR = Path(__file__).parent / "tuned"
 def fits(config: Config, block_d: int) -> bool:
     """Tiles the registers and shared memory hold at this head dim (D = 256 needs smaller ones)."""
     return max(config[0], config[1]) * block_d <= 128 * 128
+
+
+def _fitting(kernel: str, block_d: int) -> list[Config]:
+    return [c for c in CANDIDATES[kernel] if fits(c, block_d)] or [min(CANDIDATES[kernel])]
 
 
 def bucket(n: int) -> int:
@@ -132,7 +136,7 @@ class Tuner:
             return (16, 128 if block_d <= 128 else 64, 4, 2)
         if key in self.chosen:
             return self.chosen[key]
-        candidates = [c for c in CANDIDATES[kernel] if fits(c, block_d)] or [min(CANDIDATES[kernel])]
+        candidates = _fitting(kernel, block_d)
         found = self.cached().get(key) or self.shipped().get(key) or self.nearest_shipped(key)
         if found is None and os.environ.get("FASTATTN_TUNE") == "0":
             found = candidates[0]
@@ -143,6 +147,16 @@ class Tuner:
             self._save()
         self.chosen[key] = found
         return found
+
+    def next_candidate(self, key: str, kernel: str, block_d: int, failed: Config) -> Config:
+        """The candidate after `failed`, which ran out of shared memory, remembered for the key.
+        Each list ends with its config of least shared memory."""
+        candidates = _fitting(kernel, block_d)
+        later = candidates[candidates.index(failed) + 1:] if failed in candidates else candidates
+        if not later:
+            raise RuntimeError(f"no launch configuration of the {kernel} kernel fits this GPU's shared memory")
+        self.chosen[key] = later[0]
+        return later[0]
 
     def _save(self) -> None:
         path = cache_path()

@@ -79,3 +79,14 @@ def test_sweep_runs_end_to_end(tmp_path):
     assert main(["--json", str(tmp_path / "tuned.json")]) == 0
     record = json.loads((tmp_path / "tuned.json").read_text())
     assert len(record["configs"]) == 6 and all(e <= 1 for e in record["checks"].values())
+
+
+def test_a_config_out_of_shared_memory_falls_back_to_the_next(tuner):
+    """fp32 at D = 128: dQ's first candidate needs 288 KiB, over sm_90's 227 (seen on an H200)."""
+    key = tuning.make_key("dq", "fp32", 128, "dense", 500, 500)
+    first = tuner.config(key, "dq", 128, 500, bench=lambda c: c[3])
+    second = tuner.next_candidate(key, "dq", 128, first)
+    assert second != first and tuner.config(key, "dq", 128, 500, bench=None) == second
+    last = tuning.CANDIDATES["dq"][-1]
+    with pytest.raises(RuntimeError, match="shared memory"):
+        tuner.next_candidate(key, "dq", 128, last)

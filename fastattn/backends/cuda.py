@@ -1,7 +1,7 @@
 """Backend `cuda`: the CUDA C++ tensor-core kernels (csrc/cuda), through pybind11.
 
-Not yet run on a GPU: dispatch ranks it after `triton`, so backend="auto" takes it only where
-Triton cannot run, until a recorded GPU run shows it correct."""
+Correct on an H200 but a third of Triton's speed there (benchmarks/results/): dispatch ranks it
+after `triton`, so backend="auto" takes it only where Triton cannot run."""
 from __future__ import annotations
 
 import torch
