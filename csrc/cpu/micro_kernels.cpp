@@ -12,6 +12,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #define FA_INLINE inline __attribute__((always_inline))
@@ -22,68 +23,130 @@ namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int kMaxCols = 256;  // widest score tile (query block) the softmax helpers take
 
-// 2^x for x <= ~1, vectorizable: round to nearest, then 1 + f q(f) with a degree-4 q, a
-// relative-error minimax fit of 2^f on [-0.5, 0.5] (error below 2e-7 in fp32), exact at 0 so that
-// a lone key's weight is exactly 1; the exponent bits give 2^n. Exactly 0 below -126 and at -inf.
-FA_INLINE float exp2_approx(float x) {
-  const float xc = x < -126.f ? -126.f : x;
-  const float n = (xc + 12582912.f) - 12582912.f;  // 1.5 * 2^23: rounds to an integer
-  const float f = xc - n;
-  float p = 1.3272632189884172e-03f;
-  p = p * f + 9.67150976317388e-03f;
+// W fp32 lanes: GCC/Clang vector extensions, which become SSE/NEON, AVX2 or AVX-512 registers in
+// the table whose target attribute allows them (the templates are inlined there).
+template <int W>
+struct Lanes {
+  typedef float type __attribute__((vector_size(4 * W), aligned(4)));
+};
+
+template <typename V>
+FA_INLINE V load(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V>
+FA_INLINE void store(float* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// *p in every lane. For 32- and 64-byte vectors one vbroadcastss from memory (a load-port uop,
+// leaving the FMA ports free), written out: GCC 12 builds a 64-byte splat lane by lane (16 masked
+// broadcasts) in the GEMM loop. Elsewhere *p - 0.f, which is exactly *p: only a broadcast is left.
+template <typename V>
+FA_INLINE V broadcast(const float* p) {
+#if defined(__x86_64__)
+  if constexpr (sizeof(V) > 16) {
+    V v;
+    asm("vbroadcastss %1, %0" : "=v"(v) : "m"(*p));
+    return v;
+  }
+#endif
+  return *p - V{};
+}
+
+// 2^x for x <= ~1, on a float or a vector of them: round to nearest, then 1 + f q(f) with a
+// degree-4 q, a relative-error minimax fit of 2^f on [-0.5, 0.5] (error below 2e-7 in fp32),
+// exact at 0 so that a lone key's weight is exactly 1; the exponent bits give 2^n. Exactly 0
+// below -126 and at -inf. Branch-free, so that it vectorizes in every table.
+template <typename T>
+FA_INLINE T exp2_approx(T x) {
+  using I = decltype(x < x);  // bool for a float, an int32 vector for a float vector
+  const T low = T{} - 126.f;
+  const T xc = x < low ? low : x;
+  const T n = (xc + 12582912.f) - 12582912.f;  // 1.5 * 2^23: rounds to an integer
+  const T f = xc - n;
+  T p = f * 1.3272632189884172e-03f + 9.67150976317388e-03f;
   p = p * f + 5.550706532009351e-02f;
   p = p * f + 2.4022242154067291e-01f;
   p = p * f + 6.93146998248302e-01f;
   p = p * f + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return x < -126.f ? 0.f : p * two_n;
+  T two_n;
+  if constexpr (std::is_same_v<T, float>) {
+    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+    std::memcpy(&two_n, &bits, sizeof(two_n));
+  } else {
+    const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+    std::memcpy(&two_n, &bits, sizeof(two_n));
+  }
+  return x < low ? T{} : p * two_n;
 }
 
-// One MR x NR register block of C: the accumulators stay in registers across the K loop.
-template <int MR, int NR>
+// Column-wise steps of the softmax helpers: Step::at<T>(c, ...) on columns c .. c + lanes(T),
+// T a vector of W floats, then a float for the columns left over.
+template <int W, typename Step, typename... Args>
+FA_INLINE void over_columns(int cols, Args... args) {
+  int c = 0;
+  for (; c + W <= cols; c += W) Step::template at<typename Lanes<W>::type>(c, args...);
+  for (; c < cols; ++c) Step::template at<float>(c, args...);
+}
+
+// One MR x NR register block of C, NR a multiple of W: MR x NR/W accumulator vectors stay in
+// registers across the K loop; each k broadcasts MR values of A against NR/W vectors of B.
+template <int W, int MR, int NR>
 FA_INLINE void gemm_block(int K, const float* A, int64_t sam, int64_t sak, const float* B,
                           int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  float c[MR][NR];
+  using V = typename Lanes<W>::type;
+  constexpr int NV = NR / W;
+  V c[MR][NV];
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
-    for (int n = 0; n < NR; ++n) c[r][n] = accumulate ? C[r * ldc + n] : 0.f;
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) c[r][v] = accumulate ? load<V>(C + r * ldc + v * W) : V{};
   for (int k = 0; k < K; ++k) {
-    const float* b = B + k * ldb;
+    V b[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) b[v] = load<V>(B + k * ldb + v * W);
+#pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      const float a = A[r * sam + k * sak];
-      for (int n = 0; n < NR; ++n) c[r][n] += a * b[n];
+      const V a = broadcast<V>(A + r * sam + k * sak);
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) c[r][v] += a * b[v];
     }
   }
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
-    for (int n = 0; n < NR; ++n) C[r * ldc + n] = c[r][n];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) store(C + r * ldc + v * W, c[r][v]);
 }
 
 // A block of `rows` <= MR rows, with the row count fixed at compile time.
-template <int MR, int NR>
+template <int W, int MR, int NR>
 FA_INLINE void gemm_rows(int rows, int K, const float* A, int64_t sam, int64_t sak,
                          const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   if constexpr (MR == 1) {
-    gemm_block<1, NR>(K, A, sam, sak, B, ldb, C, ldc, accumulate);
+    gemm_block<W, 1, NR>(K, A, sam, sak, B, ldb, C, ldc, accumulate);
   } else if (rows == MR) {
-    gemm_block<MR, NR>(K, A, sam, sak, B, ldb, C, ldc, accumulate);
+    gemm_block<W, MR, NR>(K, A, sam, sak, B, ldb, C, ldc, accumulate);
   } else {
-    gemm_rows<MR - 1, NR>(rows, K, A, sam, sak, B, ldb, C, ldc, accumulate);
+    gemm_rows<W, MR - 1, NR>(rows, K, A, sam, sak, B, ldb, C, ldc, accumulate);
   }
 }
 
-// Full NR-wide column panels, then narrower panels for the rest, then scalar columns.
-template <int MR, int NR>
+// Full NR-wide column panels, then narrower panels down to one vector, then scalar columns.
+template <int W, int MR, int NR>
 FA_INLINE void gemm_impl(int M, int N, int K, const float* A, int64_t sam, int64_t sak,
                          const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   int n0 = 0;
   for (; n0 + NR <= N; n0 += NR)
     for (int m0 = 0; m0 < M; m0 += MR)
-      gemm_rows<MR, NR>(M - m0 < MR ? M - m0 : MR, K, A + m0 * sam, sam, sak, B + n0, ldb,
-                        C + m0 * ldc + n0, ldc, accumulate);
+      gemm_rows<W, MR, NR>(M - m0 < MR ? M - m0 : MR, K, A + m0 * sam, sam, sak, B + n0, ldb,
+                           C + m0 * ldc + n0, ldc, accumulate);
   if (n0 == N) return;
-  if constexpr (NR > 8) {
-    gemm_impl<MR, NR / 2>(M, N - n0, K, A, sam, sak, B + n0, ldb, C + n0, ldc, accumulate);
+  if constexpr (NR > W) {
+    gemm_impl<W, MR, NR / 2>(M, N - n0, K, A, sam, sak, B + n0, ldb, C + n0, ldc, accumulate);
   } else {
     for (int m = 0; m < M; ++m)
       for (int n = n0; n < N; ++n) {
@@ -94,78 +157,121 @@ FA_INLINE void gemm_impl(int M, int N, int K, const float* A, int64_t sam, int64
   }
 }
 
+struct Fill {  // x[c] = value
+  template <typename T>
+  static FA_INLINE void at(int c, float* x, float value) { store(x + c, T{} + value); }
+};
+struct MaxInto {  // mx[c] = max(mx[c], row[c])
+  template <typename T>
+  static FA_INLINE void at(int c, const float* row, float* mx) {
+    const T v = load<T>(row + c), m = load<T>(mx + c);
+    store(mx + c, v > m ? v : m);
+  }
+};
+struct NewMax {  // from the tile max (in alpha): the new running max, its safe shift, alpha
+  template <typename T>
+  static FA_INLINE void at(int c, float* m, float* alpha, float* m_safe, float* sum) {
+    const T m_old = load<T>(m + c), tile = load<T>(alpha + c);
+    const T m_new = tile > m_old ? tile : m_old;
+    const T safe = m_new == T{} + kNegInf ? T{} : m_new;  // no key yet: keep exp2 finite
+    store(m + c, m_new);
+    store(m_safe + c, safe);
+    store(alpha + c, exp2_approx(m_old - safe));
+    store(sum + c, T{});
+  }
+};
+struct ExpSum {  // row[c] = exp2(row[c] - shift[c]), summed into sum[c]
+  template <typename T>
+  static FA_INLINE void at(int c, float* row, const float* shift, float* sum) {
+    const T p = exp2_approx(load<T>(row + c) - load<T>(shift + c));
+    store(row + c, p);
+    store(sum + c, load<T>(sum + c) + p);
+  }
+};
+struct Rescale {  // l[c] = l[c] * alpha[c] + sum[c]
+  template <typename T>
+  static FA_INLINE void at(int c, float* l, const float* alpha, const float* sum) {
+    store(l + c, load<T>(l + c) * load<T>(alpha + c) + load<T>(sum + c));
+  }
+};
+struct ExpShifted {  // row[c] = exp2(row[c] - shift[c]), shift -inf giving 0
+  template <typename T>
+  static FA_INLINE void at(int c, float* row, const float* shift) {
+    const T sh = load<T>(shift + c);
+    store(row + c, exp2_approx(load<T>(row + c) - (sh == T{} + kNegInf ? T{} : sh)));
+  }
+};
+struct Scale {  // row[c] *= f
+  template <typename T>
+  static FA_INLINE void at(int c, float* row, float f) { store(row + c, load<T>(row + c) * f); }
+};
+struct SoftmaxGrad {  // p[c] *= dp[c] - delta[c]
+  template <typename T>
+  static FA_INLINE void at(int c, float* p, const float* dp, const float* delta) {
+    store(p + c, load<T>(p + c) * (load<T>(dp + c) - load<T>(delta + c)));
+  }
+};
+
+template <int W>
 FA_INLINE void softmax_step_impl(float* s, int rows, int cols, int64_t ld, float* m, float* l,
                                  float* alpha) {
   float m_safe[kMaxCols], sum[kMaxCols];
-  for (int c = 0; c < cols; ++c) alpha[c] = kNegInf;
+  over_columns<W, Fill>(cols, alpha, kNegInf);
+  for (int r = 0; r < rows; ++r) over_columns<W, MaxInto>(cols, static_cast<const float*>(s + r * ld), alpha);
+  over_columns<W, NewMax>(cols, m, alpha, m_safe, sum);
   for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < cols; ++c) alpha[c] = s[r * ld + c] > alpha[c] ? s[r * ld + c] : alpha[c];
-  for (int c = 0; c < cols; ++c) {
-    const float m_new = alpha[c] > m[c] ? alpha[c] : m[c];
-    m_safe[c] = m_new == kNegInf ? 0.f : m_new;  // a column with no key yet: keep exp2 finite
-    alpha[c] = exp2_approx(m[c] - m_safe[c]);
-    m[c] = m_new;
-    sum[c] = 0.f;
-  }
-  for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < cols; ++c) {
-      const float p = exp2_approx(s[r * ld + c] - m_safe[c]);
-      s[r * ld + c] = p;
-      sum[c] += p;
-    }
-  for (int c = 0; c < cols; ++c) l[c] = l[c] * alpha[c] + sum[c];
+    over_columns<W, ExpSum>(cols, s + r * ld, static_cast<const float*>(m_safe), sum);
+  over_columns<W, Rescale>(cols, l, static_cast<const float*>(alpha), static_cast<const float*>(sum));
 }
 
+template <int W>
 FA_INLINE void exp2_shifted_impl(float* s, int rows, int cols, int64_t ld, const float* shift) {
-  float safe[kMaxCols];
-  for (int c = 0; c < cols; ++c) safe[c] = shift[c] == kNegInf ? 0.f : shift[c];
-  for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < cols; ++c) s[r * ld + c] = exp2_approx(s[r * ld + c] - safe[c]);
+  for (int r = 0; r < rows; ++r) over_columns<W, ExpShifted>(cols, s + r * ld, shift);
 }
 
+template <int W>
 FA_INLINE void scale_rows_impl(float* x, int rows, int cols, int64_t ld, const float* f) {
-  for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < cols; ++c) x[r * ld + c] *= f[r];
+  for (int r = 0; r < rows; ++r) over_columns<W, Scale>(cols, x + r * ld, f[r]);
 }
 
+template <int W>
 FA_INLINE void softmax_grad_impl(float* p, const float* dp, int rows, int cols, int64_t ld,
                                  const float* delta) {
-  for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < cols; ++c) p[r * ld + c] *= dp[r * ld + c] - delta[c];
+  for (int r = 0; r < rows; ++r) over_columns<W, SoftmaxGrad>(cols, p + r * ld, dp + r * ld, delta);
 }
 
 // One table per ISA: the same templates, compiled under a target attribute, with register
 // blocks sized to the register file (MR rows x NR floats).
-#define FASTATTN_DEFINE_ISA(NAME, TARGET, MR, NR)                                              \
+#define FASTATTN_DEFINE_ISA(NAME, TARGET, W, MR, NR)                                           \
   TARGET void gemm_##NAME(int M, int N, int K, const float* A, int64_t sam, int64_t sak,       \
                           const float* B, int64_t ldb, float* C, int64_t ldc, bool acc) {      \
-    gemm_impl<MR, NR>(M, N, K, A, sam, sak, B, ldb, C, ldc, acc);                              \
+    gemm_impl<W, MR, NR>(M, N, K, A, sam, sak, B, ldb, C, ldc, acc);                           \
   }                                                                                            \
   TARGET void softmax_step_##NAME(float* s, int rows, int cols, int64_t ld, float* m,          \
                                   float* l, float* alpha) {                                    \
-    softmax_step_impl(s, rows, cols, ld, m, l, alpha);                                         \
+    softmax_step_impl<W>(s, rows, cols, ld, m, l, alpha);                                         \
   }                                                                                            \
   TARGET void exp2_shifted_##NAME(float* s, int rows, int cols, int64_t ld,                    \
                                   const float* shift) {                                        \
-    exp2_shifted_impl(s, rows, cols, ld, shift);                                               \
+    exp2_shifted_impl<W>(s, rows, cols, ld, shift);                                               \
   }                                                                                            \
   TARGET void scale_rows_##NAME(float* x, int rows, int cols, int64_t ld, const float* f) {    \
-    scale_rows_impl(x, rows, cols, ld, f);                                                     \
+    scale_rows_impl<W>(x, rows, cols, ld, f);                                                     \
   }                                                                                            \
   TARGET void softmax_grad_##NAME(float* p, const float* dp, int rows, int cols, int64_t ld,   \
                                   const float* delta) {                                        \
-    softmax_grad_impl(p, dp, rows, cols, ld, delta);                                           \
+    softmax_grad_impl<W>(p, dp, rows, cols, ld, delta);                                           \
   }                                                                                            \
   const MicroKernels kernels_##NAME = {#NAME, gemm_##NAME, softmax_step_##NAME,                \
                                        exp2_shifted_##NAME, scale_rows_##NAME,                 \
                                        softmax_grad_##NAME, nullptr, nullptr};
 
-FASTATTN_DEFINE_ISA(generic, , 6, 8)
+FASTATTN_DEFINE_ISA(generic, , 4, 6, 8)  // 16-byte vectors: SSE2 on x86-64, NEON on aarch64
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FASTATTN_X86 1
 // 16 ymm registers: 6 x 2 accumulators. 32 zmm registers: 8 x 2 accumulators.
-FASTATTN_DEFINE_ISA(avx2, __attribute__((target("avx2,fma"))), 6, 16)
-FASTATTN_DEFINE_ISA(avx512, __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma"))), 8, 32)
+FASTATTN_DEFINE_ISA(avx2, __attribute__((target("avx2,fma"))), 8, 6, 16)
+FASTATTN_DEFINE_ISA(avx512, __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma"))), 16, 8, 32)
 
 // vdpbf16ps: 16 lanes, each a 2-term bf16 dot product into fp32: twice the fp32 FMA rate.
 #define FASTATTN_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
