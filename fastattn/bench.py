@@ -465,6 +465,15 @@ def print_tables(record: dict) -> None:
     if failed:
         console.print(f"{len(failed)} provider/case pairs did not run, e.g. {failed[0]['backend']} on "
                       f"{failed[0]['case']}: {failed[0]['error']}")
+    if record.get("isa"):
+        table = Table(title=f"the CPU kernel per ISA table against SDPA at the same ISA level (this CPU runs "
+                            f"{record['isa'][0]['isa']} by default; FASTATTN_CPU_ISA picks another)")
+        for col in ("ISA", "torch level", "case", "fastattn ms", "SDPA ms", "fastattn ÷ SDPA"):
+            table.add_column(col)
+        for r in record["isa"]:
+            table.add_row(r["isa"], r["torch_level"], r["case"], f"{r['fastattn_ms']:.1f}", f"{r['sdpa_ms']:.1f}",
+                          f"{r['ratio']:.2f}×")
+        console.print(table)
     if record.get("modules"):
         table = Table(title="nn.MultiheadAttention end to end (eval, need_weights=False, self-attention)")
         for col in ("case", "module", "ms", "speedup"):
@@ -559,6 +568,10 @@ def run(quick: bool = False, json_path: str | None = None, plot_path: str | None
     for case in grid(device, quick):
         record["rows"] += run_case(case, device, quick, peak, min_run_time)
         save()
+    if device == "cpu":
+        from .bench_isa import CASES, isa_rows
+
+        record["isa"] = isa_rows(min_run_time=min_run_time, cases=("dense", "padded") if quick else CASES)
     record["modules"] = module_rows(device, min_run_time)
     record["end_to_end"] = encoder_rows(device, quick) + model_rows(device, quick) if end_to_end else []
     record["complete"] = True

@@ -1,0 +1,69 @@
+"""The CPU kernel against torch SDPA at the same ISA level, for every ISA table this CPU runs.
+
+torch picks its vector code once, at start-up (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS), so
+each ISA is timed in a fresh process: fastattn on that table (FASTATTN_CPU_ISA), SDPA held to the
+same level. fp32, B=4, H=8, D=64: dense, causal, padded (lengths N, 3N/4, N/2, N/4) and
+causal+padded forward, and dense forward+backward.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+# fastattn table -> (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS) of the same level
+TORCH_LEVEL = {"avx512_bf16": ("avx512", "AVX512"), "avx512": ("avx512", "AVX512"),
+               "avx2": ("avx2", "AVX2"), "generic": ("default", "SSE4_2")}
+
+
+CASES = ("dense", "causal", "padded", "causal+padded", "dense fwd+bwd")
+
+
+def measure(n: int, min_run_time: float, cases=CASES) -> dict:
+    """In this process: ms of fastattn and SDPA for each case (forward unless named fwd+bwd)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils import benchmark
+
+    import fastattn
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(4, n, 8, 64).transpose(1, 2).requires_grad_() for _ in range(3))
+    kpm = torch.arange(n)[None] >= torch.tensor([n, 3 * n // 4, n // 2, n // 4])[:, None]
+    allowed = ~kpm[:, None, None, :] & torch.ones(n, n, dtype=torch.bool).tril()
+
+    def ms(fn, backward):
+        def step():
+            out = fn()
+            if backward:
+                out.backward(torch.ones_like(out))
+        with torch.set_grad_enabled(backward):
+            step()
+            return benchmark.Timer("step()", globals={"step": step}).blocked_autorange(
+                min_run_time=min_run_time).median * 1e3
+
+    out = {}
+    for case in cases:
+        causal, pad, backward = "causal" in case, kpm if "padded" in case else None, "bwd" in case
+        mask = None if pad is None else (allowed if causal else ~pad[:, None, None, :])
+        sdpa = ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None),
+                  backward)
+        ours = ms(lambda: fastattn.attention(q, k, v, key_padding_mask=pad, causal=causal, backend="cpu"), backward)
+        out[case] = {"fastattn_ms": ours, "sdpa_ms": sdpa, "ratio": sdpa / ours}
+    return out
+
+
+def isa_rows(n: int = 1024, min_run_time: float = 0.3, cases=CASES) -> list[dict]:
+    """One row per (ISA, case): fastattn ÷ SDPA at that ISA level, each ISA in its own process."""
+    from . import _C
+
+    rows = []
+    for isa in _C.cpu_isas():
+        aten, mkl = TORCH_LEVEL[isa]
+        env = dict(os.environ, FASTATTN_CPU_ISA=isa, ATEN_CPU_CAPABILITY=aten, MKL_ENABLE_INSTRUCTIONS=mkl)
+        code = f"import json, fastattn.bench_isa as b; print(json.dumps(b.measure({n}, {min_run_time}, {tuple(cases)!r})))"
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        for case, r in json.loads(done.stdout.splitlines()[-1]).items():
+            rows.append(dict(isa=isa, torch_level=f"{aten}/{mkl}", case=f"{case} fp32 N{n}", **r))
+    return rows
