@@ -468,11 +468,13 @@ def print_tables(record: dict) -> None:
     if record.get("isa"):
         table = Table(title=f"the CPU kernel per ISA table against SDPA at the same ISA level (this CPU runs "
                             f"{record['isa'][0]['isa']} by default; FASTATTN_CPU_ISA picks another)")
-        for col in ("ISA", "torch level", "case", "fastattn ms", "SDPA ms", "fastattn ÷ SDPA"):
+        for col in ("ISA", "torch level", "case", "fastattn ms", "SDPA ms", "fastattn ÷ SDPA", "GEMM GFLOPS",
+                    "% of FMA peak"):
             table.add_column(col)
         for r in record["isa"]:
             table.add_row(r["isa"], r["torch_level"], r["case"], f"{r['fastattn_ms']:.1f}", f"{r['sdpa_ms']:.1f}",
-                          f"{r['ratio']:.2f}×")
+                          f"{r['ratio']:.2f}×", f"{r['gemm_gflops']:.0f}",
+                          f"{100 * r['gemm_gflops'] / r['fma_peak_gflops']:.0f}%")
         console.print(table)
     if record.get("modules"):
         table = Table(title="nn.MultiheadAttention end to end (eval, need_weights=False, self-attention)")

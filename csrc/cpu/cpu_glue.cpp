@@ -1,6 +1,9 @@
 // pybind11 entry points of the CPU kernels: tensors in, AttentionParams to the kernel.
 #include <torch/extension.h>
 
+#include <chrono>
+#include <utility>
+
 #include "../params_from_tensors.h"
 #include "../dropout_hash.h"
 #include "flash_cpu.h"
@@ -42,6 +45,28 @@ at::Tensor dropout_keep_mask(int64_t seed, int64_t B, int64_t H, int64_t Nq, int
   return keep;
 }
 
+// One thread's GFLOPS on the active table: its GEMM on the score tile's shape (M keys x K head
+// dims times K x N queries, in cache), and its FMA peak (fma_loop), timed for `seconds` each.
+std::pair<double, double> cpu_micro_gflops(int64_t M, int64_t N, int64_t K, double seconds) {
+  const cpu::MicroKernels& mk = cpu::micro_kernels();
+  std::vector<float> A(M * K, 0.5f), B(K * N, 0.25f), C(M * N);
+  auto gflops = [seconds](auto call) {  // call() runs once and returns the flops it did
+    call();
+    const auto start = std::chrono::steady_clock::now();
+    double flops = 0, elapsed = 0;
+    while (elapsed < seconds) {
+      flops += call();
+      elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    }
+    return flops / elapsed / 1e9;
+  };
+  const double gemm = gflops([&] {
+    mk.gemm(M, N, K, A.data(), K, 1, B.data(), N, C.data(), N, false);
+    return 2.0 * M * N * K;
+  });
+  return {gemm, gflops([&] { return mk.fma_loop(1 << 14); })};
+}
+
 std::vector<std::string> cpu_isas() {
   std::vector<std::string> names;
   for (const char* const* name = cpu::supported_isas(); *name != nullptr; ++name) names.emplace_back(*name);
@@ -60,6 +85,8 @@ void register_cpu(pybind11::module_& m) {
   m.def("cpu_backward", &cpu_backward, "fused attention backward on the CPU (writes dq, dk, dv)");
   m.def("dropout_keep_mask", &dropout_keep_mask, "the kernels' dropout keep mask, materialised");
   m.def("cpu_isas", &cpu_isas, "micro-kernel ISAs this CPU runs, best first");
+  m.def("cpu_micro_gflops", &cpu_micro_gflops, py::arg("M") = 128, py::arg("N") = 128, py::arg("K") = 64,
+        py::arg("seconds") = 0.2, "(GEMM, FMA peak) GFLOPS of the active table, one thread");
   m.def("cpu_isa", [] { return std::string(cpu::micro_kernels().isa); }, "the active CPU ISA");
   m.def("cpu_set_isa", [](const std::string& isa) { cpu::set_isa(isa); }, "force a CPU ISA");
 }

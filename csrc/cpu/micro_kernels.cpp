@@ -240,6 +240,23 @@ FA_INLINE void softmax_grad_impl(float* p, const float* dp, int rows, int cols, 
   for (int r = 0; r < rows; ++r) over_columns<W, SoftmaxGrad>(cols, p + r * ld, dp + r * ld, delta);
 }
 
+template <int W>
+FA_INLINE double fma_loop_impl(int64_t n) {
+  using V = typename Lanes<W>::type;
+  constexpr int kChains = 12;  // independent chains: more than FMA latency x FMA units
+  V acc[kChains];
+#pragma GCC unroll 12
+  for (int i = 0; i < kChains; ++i) acc[i] = V{} + static_cast<float>(i);
+  const V x = V{} + 0.999999f, y = V{} + 1e-6f;
+  for (int64_t it = 0; it < n; ++it)
+#pragma GCC unroll 12
+    for (int i = 0; i < kChains; ++i) acc[i] = acc[i] * x + y;
+  float sink = 0.f;
+  for (int i = 0; i < kChains; ++i) sink += acc[i][0];
+  asm volatile("" : : "g"(sink));  // the chains' results are used: nothing is optimised away
+  return 2.0 * W * kChains * static_cast<double>(n);
+}
+
 // One table per ISA: the same templates, compiled under a target attribute, with register
 // blocks sized to the register file (MR rows x NR floats).
 #define FASTATTN_DEFINE_ISA(NAME, TARGET, W, MR, NR)                                           \
@@ -262,9 +279,10 @@ FA_INLINE void softmax_grad_impl(float* p, const float* dp, int rows, int cols, 
                                   const float* delta) {                                        \
     softmax_grad_impl<W>(p, dp, rows, cols, ld, delta);                                           \
   }                                                                                            \
+  TARGET double fma_loop_##NAME(int64_t n) { return fma_loop_impl<W>(n); }                     \
   const MicroKernels kernels_##NAME = {#NAME, gemm_##NAME, softmax_step_##NAME,                \
                                        exp2_shifted_##NAME, scale_rows_##NAME,                 \
-                                       softmax_grad_##NAME, nullptr, nullptr};
+                                       softmax_grad_##NAME, nullptr, nullptr, fma_loop_##NAME};
 
 FASTATTN_DEFINE_ISA(generic, , 4, 6, 8)  // 16-byte vectors: SSE2 on x86-64, NEON on aarch64
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -334,7 +352,7 @@ FASTATTN_BF16 void pack_pairs_bf16_avx512(const float* x, int rows, int cols, in
 
 const MicroKernels kernels_avx512_bf16 = {"avx512_bf16", gemm_avx512, softmax_step_avx512,
                                           exp2_shifted_avx512, scale_rows_avx512, softmax_grad_avx512,
-                                          gemm_bf16_avx512, pack_pairs_bf16_avx512};
+                                          gemm_bf16_avx512, pack_pairs_bf16_avx512, fma_loop_avx512};
 #endif
 
 bool cpu_has(const std::string& isa) {

@@ -33,6 +33,10 @@ struct MicroKernels {
   // out[r][c] = the bf16 pair (x[2r][c], x[2r+1][c]) for r < rows_out, row 2r+1 = 0 past rows;
   // cols a multiple of 16.
   void (*pack_pairs_bf16)(const float* x, int rows, int cols, int64_t ld, uint32_t* out, int64_t ld_out);
+
+  // The FMA-peak micro-benchmark: n rounds of 12 independent vector multiply-adds; returns the
+  // flops done (2 per lane each).
+  double (*fma_loop)(int64_t n);
 };
 
 // The active table: the best this CPU supports, unless FASTATTN_CPU_ISA=avx512_bf16|avx512|avx2|generic
