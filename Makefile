@@ -13,7 +13,7 @@ VENV := .venv/bin/python
 endif
 CSRC := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: setup run test info cuda-check clean
+.PHONY: setup run test info cuda-check aarch64-check clean
 
 setup: .stamps/build
 
@@ -41,6 +41,14 @@ info: setup
 # Compiles every CUDA kernel for sm_80 and sm_90a with nvcc (no GPU needed) and reads the result.
 cuda-check: .stamps/deps
 	$(PY) csrc/cuda/cuda_check.py
+
+# The CPU micro-kernels' own test (no torch), cross-compiled for aarch64 and run under qemu-user:
+# correctness of the generic table as NEON. Needs g++-aarch64-linux-gnu and qemu-user (apt).
+aarch64-check:
+	@mkdir -p build
+	aarch64-linux-gnu-g++ -O2 -std=c++17 -static tests/cpp/micro_kernels_test.cpp csrc/cpu/micro_kernels.cpp \
+		-o build/micro_kernels_test_aarch64
+	qemu-aarch64 build/micro_kernels_test_aarch64
 
 clean:
 	rm -rf .stamps build fastattn/_C*.so *.egg-info

@@ -1,0 +1,93 @@
+// The micro-kernels' own test, with no torch: every table this CPU runs against plain loops.
+// `make aarch64-check` cross-compiles it and runs it under qemu (the generic table as NEON).
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "../../csrc/cpu/micro_kernels.h"
+
+namespace {
+
+using fastattn::cpu::MicroKernels;
+
+std::mt19937 rng(0);
+std::vector<float> random_vector(size_t n, float lo = -2.f, float hi = 2.f) {
+  std::uniform_real_distribution<float> u(lo, hi);
+  std::vector<float> v(n);
+  for (float& x : v) x = u(rng);
+  return v;
+}
+
+int checks = 0, failures = 0;
+void expect_close(const char* what, const char* isa, float got, double want, double tol) {
+  ++checks;
+  if (!(std::fabs(got - want) <= tol * (1.0 + std::fabs(want)))) {
+    if (++failures <= 10) std::printf("FAIL %s [%s]: got %g, want %g\n", what, isa, got, want);
+  }
+}
+
+void check_gemm(const MicroKernels& mk) {
+  for (int M : {1, 5, 8, 13, 64}) {
+    for (int N : {1, 7, 16, 33, 128}) {
+      for (int K : {1, 16, 64}) {
+        for (bool transposed : {false, true}) {
+          const int64_t sam = transposed ? 1 : K, sak = transposed ? M : 1;
+          auto A = random_vector(M * K), B = random_vector(K * N), C = random_vector(M * N);
+          const auto C0 = C;
+          mk.gemm(M, N, K, A.data(), sam, sak, B.data(), N, C.data(), N, true);
+          for (int m = 0; m < M; ++m)
+            for (int n = 0; n < N; ++n) {
+              double want = C0[m * N + n];
+              for (int k = 0; k < K; ++k) want += double(A[m * sam + k * sak]) * B[k * N + n];
+              expect_close("gemm", mk.isa, C[m * N + n], want, 1e-5);
+            }
+        }
+      }
+    }
+  }
+}
+
+void check_softmax(const MicroKernels& mk) {
+  for (int cols : {1, 5, 16, 37, 128}) {
+    const int rows = 23;
+    auto s = random_vector(rows * cols, -30.f, 5.f), m = random_vector(cols, -10.f, 3.f);
+    auto l = random_vector(cols, 0.5f, 3.f);
+    m[0] = -INFINITY, l[0] = 0.f;  // a column that has seen no key yet
+    for (int r = 0; r < rows; ++r) s[r * cols + cols - 1] = -INFINITY;  // one that sees none here
+    const auto s0 = s, m0 = m, l0 = l;
+    std::vector<float> alpha(cols);
+    mk.softmax_step(s.data(), rows, cols, cols, m.data(), l.data(), alpha.data());
+    for (int c = 0; c < cols; ++c) {
+      double mx = m0[c];
+      for (int r = 0; r < rows; ++r) mx = std::fmax(mx, s0[r * cols + c]);
+      const double safe = std::isinf(mx) ? 0.0 : mx;
+      double sum = 0;
+      for (int r = 0; r < rows; ++r) {
+        const double p = std::exp2(s0[r * cols + c] - safe);
+        sum += p;
+        expect_close("softmax p", mk.isa, s[r * cols + c], p, 1e-6);
+      }
+      expect_close("softmax alpha", mk.isa, alpha[c], std::exp2(m0[c] - safe), 1e-6);
+      expect_close("softmax l", mk.isa, l[c], l0[c] * std::exp2(m0[c] - safe) + sum, 1e-6);
+    }
+    auto g = random_vector(rows * cols), dp = random_vector(rows * cols), delta = random_vector(cols);
+    const auto g0 = g;
+    mk.softmax_grad(g.data(), dp.data(), rows, cols, cols, delta.data());
+    for (int i = 0; i < rows * cols; ++i)
+      expect_close("softmax_grad", mk.isa, g[i], double(g0[i]) * (dp[i] - delta[i % cols]), 1e-6);
+  }
+}
+
+}  // namespace
+
+int main() {
+  for (const char* const* isa = fastattn::cpu::supported_isas(); *isa != nullptr; ++isa) {
+    fastattn::cpu::set_isa(*isa);
+    check_gemm(fastattn::cpu::micro_kernels());
+    check_softmax(fastattn::cpu::micro_kernels());
+    std::printf("%s: checked\n", *isa);
+  }
+  std::printf("%d passed, %d failed\n", checks - failures, failures);
+  return failures != 0;
+}
