@@ -335,14 +335,18 @@ class MaskArgs:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 follows torch's own switch, torch.backends.cuda.matmul.allow_tf32 (which
-    torch.set_float32_matmul_precision and the fp32_precision settings also set): IEEE fp32 dots
-    unless the user opted into TF32. Read at each call, outside anything torch.compile traces."""
+    """fp32 follows torch's own switch for CUDA matmuls: IEEE fp32 dots unless the user opted
+    into TF32 (torch.backends.cuda.matmul.fp32_precision = "tf32", which the global
+    fp32_precision, allow_tf32 and set_float32_matmul_precision("high") also set; reading
+    allow_tf32 itself raises once the new settings are in use). Read at each call, outside
+    anything torch.compile traces."""
     if INTERPRETING and dtype == torch.bfloat16:
         return "upcast"
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+    if dtype != torch.float32:
+        return "tf32"  # ignored for 16-bit operands
+    matmul = torch.backends.cuda.matmul
+    tf32 = matmul.fp32_precision == "tf32" if hasattr(matmul, "fp32_precision") else matmul.allow_tf32
+    return "tf32" if tf32 else "ieee"
 
 
 def block_d(D: int) -> int:
@@ -372,6 +376,8 @@ def _launch(kernel, name: str, grid, args, flags: dict, nq: int, nk: int, dtype:
         try:
             return run(config)
         except OutOfResources:  # e.g. fp32 tiles at D = 128 (the shipped defaults are 16-bit ones)
+            if name in tuning.TUNER.force:
+                raise  # the sweep and the tests time or check exactly the config they forced
             config = tuning.TUNER.next_candidate(key, name, flags["BLOCK_D"], config)
 
 

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import statistics
+import tempfile
 from pathlib import Path
 
 import torch
@@ -55,6 +56,11 @@ def fits(config: Config, block_d: int) -> bool:
 
 def _fitting(kernel: str, block_d: int) -> list[Config]:
     return [c for c in CANDIDATES[kernel] if fits(c, block_d)] or [min(CANDIDATES[kernel])]
+
+
+def decode_config(block_d: int) -> Config:
+    """Decoding shapes (Nq <= DECODE_MAX_Q): 16-query tiles, the keys in wide ones."""
+    return (16, 128 if block_d <= 128 else 64, 4, 2)
 
 
 def bucket(n: int) -> int:
@@ -132,10 +138,10 @@ class Tuner:
     def config(self, key: str, kernel: str, block_d: int, nq: int, bench) -> Config:
         if kernel in self.force:
             return self.force[kernel]
-        if nq <= DECODE_MAX_Q:
-            return (16, 128 if block_d <= 128 else 64, 4, 2)
-        if key in self.chosen:
+        if key in self.chosen:  # also a decode key whose rule ran out of shared memory
             return self.chosen[key]
+        if nq <= DECODE_MAX_Q:
+            return decode_config(block_d)
         candidates = _fitting(kernel, block_d)
         found = self.cached().get(key) or self.shipped().get(key) or self.nearest_shipped(key)
         if found is None and os.environ.get("FASTATTN_TUNE") == "0":
@@ -162,9 +168,10 @@ class Tuner:
         path = cache_path()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"configs": self.cached()}, indent=1, sort_keys=True))
-            tmp.replace(path)  # atomic: processes tuning side by side never see half a file
+            merged = {**_load(path), **self.cached()}  # keep what other processes tuned meanwhile
+            with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+                f.write(json.dumps({"configs": merged}, indent=1, sort_keys=True))
+            os.replace(f.name, path)  # atomic: processes tuning side by side never see half a file
         except OSError:
             pass  # a read-only home: the tuning still holds for this process
 

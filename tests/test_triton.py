@@ -150,3 +150,25 @@ def test_kernels_compile_for_sm90_without_spilling():
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "_fwd_kernel" in result.stdout and "FAIL" not in result.stdout
+
+
+def test_fp32_dots_follow_torchs_tf32_switch():
+    """IEEE unless TF32 was opted into, through the new settings or the legacy ones (reading the
+    legacy flag after the new settings were used raises in torch)."""
+    from fastattn.triton_attention import dot_precision
+
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "ieee"
+        assert dot_precision(torch.float32) == "ieee"
+        matmul.fp32_precision = "tf32"
+        assert dot_precision(torch.float32) == "tf32"
+        matmul.fp32_precision = "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert dot_precision(torch.float32) == "tf32"
+        torch.set_float32_matmul_precision("highest")
+        assert dot_precision(torch.float32) == "ieee"
+        assert dot_precision(torch.float16) == "tf32"  # 16-bit operands: the setting does not apply
+    finally:
+        matmul.fp32_precision = saved
