@@ -27,14 +27,15 @@ def measure(n: int, min_run_time: float, cases=CASES) -> dict:
     the GEMM's share of the FMA peak."""
     import torch
     import torch.nn.functional as F
-    from torch.utils import benchmark
 
     import fastattn
     from fastattn import _C
+    from fastattn.bench import Case, measure_ms
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(4, n, 8, 64).transpose(1, 2).requires_grad_() for _ in range(3))
-    kpm = torch.arange(n)[None] >= torch.tensor([n, 3 * n // 4, n // 2, n // 4])[:, None]
+    lengths = torch.tensor(Case("padded", "fwd", "fp32", 4, 8, 8, n, 64).lengths())  # N, 3N/4, N/2, N/4
+    kpm = torch.arange(n)[None] >= lengths[:, None]
     allowed = ~kpm[:, None, None, :] & torch.ones(n, n, dtype=torch.bool).tril()
 
     def ms(fn, backward):
@@ -43,9 +44,7 @@ def measure(n: int, min_run_time: float, cases=CASES) -> dict:
             if backward:
                 out.backward(torch.ones_like(out))
         with torch.set_grad_enabled(backward):
-            step()
-            return benchmark.Timer("step()", globals={"step": step}).blocked_autorange(
-                min_run_time=min_run_time).median * 1e3
+            return measure_ms(step, "cpu", min_run_time)
 
     out = {}
     for case in cases:

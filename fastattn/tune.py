@@ -50,7 +50,7 @@ class Problem:
     """A case's tensors and the launch of each kernel, bf16 (fp16 shares the configurations)."""
 
     def __init__(self, case: Case, device: str, seed: int = 0):
-        from . import triton_attention as ta
+        from . import bench, triton_attention as ta
         from .masks import key_ranges
 
         gen = torch.Generator(device=device).manual_seed(seed)
@@ -59,8 +59,8 @@ class Problem:
         rand = lambda *s: torch.randn(*s, generator=gen, device=device, dtype=torch.bfloat16)  # noqa: E731
         self.q, self.k, self.v, self.dout = (rand(B, N, H, D).transpose(1, 2) for _ in range(4))
         kpm = ranges = None
-        if "padded" in case.kind:  # lengths N, 3N/4, N/2, N/4, ... as the benchmark's
-            lengths = torch.tensor([round(N - 3 * N / 4 * i / max(B - 1, 1)) for i in range(B)], device=device)
+        if "padded" in case.kind:  # the benchmark's lengths: spread over [N/4, N]
+            lengths = torch.tensor(bench.Case("padded", "fwd", "bf16", B, H, H, N, D).lengths(), device=device)
             kpm = torch.arange(N, device=device)[None, :] >= lengths[:, None]
             ranges = key_ranges(kpm)
         self.masks = ta.MaskArgs(self.q, kpm, ranges, None)
