@@ -18,9 +18,20 @@ struct AttentionParams {
 
   void* out;             // (B, H, Nq, D), dtype of q, strides o_stride
   int64_t o_stride[4];
-  float* lse;            // (B, H, Nq) contiguous, natural log; -inf for rows that see no key
+  float* lse;            // (B, H, Nq), natural log; -inf for rows that see no key
+  int64_t lse_stride[2]; // batch, head; rows contiguous
 
   int64_t batch, heads, kv_heads, q_len, kv_len, head_dim;
+
+  // Packed (varlen) sequences, or nullptr: sequence b holds token rows [cu[b], cu[b + 1]) of the
+  // seq dim, batch strides are 0, and q_len/kv_len are the longest sequences. Attention stays
+  // within each sequence, causal top-left in it (seq_info.h).
+  const int32_t* cu_seqlens_q;
+  const int32_t* cu_seqlens_k;
+  // Decoding against a KV cache (decode(), nullptr elsewhere): batch row b attends to the first
+  // seqused_k[b] keys, and causal is aligned to the last of them: query i sees keys
+  // j <= seqused_k[b] - q_len + i.
+  const int32_t* seqused_k;
   DType dtype;
   float scale;
   bool causal;           // query i sees keys j <= i (top-left aligned)
@@ -43,15 +54,17 @@ struct AttentionParams {
   uint64_t seed;
 };
 
-// Backward: the forward's inputs plus the output gradient. Gradients come out in float32,
-// contiguous; dk/dv per *query* head, (B, H, Nk, D), summed over GQA groups by the caller.
+// Backward: the forward's inputs plus the output gradient. Gradients come out in float32 with
+// contiguous rows of D; dk/dv per *query* head, (B, H, Nk, D), summed over GQA groups by the
+// caller.
 struct AttentionBwdParams : AttentionParams {
   const void* dout;      // strides do_stride, dtype of q
   int64_t do_stride[4];
   const float* dlse;     // optional (B, H, Nq) contiguous gradient of lse
   float* dq;             // (B, H, Nq, D)
   float* dk;             // (B, H, Nk, D)
-  float* dv;             // (B, H, Nk, D)
+  float* dv;             // (B, H, Nk, D), dk's strides
+  int64_t dq_stride[2], dkv_stride[2];  // batch, head
 };
 
 }  // namespace fastattn

@@ -1,5 +1,7 @@
 #include "params_from_tensors.h"
 
+#include <tuple>
+
 namespace fastattn {
 namespace {
 
@@ -29,6 +31,34 @@ void check_contiguous_f32(const at::Tensor& t, const char* name, const at::Tenso
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
+// Packed sequences: validates the cumulative lengths against the packed tensors (on the CPU
+// only: on a GPU that would cost a sync, and fastattn.attention_varlen checks them on the device).
+void set_varlen(AttentionParams& p, const MaskTensors& masks, const at::Tensor& q, const at::Tensor& k) {
+  const at::Tensor& cq = *masks.cu_seqlens_q;
+  const at::Tensor& ck = *masks.cu_seqlens_k;
+  TORCH_CHECK(cq.dim() == 1 && cq.size(0) >= 1 && cq.is_contiguous(), "cu_seqlens_q must be a contiguous (B + 1,) tensor");
+  check_same(ck, "cu_seqlens_k", q, cq.sizes(), at::kInt);
+  check_same(cq, "cu_seqlens_q", q, cq.sizes(), at::kInt);
+  TORCH_CHECK(ck.is_contiguous(), "cu_seqlens_k must be contiguous");
+  TORCH_CHECK(q.size(0) == 1, "packed q must be (1, H, total, D), got ", q.sizes());
+  p.batch = cq.size(0) - 1;
+  p.q_len = masks.max_seqlen_q;
+  p.kv_len = masks.max_seqlen_k;
+  p.cu_seqlens_q = cq.data_ptr<int32_t>();
+  p.cu_seqlens_k = ck.data_ptr<int32_t>();
+  if (cq.is_cpu()) {
+    for (auto [cu, total, longest, name] : {std::tuple{p.cu_seqlens_q, q.size(2), p.q_len, "cu_seqlens_q"},
+                                            std::tuple{p.cu_seqlens_k, k.size(2), p.kv_len, "cu_seqlens_k"}}) {
+      TORCH_CHECK(cu[0] == 0 && cu[p.batch] == total, name, " must run from 0 to ", total);
+      for (int64_t b = 0; b < p.batch; ++b)
+        TORCH_CHECK(cu[b] <= cu[b + 1] && cu[b + 1] - cu[b] <= longest, name,
+                    " must be nondecreasing, with steps at most the max seqlen ", longest);
+    }
+  }
+  // One (1, H, total, D) row serves every sequence: batch strides vanish.
+  for (int64_t* stride : {p.q_stride, p.k_stride, p.v_stride, p.o_stride, p.lse_stride}) stride[0] = 0;
+}
+
 }  // namespace
 
 AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -42,6 +72,8 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   check_same(v, "v", q, {B, Hkv, Nk, D}, q.scalar_type());
   check_same(out, "out", q, q.sizes(), q.scalar_type());
   check_contiguous_f32(lse, "lse", q, {B, H, Nq});
+  TORCH_CHECK(masks.cu_seqlens_q.has_value() == masks.cu_seqlens_k.has_value(),
+              "cu_seqlens_q and cu_seqlens_k come together");
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
 
   AttentionParams p{};
@@ -54,6 +86,7 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   copy_strides(k, p.k_stride, 4);
   copy_strides(v, p.v_stride, 4);
   copy_strides(out, p.o_stride, 4);
+  copy_strides(lse, p.lse_stride, 2);
   p.batch = B;
   p.heads = H;
   p.kv_heads = Hkv;
@@ -66,8 +99,12 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   p.dropout_p = static_cast<float>(dropout_p);
   p.seed = static_cast<uint64_t>(seed);
 
-  TORCH_CHECK(masks.key_ranges.has_value() == masks.key_padding.has_value(),
-              "key_ranges and key_padding come together");
+  if (masks.cu_seqlens_q) {
+    TORCH_CHECK(!masks.key_ranges && !masks.attn_mask, "packed sequences take no other mask");
+    set_varlen(p, masks, q, k);
+  }
+  // key_ranges alone: no padding inside the ranges (a KV cache's valid prefix).
+  TORCH_CHECK(masks.key_ranges.has_value() || !masks.key_padding.has_value(), "key_padding needs key_ranges");
   if (masks.key_ranges) {
     const at::Tensor& r = *masks.key_ranges;
     check_same(r, "key_ranges", q, {3, B}, at::kInt);
@@ -78,9 +115,11 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
     p.kv_begin = r.data_ptr<int32_t>();
     p.kv_end = p.kv_begin + B;
     p.kv_holes = p.kv_end + B;
-    check_same(*masks.key_padding, "key_padding", q, {B, Nk}, at::kBool);
-    p.key_padding = masks.key_padding->data_ptr<bool>();
-    copy_strides(*masks.key_padding, p.kpm_stride, 2);
+    if (masks.key_padding) {
+      check_same(*masks.key_padding, "key_padding", q, {B, Nk}, at::kBool);
+      p.key_padding = masks.key_padding->data_ptr<bool>();
+      copy_strides(*masks.key_padding, p.kpm_stride, 2);
+    }
   }
   if (masks.attn_mask) {
     const at::Tensor& m = *masks.attn_mask;
@@ -117,6 +156,9 @@ AttentionBwdParams make_bwd_params(const at::Tensor& dout, const at::Tensor& q,
   p.dq = dq.data_ptr<float>();
   p.dk = dk.data_ptr<float>();
   p.dv = dv.data_ptr<float>();
+  copy_strides(dq, p.dq_stride, 2);
+  copy_strides(dk, p.dkv_stride, 2);
+  if (p.cu_seqlens_q != nullptr) p.do_stride[0] = p.dq_stride[0] = p.dkv_stride[0] = 0;
   return p;
 }
 

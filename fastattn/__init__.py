@@ -5,8 +5,9 @@ from .replace import replace_attention
 from .backends import NoBackendError, available_backends, unavailable_backends
 from .hf import register_transformers
 from .reference import reference_attention
+from .varlen import attention_varlen, pad, unpad
 
 __version__ = "0.1.0"
 
-__all__ = ["MultiHeadAttention", "NoBackendError", "attention", "available_backends", "reference_attention",
-           "register_transformers", "replace_attention", "unavailable_backends"]
+__all__ = ["MultiHeadAttention", "NoBackendError", "attention", "attention_varlen", "available_backends", "pad",
+           "reference_attention", "register_transformers", "replace_attention", "unavailable_backends", "unpad"]

@@ -111,16 +111,8 @@ def attention(
     _check_qkv(query, key, value)
     key_padding_mask = _check_key_padding(key_padding_mask, query, key)
     attn_mask = _check_attn_mask(attn_mask, query, key)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected bool, got {type(causal).__name__}")
     D = query.shape[-1]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale: expected a finite float, got {scale!r}")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
-    if not isinstance(backend, str):
-        raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
+    scale = check_scalars(causal, scale, dropout_p, backend, D)
 
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     aligned = all(_tile_aligned(t) for t in (query, key, value))
@@ -136,8 +128,26 @@ def attention(
         aligned=aligned,
     )
     chosen = select_backend(backend, problem)
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
     ranges = None if key_padding_mask is None else key_ranges(key_padding_mask)
-    out, lse = ops.attention_forward(query, key, value, key_padding_mask, ranges, attn_mask, causal,
-                                     float(scale), float(dropout_p), seed, chosen.name)
+    out, lse = ops.attention_forward(query, key, value, key_padding_mask, ranges, attn_mask, None, None, 0, 0,
+                                     causal, float(scale), float(dropout_p), dropout_seed(dropout_p), chosen.name)
     return (out, lse) if return_lse else out
+
+
+def dropout_seed(dropout_p: float) -> int:
+    """A fresh seed from torch's generator (so torch.manual_seed reproduces a run); 0 without dropout."""
+    return int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
+
+
+def check_scalars(causal, scale, dropout_p, backend, head_dim: int) -> float:
+    """Validates the arguments every entry point shares; returns the scale to use."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected bool, got {type(causal).__name__}")
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite float, got {scale!r}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
+    return float(scale)

@@ -32,7 +32,7 @@ def attention_probabilities(q, k, key_padding_mask=None, attn_mask=None, causal=
     if causal:
         hidden = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).triu(1)  # key j > query i
         s = s.masked_fill(hidden, -math.inf)
-    m = s.detach().amax(dim=-1, keepdim=True)
+    m = s.detach().amax(dim=-1, keepdim=True) if Nk else s.new_full((*s.shape[:-1], 1), -math.inf)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
     l = e.sum(dim=-1, keepdim=True)

@@ -16,7 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-POINTERS = {"LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32", "KV_RANGES": "*i32", "KPM": "*u8", "MASK": "*u8"}
+POINTERS = {"LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32", "KV_RANGES": "*i32", "KPM": "*u8", "MASK": "*u8",
+            "CU_Q": "*i32", "CU_K": "*i32"}
 FLOATS = {"qk_scale", "sm_scale", "dropout_p"}
 UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod"}
 
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
                 for m, n, w, s in table:
                     if not fits((m, n, w, s), D):
                         continue  # never launched at this head dim
-                    flags = dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, HAS_KPM=True, MASK_KIND=0,
+                    flags = dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, HAS_KPM=True, MASK_KIND=0, VARLEN=False,
                                  CAUSAL=True, DROPOUT=False, PREC="ieee" if dtype == "fp32" else "tf32", BLOCK_D=D)
                     kernel = compile_kernel(getattr(ta, name), dtype, args.arch, flags)
                     st = cubin_stats(kernel.asm["cubin"])

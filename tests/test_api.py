@@ -69,7 +69,7 @@ def test_opcheck():
     kpm = torch.rand(2, 70) < 0.3
     attn = (torch.rand(33, 70) < 0.9).expand(2, 4, 33, 70)
     for backend in CPU_BACKENDS:
-        args = (q, k, v, kpm, key_ranges(kpm), attn, True, 0.2, 0.0, 0, backend)
+        args = (q, k, v, kpm, key_ranges(kpm), attn, None, None, 0, 0, True, 0.2, 0.0, 0, backend)
         torch.library.opcheck(torch.ops.fastattn.attention_forward.default, args)
 
 
@@ -119,7 +119,7 @@ def test_cpu_dropout_matches_reference_with_the_same_mask():
     q, k, v = qkv(B, H, 1, Nq, Nk, 32)
     kpm = torch.rand(B, Nk) < 0.2
     seed = 1234
-    out, lse = ops.attention_forward(q, k, v, kpm, key_ranges(kpm), None, True, 0.3, p, seed, "cpu")
+    out, lse = ops.attention_forward(q, k, v, kpm, key_ranges(kpm), None, None, None, 0, 0, True, 0.3, p, seed, "cpu")
     keep = _C.dropout_keep_mask(seed, B, H, Nq, Nk, p)
     assert abs(keep.float().mean().item() - (1 - p)) < 0.01
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]

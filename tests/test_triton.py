@@ -74,7 +74,7 @@ def test_dropout_matches_reference_with_the_kernels_mask():
     torch.manual_seed(0)
     B, H, Nq, Nk, p, seed = 2, 2, 40, 50, 0.3, 77
     q, k, v = inputs(B, H, 1, Nq, Nk, 16)
-    out, _ = ops.attention_forward(q, k, v, None, None, None, True, 0.25, p, seed, "triton")
+    out, _ = ops.attention_forward(q, k, v, None, None, None, None, None, 0, 0, True, 0.25, p, seed, "triton")
     keep = dropout_keep_mask(seed, B, H, Nq, Nk, p, DEVICE)
     assert abs(keep.float().mean().item() - (1 - p)) < 0.03
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -122,7 +122,7 @@ def test_opcheck():
     q, k, v = inputs(2, 2, 1, 33, 40, 16, transposed=True)
     kpm = torch.rand(2, 40, device=DEVICE) < 0.3
     torch.library.opcheck(torch.ops.fastattn.attention_forward.default,
-                          (q, k, v, kpm, key_ranges(kpm), None, True, 0.3, 0.0, 0, "triton"))
+                          (q, k, v, kpm, key_ranges(kpm), None, None, None, 0, 0, True, 0.3, 0.0, 0, "triton"))
 
 
 @gpu

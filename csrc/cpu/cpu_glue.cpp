@@ -33,6 +33,19 @@ void cpu_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
                                 seed, dq, dk, dv));
 }
 
+void cpu_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, at::Tensor& out,
+                at::Tensor& lse, const at::Tensor& seqused_k, bool causal, double scale) {
+  check_cpu(q, "q");
+  AttentionParams p = make_params(q, k_cache, v_cache, out, lse, MaskTensors{}, causal, scale, 0.0, 0);
+  TORCH_CHECK(seqused_k.scalar_type() == at::kInt && seqused_k.dim() == 1 && seqused_k.size(0) == q.size(0) &&
+                  seqused_k.is_contiguous() && seqused_k.is_cpu(),
+              "seqused_k must be a contiguous CPU (B,) int32 tensor");
+  TORCH_CHECK(seqused_k.ge(0).all().item<bool>() && seqused_k.le(k_cache.size(2)).all().item<bool>(),
+              "seqused_k entries must lie in [0, ", k_cache.size(2), "]");
+  p.seqused_k = seqused_k.data_ptr<int32_t>();
+  cpu::decode(p);
+}
+
 // The keep mask the kernels draw for `seed`, materialised (for tests), (B, H, Nq, Nk) bool.
 at::Tensor dropout_keep_mask(int64_t seed, int64_t B, int64_t H, int64_t Nq, int64_t Nk,
                              double p) {
@@ -78,11 +91,14 @@ std::vector<std::string> cpu_isas() {
 void register_cpu(pybind11::module_& m) {
   namespace py = pybind11;
   py::class_<MaskTensors>(m, "MaskTensors")
-      .def(py::init<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>(),
+      .def(py::init<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
+                    std::optional<at::Tensor>, std::optional<at::Tensor>, int64_t, int64_t>(),
            py::arg("key_ranges") = py::none(), py::arg("key_padding") = py::none(),
-           py::arg("attn_mask") = py::none());
+           py::arg("attn_mask") = py::none(), py::arg("cu_seqlens_q") = py::none(),
+           py::arg("cu_seqlens_k") = py::none(), py::arg("max_seqlen_q") = 0, py::arg("max_seqlen_k") = 0);
   m.def("cpu_forward", &cpu_forward, "fused attention forward on the CPU (writes out, lse)");
   m.def("cpu_backward", &cpu_backward, "fused attention backward on the CPU (writes dq, dk, dv)");
+  m.def("cpu_decode", &cpu_decode, "attention of a few queries against a KV cache on the CPU (writes out, lse)");
   m.def("dropout_keep_mask", &dropout_keep_mask, "the kernels' dropout keep mask, materialised");
   m.def("cpu_isas", &cpu_isas, "micro-kernel ISAs this CPU runs, best first");
   m.def("cpu_micro_gflops", &cpu_micro_gflops, py::arg("M") = 128, py::arg("N") = 128, py::arg("K") = 64,

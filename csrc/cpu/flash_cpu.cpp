@@ -6,23 +6,19 @@
 // per tile, and the dot products run in the micro-kernels (micro_kernels.h).
 #include "flash_cpu.h"
 
-#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
 #include "../dropout_hash.h"
+#include "../seq_info.h"
+#include "cpu_tiles.h"
 #include "micro_kernels.h"
-
-#if defined(__x86_64__) || defined(_M_X64)
-#include <xmmintrin.h>
-#endif
 
 namespace fastattn::cpu {
 namespace {
@@ -30,104 +26,16 @@ namespace {
 constexpr int kBlockQ = 128; // queries per tile: the columns of a score tile
 constexpr int kBlockK = 64;  // keys per tile: the rows of a score tile
 constexpr int kBwdBlockK = 128;  // the backward's key tiles: fewer passes over Q, dO and dQ
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-// Flush-to-zero and denormals-are-zero for the calling thread while in scope. Probabilities
-// below 2^-126 change no result measurably, but denormal arithmetic runs tens of times slower
-// (training steps whose backward slowed 30x have been seen without it).
-class FlushDenormals {
-#if defined(__x86_64__) || defined(_M_X64)
- public:
-  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }  // FTZ | DAZ
-  ~FlushDenormals() { _mm_setcsr(saved_); }
-
- private:
-  unsigned saved_;
-#endif
-};
-
-// Runs body(next) on every thread; next() hands out the items [0, total) one at a time, then -1.
-// Per-item cost varies with causality and padding, so static chunks would leave threads idle.
-// Each item writes only its own outputs: the result does not depend on which thread ran what.
-template <typename Body>
-void parallel_dynamic(int64_t total, const Body& body) {
-  std::atomic<int64_t> counter{0};
-  const auto next = [&] {
-    const int64_t item = counter.fetch_add(1);
-    return item < total ? item : int64_t{-1};
-  };
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { body(next); });
-}
-
-// dst[r * ld + c] = src[r, c] * mul for r < rows, c < cols; zero for cols <= c < ld.
-template <typename T>
-void pack_rows(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols, int64_t ld,
-               float* dst, float mul = 1.f) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* s = src + r * rs;
-    float* d = dst + r * ld;
-    if (cs == 1) {  // the usual layout: a unit-stride loop the compiler vectorizes
-      for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<float>(s[c]) * mul;
-    } else {
-      for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<float>(s[c * cs]) * mul;
-    }
-    std::fill(d + cols, d + ld, 0.f);
-  }
-}
-
-// dst[c * ld + r] = src[r, c] * mul for r < rows, c < cols; zero for rows <= r < ld.
-template <typename T>
-void pack_transposed(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols,
-                     int64_t ld, float* dst, float mul = 1.f) {
-  for (int64_t c = 0; c < cols; ++c) {
-    float* d = dst + c * ld;
-    for (int64_t r = 0; r < rows; ++r) d[r] = static_cast<float>(src[r * rs + c * cs]) * mul;
-    std::fill(d + rows, d + ld, 0.f);
-  }
-}
-
-// A key or value tile as the micro-kernels read it: rows of `ld` floats with unit column
-// stride. float32 rows that already have that layout are used in place; others are packed.
-template <typename T>
-struct RowTile {
-  std::vector<float> buf;
-  const float* data = nullptr;
-  int64_t ld = 0;
-
-  RowTile(int64_t rows, int64_t ld_packed) : buf(rows * ld_packed) {}
-
-  void load(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols, int64_t ld_packed) {
-    if constexpr (std::is_same_v<T, float>) {
-      if (cs == 1 && cols == ld_packed) {
-        data = src;
-        ld = rs;
-        return;
-      }
-    }
-    pack_rows(src, rs, cs, rows, cols, ld_packed, buf.data());
-    data = buf.data();
-    ld = ld_packed;
-  }
-};
 
 // The valid keys [begin, end) of one batch row, before causality.
 struct KeyRange {
   int64_t begin, end;
 };
 
-KeyRange key_range(const AttentionParams& p, int64_t b) {
-  if (p.kv_begin == nullptr) return {0, p.kv_len};
-  return {p.kv_begin[b], p.kv_end[b]};
-}
-
 // Everything that masks one (batch, head): applied to a transposed score tile in log2 units.
 struct TileMasker {
   const AttentionParams& p;
+  const SeqInfo& seq;
   int64_t b, h;
 
   void apply(float* s, int64_t j0, int nk, int64_t i0, int mq) const {
@@ -161,13 +69,16 @@ struct TileMasker {
   }
 
   // Multiplies the tile by keep / (1 - p) (or writes that factor into `out` when given).
+  // Sequence b of a packed batch draws what a lone call with seed + b * H would.
   void dropout(float* s, int64_t j0, int nk, int64_t i0, int mq, float* out = nullptr) const {
     const float inv_keep = 1.f / (1.f - p.dropout_p);
-    const uint64_t row0 = static_cast<uint64_t>((b * p.heads + h) * p.q_len + i0);
+    const bool packed = p.cu_seqlens_q != nullptr;
+    const uint64_t seed = p.seed + (packed ? b * p.heads : 0);
+    const uint64_t row0 = static_cast<uint64_t>(((packed ? 0 : b * p.heads) + h) * seq.q_len + i0);
     for (int j = 0; j < nk; ++j)
       for (int i = 0; i < mq; ++i) {
-        const uint64_t index = (row0 + i) * p.kv_len + j0 + j;
-        const float f = dropout_keep(p.seed, index, p.dropout_p) ? inv_keep : 0.f;
+        const uint64_t index = (row0 + i) * seq.k_len + j0 + j;
+        const float f = dropout_keep(seed, index, p.dropout_p) ? inv_keep : 0.f;
         if (out != nullptr) out[j * kBlockQ + i] = f; else s[j * kBlockQ + i] *= f;
       }
   }
@@ -248,7 +159,7 @@ struct PackedKV {
 template <typename T>
 void forward_impl(const AttentionParams& p) {
   const MicroKernels& mk = micro_kernels();
-  const int64_t B = p.batch, H = p.heads, Hkv = p.kv_heads, Nq = p.q_len, D = p.head_dim;
+  const int64_t B = p.batch, H = p.heads, Hkv = p.kv_heads, Nq = p.q_len, D = p.head_dim;  // Nq: the longest
   const int64_t Dp = round_up(D, 16), group = H / Hkv;
   const int64_t q_blocks = (Nq + kBlockQ - 1) / kBlockQ;
   const float qk_scale = p.scale * kLog2e;  // exp(x) = exp2(x * log2 e): fold it into q
@@ -260,15 +171,17 @@ void forward_impl(const AttentionParams& p) {
   const int64_t *qs = p.q_stride, *ks = p.k_stride, *vs = p.v_stride, *os = p.o_stride;
 
   // One query tile of head h against its visible keys; kv(j0, nk) gives the key/value rows.
-  const auto query_tile = [&](ForwardBuffers& buf, int64_t b, int64_t h, int64_t i0, const auto& kv) {
-    const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, Nq - i0));
-    KeyRange keys = key_range(p, b);
+  const auto query_tile = [&](ForwardBuffers& buf, const SeqInfo& seq, int64_t b, int64_t h, int64_t i0,
+                              const auto& kv) {
+    if (i0 >= seq.q_len) return;  // past a packed sequence's queries
+    const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, seq.q_len - i0));
+    KeyRange keys{seq.key_begin, seq.key_end};
     if (p.causal) keys.end = std::min(keys.end, i0 + mq);
-    const TileMasker masker{p, b, h};
+    const TileMasker masker{p, seq, b, h};
     std::fill(buf.m.begin(), buf.m.end(), kNegInf);
     std::fill(buf.l.begin(), buf.l.end(), 0.f);
     std::fill(buf.acc.begin(), buf.acc.end(), 0.f);
-    const T* qh = q + b * qs[0] + h * qs[1] + i0 * qs[2];
+    const T* qh = q + b * qs[0] + h * qs[1] + (seq.q_off + i0) * qs[2];
     if (keys.begin < keys.end) {
       if (bf16_dots)  // Q^T in pairs along the head dim: [Dp / 2][queries]
         pack_pairs(qh, qs[3], qs[2], D, mq, kBlockQ, buf.qt2.data(), qk_scale);
@@ -293,8 +206,8 @@ void forward_impl(const AttentionParams& p) {
         mk.gemm(mq, Dp, nk, buf.s.data(), 1, kBlockQ, rows.v, rows.ldv, buf.acc.data(), Dp, true);
       }
     }
-    T* o = out + b * os[0] + h * os[1] + i0 * os[2];
-    float* lse = p.lse + (b * H + h) * Nq + i0;
+    T* o = out + b * os[0] + h * os[1] + (seq.q_off + i0) * os[2];
+    float* lse = seq.lse(p, b, h) + i0;
     for (int i = 0; i < mq; ++i) {
       const bool seen = buf.l[i] > 0.f;  // false: no visible key, the row is zero
       const float inv_l = seen ? 1.f / buf.l[i] : 0.f;
@@ -313,13 +226,14 @@ void forward_impl(const AttentionParams& p) {
       PackedKV packed;
       for (int64_t item = next(); item >= 0; item = next()) {
         const int64_t b = item / Hkv, hk = item % Hkv;
-        const KeyRange keys = key_range(p, b);
-        packed.pack(k + b * ks[0] + hk * ks[1] + keys.begin * ks[2], ks[2], ks[3],
-                    v + b * vs[0] + hk * vs[1] + keys.begin * vs[2], vs[2], vs[3],
-                    std::max<int64_t>(keys.end - keys.begin, 0), D, Dp, bf16_dots);
-        const auto kv = [&](int64_t j0, int) { return packed.from(j0 - keys.begin, Dp, bf16_dots); };
+        const SeqInfo seq(p, b);
+        const int64_t first = seq.k_off + seq.key_begin;
+        packed.pack(k + b * ks[0] + hk * ks[1] + first * ks[2], ks[2], ks[3],
+                    v + b * vs[0] + hk * vs[1] + first * vs[2], vs[2], vs[3],
+                    std::max<int64_t>(seq.key_end - seq.key_begin, 0), D, Dp, bf16_dots);
+        const auto kv = [&](int64_t j0, int) { return packed.from(j0 - seq.key_begin, Dp, bf16_dots); };
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
-          for (int64_t qb = q_blocks - 1; qb >= 0; --qb) query_tile(buf, b, h, qb * kBlockQ, kv);
+          for (int64_t qb = q_blocks - 1; qb >= 0; --qb) query_tile(buf, seq, b, h, qb * kBlockQ, kv);
       }
     });
     return;
@@ -334,9 +248,10 @@ void forward_impl(const AttentionParams& p) {
     PackedKV tile;
     for (int64_t item = next(); item >= 0; item = next()) {
       const int64_t bh = item % (B * H), b = bh / H, h = bh % H, hk = h / group;
+      const SeqInfo seq(p, b);
       const auto kv = [&](int64_t j0, int nk) {
-        const T* kr = k + b * ks[0] + hk * ks[1] + j0 * ks[2];
-        const T* vr = v + b * vs[0] + hk * vs[1] + j0 * vs[2];
+        const T* kr = k + b * ks[0] + hk * ks[1] + (seq.k_off + j0) * ks[2];
+        const T* vr = v + b * vs[0] + hk * vs[1] + (seq.k_off + j0) * vs[2];
         if (bf16_dots) {
           tile.pack(kr, ks[2], ks[3], vr, vs[2], vs[3], nk, D, Dp, true);
           return tile.from(0, Dp, true);
@@ -345,7 +260,7 @@ void forward_impl(const AttentionParams& p) {
         vt.load(vr, vs[2], vs[3], nk, D, Dp);
         return KVRows{kt.data, kt.ld, vt.data, vt.ld};
       };
-      query_tile(buf, b, h, (q_blocks - 1 - item / (B * H)) * kBlockQ, kv);
+      query_tile(buf, seq, b, h, (q_blocks - 1 - item / (B * H)) * kBlockQ, kv);
     }
   });
 }
@@ -356,8 +271,8 @@ void forward_impl(const AttentionParams& p) {
 template <typename T>
 void backward_impl(const AttentionBwdParams& p) {
   const MicroKernels& mk = micro_kernels();
-  const int64_t H = p.heads, Nq = p.q_len, Nk = p.kv_len, D = p.head_dim, Dp = round_up(D, 16);
-  const int64_t Nq_pad = round_up(std::max<int64_t>(Nq, 1), kBlockQ);
+  const int64_t H = p.heads, D = p.head_dim, Dp = round_up(D, 16);
+  const int64_t Nq_pad = round_up(std::max<int64_t>(p.q_len, 1), kBlockQ);  // the longest sequence's
   const int64_t group = p.heads / p.kv_heads;
   const float qk_scale = p.scale * kLog2e;
   const T* q = static_cast<const T*>(p.q);
@@ -378,10 +293,13 @@ void backward_impl(const AttentionBwdParams& p) {
         dk(kBwdBlockK * Dp), dv(kBwdBlockK * Dp);
     for (int64_t bh = next(); bh >= 0; bh = next()) {
       const int64_t b = bh / H, h = bh % H, hk = h / group;
-      const KeyRange keys = key_range(p, b);
-      const TileMasker masker{p, b, h};
-      float* dk_out = p.dk + bh * Nk * D;
-      float* dv_out = p.dv + bh * Nk * D;
+      const SeqInfo seq(p, b);
+      const int64_t Nq = seq.q_len, Nk = seq.k_len;
+      const KeyRange keys{seq.key_begin, seq.key_end};
+      const TileMasker masker{p, seq, b, h};
+      const int64_t kv_at = b * p.dkv_stride[0] + h * p.dkv_stride[1] + seq.k_off * D;
+      float* dk_out = p.dk + kv_at;
+      float* dv_out = p.dv + kv_at;
       std::fill(dk_out, dk_out + keys.begin * D, 0.f);  // keys no query sees
       std::fill(dk_out + std::max(keys.begin, keys.end) * D, dk_out + Nk * D, 0.f);
       std::fill(dv_out, dv_out + keys.begin * D, 0.f);
@@ -389,9 +307,9 @@ void backward_impl(const AttentionBwdParams& p) {
       std::fill(dq.begin(), dq.end(), 0.f);
 
       if (keys.begin < keys.end) {
-        const T* qh = q + b * qs[0] + h * qs[1];
-        const T* doh = dout + b * dos[0] + h * dos[1];
-        const T* oh = out + b * os[0] + h * os[1];
+        const T* qh = q + b * qs[0] + h * qs[1] + seq.q_off * qs[2];
+        const T* doh = dout + b * dos[0] + h * dos[1] + seq.q_off * dos[2];
+        const T* oh = out + b * os[0] + h * os[1] + seq.q_off * os[2];
         // Transposed Q and dO per query tile ([tile][Dp][kBlockQ]): a long row stride here would
         // map a GEMM operand's rows onto a few cache sets.
         for (int64_t i0 = 0; i0 < Nq; i0 += kBlockQ) {
@@ -401,8 +319,8 @@ void backward_impl(const AttentionBwdParams& p) {
         }
         pack_rows(qh, qs[2], qs[3], Nq, D, Dp, qr.data());
         pack_rows(doh, dos[2], dos[3], Nq, D, Dp, dor.data());
-        const float* lse = p.lse + bh * Nq;
-        const float* dlse = p.dlse == nullptr ? nullptr : p.dlse + bh * Nq;
+        const float* lse = seq.lse(p, b, h);
+        const float* dlse = p.dlse == nullptr ? nullptr : p.dlse + (lse - p.lse);  // lse's layout
         for (int64_t i = 0; i < Nq; ++i) {
           lse2[i] = lse[i] * kLog2e;
           float dot_do_o = 0.f;  // delta = rowsum(dO * O) - dlse, the softmax-backward offset
@@ -414,8 +332,8 @@ void backward_impl(const AttentionBwdParams& p) {
 
       for (int64_t j0 = keys.begin; j0 < keys.end; j0 += kBwdBlockK) {
         const int nk = static_cast<int>(std::min<int64_t>(kBwdBlockK, keys.end - j0));
-        pack_rows(k + b * ks[0] + hk * ks[1] + j0 * ks[2], ks[2], ks[3], nk, D, Dp, kt.data());
-        pack_rows(v + b * vs[0] + hk * vs[1] + j0 * vs[2], vs[2], vs[3], nk, D, Dp, vt.data());
+        pack_rows(k + b * ks[0] + hk * ks[1] + (seq.k_off + j0) * ks[2], ks[2], ks[3], nk, D, Dp, kt.data());
+        pack_rows(v + b * vs[0] + hk * vs[1] + (seq.k_off + j0) * vs[2], vs[2], vs[3], nk, D, Dp, vt.data());
         std::fill(dk.begin(), dk.end(), 0.f);
         std::fill(dv.begin(), dv.end(), 0.f);
         const int64_t first_q = p.causal ? j0 / kBlockQ * kBlockQ : 0;  // queries i >= j0
@@ -446,7 +364,7 @@ void backward_impl(const AttentionBwdParams& p) {
             dv_out[(j0 + j) * D + d] = dv[j * Dp + d];
           }
       }
-      float* dq_out = p.dq + bh * Nq * D;
+      float* dq_out = p.dq + b * p.dq_stride[0] + h * p.dq_stride[1] + seq.q_off * D;
       for (int64_t i = 0; i < Nq; ++i)
         for (int64_t d = 0; d < D; ++d) dq_out[i * D + d] = dq[i * Dp + d] * p.scale;
     }

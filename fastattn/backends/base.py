@@ -23,6 +23,7 @@ class Problem:
     dropout: bool
     needs_grad: bool
     aligned: bool = True  # unit head-dim stride, other strides multiples of 8, 16-byte aligned data
+    varlen: bool = False  # packed sequences (fastattn.attention_varlen)
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Capabilities:
     mask_kinds: frozenset[str] = frozenset({"bool", "float"})
     dropout: bool = True
     backward: bool = True
+    varlen: bool = True
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,15 @@ class Masks:
     key_padding: Tensor | None  # (B, Nk) bool, True = ignore
     key_ranges: Tensor | None  # (3, B) int32 from masks.key_ranges: begin, end, holes
     attn_mask: Tensor | None  # (B, H, Nq, Nk) bool or float32, broadcast dims with stride 0
+    # Packed sequences: (B + 1,) int32 cumulative lengths and the longest, q/k/v (1, H, total, D)
+    cu_seqlens_q: Tensor | None = None
+    cu_seqlens_k: Tensor | None = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
 
 
 class Backend(ABC):
@@ -79,6 +90,8 @@ class Backend(ABC):
             why.append("dropout not supported")
         if problem.needs_grad and not caps.backward:
             why.append("backward not supported")
+        if problem.varlen and not caps.varlen:
+            why.append("packed (varlen) sequences not supported")
         return why
 
     @abstractmethod

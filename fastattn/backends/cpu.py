@@ -13,7 +13,8 @@ def _extension():
 
 
 def _kernel_masks(masks: Masks):
-    return _extension().MaskTensors(masks.key_ranges, masks.key_padding, masks.attn_mask)
+    return _extension().MaskTensors(masks.key_ranges, masks.key_padding, masks.attn_mask, masks.cu_seqlens_q,
+                                    masks.cu_seqlens_k, masks.max_seqlen_q, masks.max_seqlen_k)
 
 
 class CpuBackend(Backend):

@@ -29,6 +29,7 @@ class CudaBackend(Backend):
         max_head_dim=max(HEAD_DIMS),
         mask_kinds=frozenset(),
         dropout=False,
+        varlen=False,  # its kernels index padded batches only
     )
 
     def probe(self):

@@ -17,6 +17,12 @@ def dropout_multipliers(q, kv_len: int, dropout_p: float, seed: int):
     return keep.to(torch.promote_types(q.dtype, torch.float32)) / (1.0 - dropout_p)
 
 
+def _sequences(masks: Masks):
+    """Packed sequences one by one: (query rows, key rows) of each."""
+    cq, ck = masks.cu_seqlens_q.tolist(), masks.cu_seqlens_k.tolist()
+    return [(slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])) for b in range(len(cq) - 1)]
+
+
 class ReferenceBackend(Backend):
     name = "reference"
     caps = Capabilities(
@@ -26,11 +32,27 @@ class ReferenceBackend(Backend):
     )
 
     def forward(self, q, k, v, masks: Masks, causal, scale, dropout_p, seed):
+        out, lse = empty_out(q), empty_lse(q)
+        if masks.varlen:  # sequence b as a lone call with seed + b * H, as the kernels draw it
+            for b, (qs, ks) in enumerate(_sequences(masks)):
+                o, l = self.forward(q[:, :, qs], k[:, :, ks], v[:, :, ks], Masks(None, None, None), causal,
+                                    scale, dropout_p, seed + b * q.shape[1])
+                out[:, :, qs], lse[:, :, qs] = o, l
+            return out, lse
         keep = dropout_multipliers(q, k.shape[2], dropout_p, seed)
-        out, lse = reference_attention(q, k, v, masks.key_padding, masks.attn_mask, causal, scale, keep)
-        return empty_out(q).copy_(out), empty_lse(q).copy_(lse)
+        o, l = reference_attention(q, k, v, masks.key_padding, masks.attn_mask, causal, scale, keep)
+        return out.copy_(o), lse.copy_(l)
 
     def backward(self, dout, dlse, q, k, v, out, lse, masks: Masks, causal, scale, dropout_p, seed):
+        if masks.varlen:
+            grads = [torch.empty_like(t) for t in (q, k, v)]  # the sequences cover every row
+            for b, (qs, ks) in enumerate(_sequences(masks)):
+                g = self.backward(dout[:, :, qs], None if dlse is None else dlse[:, :, qs], q[:, :, qs],
+                                  k[:, :, ks], v[:, :, ks], out[:, :, qs], lse[:, :, qs],
+                                  Masks(None, None, None), causal, scale, dropout_p, seed + b * q.shape[1])
+                for grad, rows, part in zip(grads, (qs, ks, ks), g):
+                    grad[:, :, rows] = part
+            return tuple(grads)
         keep = dropout_multipliers(q, k.shape[2], dropout_p, seed)
         return reference_attention_backward(dout, dlse, q, k, v, masks.key_padding,
                                             masks.attn_mask, causal, scale, keep)

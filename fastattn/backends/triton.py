@@ -23,7 +23,8 @@ def _kernels():
 
 
 def _mask_args(q, masks: Masks):
-    return _kernels().MaskArgs(q, masks.key_padding, masks.key_ranges, masks.attn_mask)
+    return _kernels().MaskArgs(q, masks.key_padding, masks.key_ranges, masks.attn_mask, masks.cu_seqlens_q,
+                               masks.cu_seqlens_k)
 
 
 class TritonBackend(Backend):
@@ -48,7 +49,8 @@ class TritonBackend(Backend):
 
     def forward(self, q, k, v, masks, causal, scale, dropout_p, seed):
         out, lse = empty_out(q), empty_lse(q)
-        _kernels().forward(q, k, v, out, lse, _mask_args(q, masks), causal, scale, dropout_p, seed)
+        _kernels().forward(q, k, v, out, lse, _mask_args(q, masks), causal, scale, dropout_p, seed,
+                           (masks.max_seqlen_q, masks.max_seqlen_k))
         return out, lse
 
     def backward(self, dout, dlse, q, k, v, out, lse, masks, causal, scale, dropout_p, seed):
@@ -59,5 +61,5 @@ class TritonBackend(Backend):
         if dlse is not None:
             dlse = dlse.to(torch.float32).contiguous()
         _kernels().backward(dout, dlse, q, k, v, out, lse, _mask_args(q, masks), causal, scale,
-                            dropout_p, seed, dq, dk, dv)
+                            dropout_p, seed, dq, dk, dv, (masks.max_seqlen_q, masks.max_seqlen_k))
         return dq, dk, dv

@@ -1,0 +1,114 @@
+// Decoding against a KV cache on the CPU: flash-decoding. A few new queries per sequence
+// (q_len <= 16) against a long cache: the work is reading the cache, so a task is one split of
+// one kv head's valid keys against every query of its GQA group at once (rows r = g * q_len + i
+// for query i of head hk * group + g), and each cached key is read once per group. Splits keep
+// every thread busy when batch * kv heads is small; a merge then combines their partial
+// outputs by their log-sum-exp.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <vector>
+
+#include "cpu_tiles.h"
+#include "flash_cpu.h"
+#include "micro_kernels.h"
+
+namespace fastattn::cpu {
+namespace {
+
+constexpr int kDecodeBlockK = 128;   // keys per score tile
+constexpr int64_t kMinSplit = 1024;  // keys per split at least: below that, merging costs more
+
+template <typename T>
+void decode_impl(const AttentionParams& p) {
+  const MicroKernels& mk = micro_kernels();
+  const int64_t B = p.batch, H = p.heads, Hkv = p.kv_heads, Nq = p.q_len, D = p.head_dim;
+  const int64_t Dp = round_up(D, 16), group = H / Hkv, R = group * Nq, ldr = round_up(R, 16);
+  const float qk_scale = p.scale * kLog2e;
+  const int64_t threads = at::get_num_threads();
+  const int64_t splits = std::clamp<int64_t>((2 * threads + B * Hkv - 1) / (B * Hkv), 1,
+                                             std::max<int64_t>(1, p.kv_len / kMinSplit));
+  const int64_t split_len = round_up((p.kv_len + splits - 1) / splits, kDecodeBlockK);
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const int64_t *qs = p.q_stride, *ks = p.k_stride, *vs = p.v_stride, *os = p.o_stride;
+  // Each task's normalised partial output (R x D) and lse (R), natural log.
+  std::vector<float> o_part(B * Hkv * splits * R * D), lse_part(B * Hkv * splits * R);
+
+  parallel_dynamic(B * Hkv * splits, [&](const auto& next) {
+    const FlushDenormals ftz;
+    std::vector<float> qt(Dp * ldr), s(kDecodeBlockK * ldr), acc(R * Dp), m(ldr), l(ldr), alpha(ldr);
+    RowTile<T> kt(kDecodeBlockK, Dp), vt(kDecodeBlockK, Dp);
+    for (int64_t item = next(); item >= 0; item = next()) {
+      const int64_t b = item / (Hkv * splits), hk = item / splits % Hkv, split = item % splits;
+      const int64_t len = p.seqused_k[b], lo = split * split_len, hi = std::min(lo + split_len, len);
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), 0.f);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      if (lo < hi) {  // Q^T of the whole group: [Dp][ldr], zero past D and R
+        std::fill(qt.begin(), qt.end(), 0.f);
+        for (int64_t r = 0; r < R; ++r) {
+          const T* row = q + b * qs[0] + (hk * group + r / Nq) * qs[1] + r % Nq * qs[2];
+          for (int64_t d = 0; d < D; ++d) qt[d * ldr + r] = static_cast<float>(row[d * qs[3]]) * qk_scale;
+        }
+      }
+      for (int64_t j0 = lo; j0 < hi; j0 += kDecodeBlockK) {
+        const int nk = static_cast<int>(std::min<int64_t>(kDecodeBlockK, hi - j0));
+        kt.load(k + b * ks[0] + hk * ks[1] + j0 * ks[2], ks[2], ks[3], nk, D, Dp);
+        vt.load(v + b * vs[0] + hk * vs[1] + j0 * vs[2], vs[2], vs[3], nk, D, Dp);
+        mk.gemm(nk, static_cast<int>(ldr), Dp, kt.data, kt.ld, 1, qt.data(), ldr, s.data(), ldr, false);
+        if (p.causal && j0 + nk > len - Nq + 1) {  // keys past some query's last: hide them
+          for (int j = 0; j < nk; ++j)
+            for (int64_t r = 0; r < R; ++r)
+              if (j0 + j > len - Nq + r % Nq) s[j * ldr + r] = kNegInf;
+        }
+        mk.softmax_step(s.data(), nk, static_cast<int>(R), ldr, m.data(), l.data(), alpha.data());
+        mk.scale_rows(acc.data(), static_cast<int>(R), Dp, Dp, alpha.data());
+        mk.gemm(static_cast<int>(R), Dp, nk, s.data(), 1, ldr, vt.data, vt.ld, acc.data(), Dp, true);
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        const bool seen = l[r] > 0.f;
+        const float inv_l = seen ? 1.f / l[r] : 0.f;
+        float* o = o_part.data() + (item * R + r) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = acc[r * Dp + d] * inv_l;
+        lse_part[item * R + r] = seen ? m[r] * kLn2 + std::log(l[r]) : kNegInf;
+      }
+    }
+  });
+
+  // Merge: out = sum over splits of exp(lse_split - lse) * out_split, lse = logsumexp(lse_split).
+  at::parallel_for(0, B * Hkv * R, 64, [&](int64_t first, int64_t last) {
+    std::vector<float> w(splits), o(D);
+    for (int64_t row = first; row < last; ++row) {
+      const int64_t bhk = row / R, r = row % R, b = bhk / Hkv, h = bhk % Hkv * group + r / Nq, i = r % Nq;
+      const auto part = [&](int64_t split) { return (bhk * splits + split) * R + r; };
+      float top = kNegInf;
+      for (int64_t sp = 0; sp < splits; ++sp) top = std::max(top, lse_part[part(sp)]);
+      float total = 0.f;
+      std::fill(o.begin(), o.end(), 0.f);
+      for (int64_t sp = 0; sp < splits; ++sp) {
+        const float wt = top == kNegInf ? 0.f : std::exp(lse_part[part(sp)] - top);
+        total += wt;
+        for (int64_t d = 0; d < D; ++d) o[d] += wt * o_part[part(sp) * D + d];
+      }
+      T* out = static_cast<T*>(p.out) + b * os[0] + h * os[1] + i * os[2];
+      const float inv = total > 0.f ? 1.f / total : 0.f;
+      for (int64_t d = 0; d < D; ++d) out[d * os[3]] = static_cast<T>(o[d] * inv);
+      p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + i] = total > 0.f ? top + std::log(total) : kNegInf;
+    }
+  });
+}
+
+}  // namespace
+
+void decode(const AttentionParams& p) {
+  switch (p.dtype) {
+    case DType::kFloat32: return decode_impl<float>(p);
+    case DType::kFloat16: return decode_impl<c10::Half>(p);
+    case DType::kBFloat16: return decode_impl<c10::BFloat16>(p);
+  }
+}
+
+}  // namespace fastattn::cpu
