@@ -6,8 +6,10 @@ from .backends import NoBackendError, available_backends, unavailable_backends
 from .hf import register_transformers
 from .reference import reference_attention
 from .varlen import attention_varlen, pad, unpad
+from .kvcache import attention_with_kvcache
 
 __version__ = "0.1.0"
 
-__all__ = ["MultiHeadAttention", "NoBackendError", "attention", "attention_varlen", "available_backends", "pad",
-           "reference_attention", "register_transformers", "replace_attention", "unavailable_backends", "unpad"]
+__all__ = ["MultiHeadAttention", "NoBackendError", "attention", "attention_varlen", "attention_with_kvcache",
+           "available_backends", "pad", "reference_attention", "register_transformers", "replace_attention",
+           "unavailable_backends", "unpad"]

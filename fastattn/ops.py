@@ -68,3 +68,26 @@ def _backward(ctx, dout, dlse):
 
 torch.library.register_autograd("fastattn::attention_forward", _backward,
                                 setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastattn::attention_kvcache", mutates_args=("k_cache", "v_cache"))
+def attention_kvcache(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k_new: Tensor | None,
+    v_new: Tensor | None, causal: bool, scale: float, backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Writes k_new/v_new (B, Hkv, Nnew, D) into the caches at rows cache_seqlens[b] + t, then
+    attends q to the first cache_seqlens[b] + Nnew keys of each row. No host sync."""
+    seqlens = cache_seqlens
+    if k_new is not None:
+        B, Hkv, Nnew, D = k_new.shape
+        rows = cache_seqlens.long()[:, None] + torch.arange(Nnew, device=q.device)  # (B, Nnew)
+        index = rows[:, None, :, None].expand(B, Hkv, Nnew, D)
+        k_cache.scatter_(2, index, k_new)
+        v_cache.scatter_(2, index, v_new)
+        seqlens = cache_seqlens + Nnew
+    return REGISTRY[backend].decode(q, k_cache, v_cache, seqlens.to(torch.int32).contiguous(), causal, scale)
+
+
+@attention_kvcache.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, backend):
+    return empty_out(q), empty_lse(q)

@@ -24,6 +24,7 @@ class Problem:
     needs_grad: bool
     aligned: bool = True  # unit head-dim stride, other strides multiples of 8, 16-byte aligned data
     varlen: bool = False  # packed sequences (fastattn.attention_varlen)
+    decode: bool = False  # a few queries against a KV cache (fastattn.attention_with_kvcache)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Capabilities:
     dropout: bool = True
     backward: bool = True
     varlen: bool = True
+    decode: bool = True
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ class Backend(ABC):
             why.append("backward not supported")
         if problem.varlen and not caps.varlen:
             why.append("packed (varlen) sequences not supported")
+        if problem.decode and not caps.decode:
+            why.append("KV-cache decoding not supported")
         return why
 
     @abstractmethod
@@ -103,6 +107,12 @@ class Backend(ABC):
     def backward(self, dout, dlse, q, k, v, out, lse, masks: Masks, causal: bool, scale: float,
                  dropout_p: float, seed: int) -> tuple[Tensor, Tensor, Tensor]:
         """(dq, dk, dv), contiguous, in the inputs' dtypes; dlse may be None."""
+
+    def decode(self, q, k_cache, v_cache, seqlens, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+        """(out, lse) of q (B, H, Nq, D) against the first seqlens[b] (int32) keys of each cache
+        row (B, Hkv, Nmax, D), causal aligned to the last of them. Backends whose caps declare
+        decode override this."""
+        raise NotImplementedError(f"backend {self.name} declares no KV-cache decoding")
 
 
 def new_buffer(like: Tensor, *shape: int, dtype: torch.dtype | None = None) -> Tensor:

@@ -38,6 +38,11 @@ class CpuBackend(Backend):
                                  dropout_p, seed)
         return out, lse
 
+    def decode(self, q, k_cache, v_cache, seqlens, causal, scale):
+        out, lse = empty_out(q), empty_lse(q)
+        _extension().cpu_decode(q, k_cache, v_cache, out, lse, seqlens, causal, scale)
+        return out, lse
+
     def backward(self, dout, dlse, q, k, v, out, lse, masks, causal, scale, dropout_p, seed):
         dq, dk, dv = fp32_grad_buffers(q, k)
         if dlse is not None:

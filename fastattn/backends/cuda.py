@@ -30,6 +30,7 @@ class CudaBackend(Backend):
         mask_kinds=frozenset(),
         dropout=False,
         varlen=False,  # its kernels index padded batches only
+        decode=False,
     )
 
     def probe(self):

@@ -43,6 +43,16 @@ class ReferenceBackend(Backend):
         o, l = reference_attention(q, k, v, masks.key_padding, masks.attn_mask, causal, scale, keep)
         return out.copy_(o), lse.copy_(l)
 
+    def decode(self, q, k_cache, v_cache, seqlens, causal, scale):
+        Nq, Nmax = q.shape[2], k_cache.shape[2]
+        keys = torch.arange(Nmax, device=q.device)
+        lengths = seqlens.long()[:, None, None, None]  # (B, 1, 1, 1)
+        visible = keys < lengths
+        if causal:  # query i sees keys j <= length - Nq + i
+            visible = visible & (keys <= lengths - Nq + torch.arange(Nq, device=q.device)[:, None])
+        out, lse = reference_attention(q, k_cache, v_cache, attn_mask=visible, scale=scale)
+        return empty_out(q).copy_(out), empty_lse(q).copy_(lse)
+
     def backward(self, dout, dlse, q, k, v, out, lse, masks: Masks, causal, scale, dropout_p, seed):
         if masks.varlen:
             grads = [torch.empty_like(t) for t in (q, k, v)]  # the sequences cover every row

@@ -53,6 +53,13 @@ class TritonBackend(Backend):
                            (masks.max_seqlen_q, masks.max_seqlen_k))
         return out, lse
 
+    def decode(self, q, k_cache, v_cache, seqlens, causal, scale):
+        from .. import triton_decode
+
+        out, lse = empty_out(q), empty_lse(q)
+        triton_decode.decode(q, k_cache, v_cache, seqlens, out, lse, causal, scale)
+        return out, lse
+
     def backward(self, dout, dlse, q, k, v, out, lse, masks, causal, scale, dropout_p, seed):
         B, H, Nq, D = q.shape
         Hkv, Nk = k.shape[1], k.shape[2]

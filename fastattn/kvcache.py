@@ -1,0 +1,84 @@
+"""Decoding with a KV cache, as FlashAttention's flash_attn_with_kvcache: append the new keys
+and values to a preallocated cache in place and attend a few new queries to the valid prefix,
+all in one custom op with no host sync (CUDA-graph friendly)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .api import _DTYPES, check_scalars
+from .backends import Problem, select_backend
+
+MAX_QUERIES = 16  # new queries per sequence and call: decoding, speculative or not
+
+
+def _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> None:
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
+        if t is None and name in ("k_new", "v_new"):
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected 4 dims, got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES or t.dtype != q.dtype:
+            raise TypeError(f"{name}: expected q's dtype, one of {[str(d) for d in _DTYPES]}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} (q's), got {t.device}")
+    B, H, Nq, D = q.shape
+    if not 1 <= Nq <= MAX_QUERIES:
+        raise ValueError(f"q: expected 1 to {MAX_QUERIES} queries per sequence (B, H, Nq, D), got Nq = {Nq}")
+    if k_cache.shape != v_cache.shape or k_cache.shape[0] != B or k_cache.shape[3] != D:
+        raise ValueError(f"k_cache/v_cache: expected equal shapes (B, Hkv, Nmax, D) = ({B}, Hkv, Nmax, {D}), "
+                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    Hkv, Nmax = k_cache.shape[1:3]
+    if H % Hkv:
+        raise ValueError(f"k_cache: expected a head count dividing q's {H} heads, got {Hkv}")
+    if (k_new is None) != (v_new is None):
+        raise ValueError("k_new/v_new: expected both or neither")
+    if k_new is not None and (k_new.shape != v_new.shape or tuple(k_new.shape[:2]) != (B, Hkv) or k_new.shape[3] != D):
+        raise ValueError(f"k_new/v_new: expected equal shapes (B, Hkv, Nnew, D) = ({B}, {Hkv}, Nnew, {D}), "
+                         f"got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
+    if not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (B,):
+        raise TypeError(f"cache_seqlens: expected a ({B},) int32 tensor, got {cache_seqlens!r:.80}")
+    if cache_seqlens.device != q.device:
+        raise ValueError(f"cache_seqlens: expected device {q.device}, got {cache_seqlens.device}")
+    room = Nmax - (0 if k_new is None else k_new.shape[2])
+    ok = ((cache_seqlens >= 0) & (cache_seqlens <= room)).all()
+    if cache_seqlens.is_cuda or torch.compiler.is_compiling():
+        torch._assert_async(ok, "cache_seqlens: entries must lie in [0, Nmax - Nnew]")
+    elif not ok:
+        raise ValueError(f"cache_seqlens: expected entries in [0, Nmax - Nnew] = [0, {room}], got {cache_seqlens.tolist()}")
+
+
+def attention_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    *,
+    k_new: Tensor | None = None,
+    v_new: Tensor | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Attention of a few new queries against a KV cache. Forward only.
+
+    q (B, H, Nq <= 16, D); k_cache and v_cache (B, Hkv, Nmax, D), H % Hkv == 0, holding
+    cache_seqlens[b] (int32) valid rows before the call. k_new/v_new (B, Hkv, Nnew, D), if given,
+    are written into the caches in place at rows cache_seqlens[b] ... + Nnew - 1 (the caller
+    advances cache_seqlens). The queries then attend to the first cache_seqlens[b] + Nnew keys;
+    causal is aligned to the end: query i sees keys j <= total - Nq + i. The cache is split
+    across CTAs (GPU) or threads (CPU) and the splits merged (flash-decoding).
+    Returns out (B, H, Nq, D), or (out, lse) with lse (B, H, Nq) float32."""
+    _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new)
+    scale = check_scalars(causal, scale, 0.0, backend, q.shape[-1])
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, k_new, v_new)):
+        raise ValueError("attention_with_kvcache: forward only; call it under torch.no_grad() or on detached tensors")
+    problem = Problem(device=q.device.type, dtype=q.dtype, head_dim=q.shape[-1], mask_kind=None,
+                      key_padding=False, causal=causal, dropout=False, needs_grad=False, decode=True)
+    chosen = select_backend(backend, problem)
+    out, lse = ops.attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, chosen.name)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,125 @@
+"""Decoding against a KV cache in Triton: flash-decoding.
+
+A few new queries per sequence (Nq <= 16) against a long cache leave a normal flash forward
+with one CTA per (batch, head): too few to fill the GPU at small batches. Here the cache is cut
+into splits, one CTA per (split, kv head): it attends every query of the head's GQA group (rows
+r = g * Nq + i: query i of head hk * group + g, so a key tile is loaded once for the whole group)
+to its split of the valid keys, and writes a normalised partial output and lse. A small merge
+kernel combines the splits by their lse. Causal is aligned to the last valid key."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_attention import INTERPRETING, LOG2E, _mma, block_d, dot_precision
+
+
+@triton.jit
+def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, SEQLENS,
+                         stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn,
+                         stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
+                         H, Hkv, Nq, D, group, qk_scale, split_len, num_splits,
+                         CAUSAL: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    split = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b, hk = bhk // Hkv, bhk % Hkv
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    g, i = rows // Nq, rows % Nq
+    row_ok = rows < group * Nq
+    h = hk * group + g
+    offs_d = tl.arange(0, BLOCK_D)
+    length = tl.load(SEQLENS + b)
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, length)
+    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + i[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    last = length - Nq + i  # causal: the last key query i sees
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_ok = (offs_n[:, None] < hi) & (offs_d[None, :] < D)
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
+        s = _mma(q, tl.trans(k), PREC) * qk_scale
+        keep = offs_n[None, :] < hi
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= last[:, None])
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
+        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, PREC)
+        m_i = m_new
+    seen = l_i > 0.0
+    part = ((b * H + h) * Nq + i) * num_splits + split  # O_PART (B, H, Nq, splits, D), LSE_PART without D
+    tl.store(O_PART + part[:, None] * D + offs_d[None, :], acc / tl.where(seen, l_i, 1.0)[:, None],
+             mask=row_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(LSE_PART + part, tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf")),
+             mask=row_ok)
+
+
+@triton.jit
+def _decode_merge_kernel(O_PART, LSE_PART, O, LSE, stride_ob, stride_oh, stride_om, stride_od,
+                         H, Nq, D, num_splits, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out = sum_s 2^(lse_s - lse) out_s and lse = log2-sum-exp2 of lse_s, for one query row."""
+    row = tl.program_id(0)  # (b * H + h) * Nq + i
+    b, h, i = row // (H * Nq), row // Nq % H, row % Nq
+    offs_s = tl.arange(0, SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    lse2 = tl.load(LSE_PART + row * num_splits + offs_s, mask=offs_s < num_splits, other=float("-inf"))
+    top = tl.max(lse2, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.math.exp2(lse2 - top)
+    total = tl.sum(w, 0)
+    o = tl.load(O_PART + (row * num_splits + offs_s)[:, None] * D + offs_d[None, :],
+                mask=(offs_s[:, None] < num_splits) & (offs_d[None, :] < D), other=0.0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(O + b * stride_ob + h * stride_oh + i * stride_om + offs_d * stride_od, out.to(O.dtype.element_ty),
+             mask=offs_d < D)
+    lse = tl.where(total > 0.0, (top + tl.math.log2(tl.where(total > 0.0, total, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    tl.store(LSE + row, lse)
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    if INTERPRETING:
+        return 4  # a small pretend GPU, so that the interpreter tests split the cache too
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_count(ctas: int, cache_len: int, block_n: int, multiprocessors: int) -> int:
+    """Splits per kv head: enough CTAs for two waves, each split at least two key tiles."""
+    wanted = triton.cdiv(2 * multiprocessors, max(ctas, 1))
+    return max(1, min(wanted, cache_len // (2 * block_n), 128))
+
+
+def decode(q, k_cache, v_cache, seqlens, out, lse, causal: bool, scale: float) -> None:
+    """q (B, H, Nq, D); caches (B, Hkv, Nmax, D); seqlens (B,) int32 valid keys per row; writes
+    out (B, H, Nq, D) and lse (B, H, Nq) contiguous."""
+    B, H, Nq, D = q.shape
+    Hkv, Nmax = k_cache.shape[1], k_cache.shape[2]
+    group = H // Hkv
+    block_m = max(16, min(64, triton.next_power_of_2(group * Nq)))
+    m_blocks = triton.cdiv(group * Nq, block_m)
+    block_n = 32 if INTERPRETING else 64
+    splits = split_count(B * Hkv * m_blocks, Nmax, block_n, _multiprocessors(q.device))
+    split_len = triton.cdiv(triton.cdiv(Nmax, splits), block_n) * block_n
+    o_part = torch.empty(B, H, Nq, splits, D, device=q.device, dtype=torch.float32)
+    lse_part = torch.empty(B, H, Nq, splits, device=q.device, dtype=torch.float32)
+    _decode_split_kernel[(splits, B * Hkv, m_blocks)](
+        q, k_cache, v_cache, o_part, lse_part, seqlens, *q.stride(), *k_cache.stride(), *v_cache.stride(),
+        H, Hkv, Nq, D, group, scale * LOG2E, split_len, splits, CAUSAL=causal, PREC=dot_precision(q.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d(D), num_warps=4, num_stages=2)
+    _decode_merge_kernel[(B * H * Nq,)](o_part, lse_part, out, lse, *out.stride(), H, Nq, D, splits,
+                                        SPLITS=triton.next_power_of_2(splits), BLOCK_D=block_d(D))

@@ -1,0 +1,98 @@
+"""fastattn.attention_with_kvcache: equals the full forward on the cache's valid prefix, against
+the float64 reference; new keys land in the cache in place; bad input."""
+import pytest
+import torch
+
+import fastattn
+from fastattn import attention_with_kvcache
+from helpers import CPU_BACKENDS, TOL, count_fastattn_nodes, rel_err
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = CPU_BACKENDS + [b for b in ("triton",) if b in fastattn.available_backends()]
+
+
+def expected(q, k_cache, v_cache, lengths, causal, scale):
+    """Per row b: the float64 reference on the first lengths[b] keys, causal aligned to the end."""
+    outs, lses = [], []
+    for b, n in enumerate(lengths.tolist()):
+        qb, kb, vb = (t[b:b + 1].double() for t in (q, k_cache[:, :, :n], v_cache[:, :, :n]))
+        Nq = q.shape[2]
+        visible = torch.arange(n, device=q.device) <= n - Nq + torch.arange(Nq, device=q.device)[:, None]
+        o, lse = fastattn.reference_attention(qb, kb, vb, attn_mask=visible if causal else None, scale=scale)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("Nq, Nnew", [(1, 1), (4, 0), (16, 16), (3, 5)], ids=str)
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (6, 1)], ids=str)
+@pytest.mark.parametrize("causal", [True, False])
+def test_equals_full_forward_on_the_valid_prefix(backend, dtype, Nq, Nnew, heads, causal):
+    torch.manual_seed(hash((str(dtype), Nq, Nnew, heads, causal)) % 2**31)
+    H, Hkv = heads
+    B, Nmax, D = 4, 300, 64 if H == 4 else 80
+    k_cache, v_cache = (torch.randn(B, Hkv, Nmax, D, device=DEVICE).to(dtype) for _ in range(2))
+    cache_seqlens = torch.tensor([0, 1, 130, Nmax - Nnew], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(B, H, Nq, D, device=DEVICE).to(dtype)
+    k_new, v_new = (torch.randn(B, Hkv, Nnew, D, device=DEVICE).to(dtype) for _ in range(2))
+    before = k_cache.clone()
+    out, lse = attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=k_new if Nnew else None,
+                                      v_new=v_new if Nnew else None, causal=causal, scale=0.2,
+                                      return_lse=True, backend=backend)
+    for b, n in enumerate(cache_seqlens.tolist()):  # the new rows, and nothing else, were written
+        torch.testing.assert_close(k_cache[b, :, n:n + Nnew], k_new[b], rtol=0, atol=0)
+        torch.testing.assert_close(v_cache[b, :, n:n + Nnew], v_new[b], rtol=0, atol=0)
+        assert torch.equal(k_cache[b, :, :n], before[b, :, :n]) and torch.equal(k_cache[b, :, n + Nnew:], before[b, :, n + Nnew:])
+    ref, ref_lse = expected(q, k_cache, v_cache, cache_seqlens + Nnew, causal, 0.2)
+    assert out.shape == q.shape and out.dtype == dtype and lse.shape == q.shape[:3]
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < TOL[dtype], f"out: {rel_err(out, ref):.2e}"
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert rel_err(lse[finite], ref_lse[finite], floor=finite.sum().item() ** 0.5) < max(TOL[dtype], 1e-5)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_long_cache_is_split_and_merged(backend):
+    """A cache long enough that the kernels split it (the CPU kernel at 1024 keys a split)."""
+    torch.manual_seed(3)
+    B, H, Hkv, Nmax, D = 1, 2, 1, 4100, 32
+    k_cache, v_cache = torch.randn(2, B, Hkv, Nmax, D, device=DEVICE)
+    q = torch.randn(B, H, 2, D, device=DEVICE)
+    lengths = torch.tensor([Nmax - 3], dtype=torch.int32, device=DEVICE)
+    out = attention_with_kvcache(q, k_cache, v_cache, lengths, backend=backend)
+    ref, _ = expected(q, k_cache, v_cache, lengths, True, D ** -0.5)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_one_node_under_compile():
+    q = torch.randn(2, 4, 1, 32)
+    k_cache, v_cache = torch.randn(2, 2, 2, 50, 32)
+    k_new, v_new = torch.randn(2, 2, 2, 1, 32)
+    lengths = torch.tensor([3, 20], dtype=torch.int32)
+    f = lambda q, kc, vc, kn, vn: attention_with_kvcache(q, kc, vc, lengths, k_new=kn, v_new=vn)  # noqa: E731
+    assert count_fastattn_nodes(f, q, k_cache, v_cache, k_new, v_new) == 1
+    torch.library.opcheck(torch.ops.fastattn.attention_kvcache.default,
+                          (q, k_cache, v_cache, lengths, k_new, v_new, True, 0.2, "cpu"))
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (dict(q=torch.randn(2, 4, 17, 32)), ValueError, "1 to 16 queries"),
+    (dict(q=torch.randn(2, 3, 1, 32)), ValueError, "dividing"),
+    (dict(v_cache=torch.randn(2, 2, 49, 32)), ValueError, "equal shapes"),
+    (dict(cache_seqlens=torch.tensor([3, 20])), TypeError, "int32"),
+    (dict(cache_seqlens=torch.tensor([3, 50], dtype=torch.int32)), ValueError, r"\[0, 49\]"),
+    (dict(k_new=None), ValueError, "both or neither"),
+    (dict(q=torch.randn(2, 4, 1, 32).requires_grad_()), ValueError, "forward only"),
+    (dict(q=torch.randn(2, 4, 1, 32, dtype=torch.float64).half()), TypeError, "dtype"),
+])
+def test_bad_input(change, error, words):
+    args = dict(q=torch.randn(2, 4, 1, 32), k_cache=torch.randn(2, 2, 50, 32), v_cache=torch.randn(2, 2, 50, 32),
+                cache_seqlens=torch.tensor([3, 20], dtype=torch.int32), k_new=torch.randn(2, 2, 1, 32),
+                v_new=torch.randn(2, 2, 1, 32))
+    args.update(change)
+    with pytest.raises(error, match=words):
+        attention_with_kvcache(args.pop("q"), args.pop("k_cache"), args.pop("v_cache"), args.pop("cache_seqlens"),
+                               **args)
