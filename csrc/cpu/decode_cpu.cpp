@@ -19,6 +19,9 @@ namespace {
 
 constexpr int kDecodeBlockK = 128;   // keys per score tile
 constexpr int64_t kMinSplit = 1024;  // keys per split at least: below that, merging costs more
+// Up to this many query rows, scores are dot products along the head dim (row_dots); beyond,
+// a GEMM whose vectors run along the rows (padded to 16) is faster.
+constexpr int64_t kFewRows = 4;
 
 template <typename T>
 void decode_impl(const AttentionParams& p) {
@@ -39,7 +42,7 @@ void decode_impl(const AttentionParams& p) {
 
   parallel_dynamic(B * Hkv * splits, [&](const auto& next) {
     const FlushDenormals ftz;
-    std::vector<float> qt(Dp * ldr), s(kDecodeBlockK * ldr), acc(R * Dp), m(ldr), l(ldr), alpha(ldr);
+    std::vector<float> qt(Dp * ldr), qr(R * Dp), s(kDecodeBlockK * ldr), acc(R * Dp), m(ldr), l(ldr), alpha(ldr);
     RowTile<T> kt(kDecodeBlockK, Dp), vt(kDecodeBlockK, Dp);
     for (int64_t item = next(); item >= 0; item = next()) {
       const int64_t b = item / (Hkv * splits), hk = item / splits % Hkv, split = item % splits;
@@ -47,18 +50,25 @@ void decode_impl(const AttentionParams& p) {
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.f);
       std::fill(acc.begin(), acc.end(), 0.f);
-      if (lo < hi) {  // Q^T of the whole group: [Dp][ldr], zero past D and R
+      if (lo < hi) {  // the group's queries, as rows [R][Dp] or transposed [Dp][ldr], zero-padded
         std::fill(qt.begin(), qt.end(), 0.f);
+        std::fill(qr.begin(), qr.end(), 0.f);
         for (int64_t r = 0; r < R; ++r) {
           const T* row = q + b * qs[0] + (hk * group + r / Nq) * qs[1] + r % Nq * qs[2];
-          for (int64_t d = 0; d < D; ++d) qt[d * ldr + r] = static_cast<float>(row[d * qs[3]]) * qk_scale;
+          for (int64_t d = 0; d < D; ++d) {
+            const float x = static_cast<float>(row[d * qs[3]]) * qk_scale;
+            (R <= kFewRows ? qr[r * Dp + d] : qt[d * ldr + r]) = x;
+          }
         }
       }
       for (int64_t j0 = lo; j0 < hi; j0 += kDecodeBlockK) {
         const int nk = static_cast<int>(std::min<int64_t>(kDecodeBlockK, hi - j0));
         kt.load(k + b * ks[0] + hk * ks[1] + j0 * ks[2], ks[2], ks[3], nk, D, Dp);
         vt.load(v + b * vs[0] + hk * vs[1] + j0 * vs[2], vs[2], vs[3], nk, D, Dp);
-        mk.gemm(nk, static_cast<int>(ldr), Dp, kt.data, kt.ld, 1, qt.data(), ldr, s.data(), ldr, false);
+        if (R <= kFewRows)
+          mk.row_dots(nk, static_cast<int>(R), Dp, kt.data, kt.ld, qr.data(), Dp, s.data(), ldr);
+        else
+          mk.gemm(nk, static_cast<int>(ldr), Dp, kt.data, kt.ld, 1, qt.data(), ldr, s.data(), ldr, false);
         if (p.causal && j0 + nk > len - Nq + 1) {  // keys past some query's last: hide them
           for (int j = 0; j < nk; ++j)
             for (int64_t r = 0; r < R; ++r)

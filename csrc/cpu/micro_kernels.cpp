@@ -85,12 +85,21 @@ FA_INLINE T exp2_approx(T x) {
 }
 
 // Column-wise steps of the softmax helpers: Step::at<T>(c, ...) on columns c .. c + lanes(T),
-// T a vector of W floats, then a float for the columns left over.
+// T a vector of W floats, then of W/2, ... 4 floats for what is left (a decoding tile has only
+// a few columns), then a float at a time.
+template <int W, typename Step, typename... Args>
+FA_INLINE void over_columns_from(int c, int cols, Args... args) {
+  for (; c + W <= cols; c += W) Step::template at<typename Lanes<W>::type>(c, args...);
+  if constexpr (W > 4) {
+    over_columns_from<W / 2, Step>(c, cols, args...);
+  } else {
+    for (; c < cols; ++c) Step::template at<float>(c, args...);
+  }
+}
+
 template <int W, typename Step, typename... Args>
 FA_INLINE void over_columns(int cols, Args... args) {
-  int c = 0;
-  for (; c + W <= cols; c += W) Step::template at<typename Lanes<W>::type>(c, args...);
-  for (; c < cols; ++c) Step::template at<float>(c, args...);
+  over_columns_from<W, Step>(0, cols, args...);
 }
 
 // One MR x NR register block of C, NR a multiple of W: MR x NR/W accumulator vectors stay in
@@ -240,6 +249,46 @@ FA_INLINE void softmax_grad_impl(float* p, const float* dp, int rows, int cols, 
   for (int r = 0; r < rows; ++r) over_columns<W, SoftmaxGrad>(cols, p + r * ld, dp + r * ld, delta);
 }
 
+// The sum of a vector's lanes, halving it: log2(W) adds.
+template <int W>
+FA_INLINE float lane_sum(typename Lanes<W>::type v) {
+  if constexpr (W == 4) {
+    return (v[0] + v[2]) + (v[1] + v[3]);
+  } else {
+    typename Lanes<W / 2>::type lo, hi;
+    std::memcpy(&lo, &v, sizeof(lo));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+    return lane_sum<W / 2>(lo + hi);
+  }
+}
+
+// C[m * ldc + n] = A row m . B row n over K (a multiple of W): four A rows at a time, each B row
+// reused across them from registers.
+template <int W>
+FA_INLINE void row_dots_impl(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                             float* C, int64_t ldc) {
+  using V = typename Lanes<W>::type;
+  constexpr int kRows = 4;
+  int m = 0;
+  for (; m + kRows <= M; m += kRows)
+    for (int n = 0; n < N; ++n) {
+      V acc[kRows] = {};
+      for (int k = 0; k < K; k += W) {
+        const V b = load<V>(B + n * ldb + k);
+#pragma GCC unroll 4
+        for (int i = 0; i < kRows; ++i) acc[i] += load<V>(A + (m + i) * lda + k) * b;
+      }
+#pragma GCC unroll 4
+      for (int i = 0; i < kRows; ++i) C[(m + i) * ldc + n] = lane_sum<W>(acc[i]);
+    }
+  for (; m < M; ++m)
+    for (int n = 0; n < N; ++n) {
+      V acc{};
+      for (int k = 0; k < K; k += W) acc += load<V>(A + m * lda + k) * load<V>(B + n * ldb + k);
+      C[m * ldc + n] = lane_sum<W>(acc);
+    }
+}
+
 template <int W>
 FA_INLINE double fma_loop_impl(int64_t n) {
   using V = typename Lanes<W>::type;
@@ -279,10 +328,15 @@ FA_INLINE double fma_loop_impl(int64_t n) {
                                   const float* delta) {                                        \
     softmax_grad_impl<W>(p, dp, rows, cols, ld, delta);                                           \
   }                                                                                            \
+  TARGET void row_dots_##NAME(int M, int N, int K, const float* A, int64_t lda, const float* B,  \
+                              int64_t ldb, float* C, int64_t ldc) {                            \
+    row_dots_impl<W>(M, N, K, A, lda, B, ldb, C, ldc);                                         \
+  }                                                                                            \
   TARGET double fma_loop_##NAME(int64_t n) { return fma_loop_impl<W>(n); }                     \
   const MicroKernels kernels_##NAME = {#NAME, gemm_##NAME, softmax_step_##NAME,                \
                                        exp2_shifted_##NAME, scale_rows_##NAME,                 \
-                                       softmax_grad_##NAME, nullptr, nullptr, fma_loop_##NAME};
+                                       softmax_grad_##NAME, row_dots_##NAME, nullptr, nullptr, \
+                                       fma_loop_##NAME};
 
 FASTATTN_DEFINE_ISA(generic, , 4, 6, 8)  // 16-byte vectors: SSE2 on x86-64, NEON on aarch64
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -352,7 +406,8 @@ FASTATTN_BF16 void pack_pairs_bf16_avx512(const float* x, int rows, int cols, in
 
 const MicroKernels kernels_avx512_bf16 = {"avx512_bf16", gemm_avx512, softmax_step_avx512,
                                           exp2_shifted_avx512, scale_rows_avx512, softmax_grad_avx512,
-                                          gemm_bf16_avx512, pack_pairs_bf16_avx512, fma_loop_avx512};
+                                          row_dots_avx512, gemm_bf16_avx512, pack_pairs_bf16_avx512,
+                                          fma_loop_avx512};
 #endif
 
 bool cpu_has(const std::string& isa) {

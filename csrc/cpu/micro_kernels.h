@@ -23,6 +23,10 @@ struct MicroKernels {
   void (*scale_rows)(float* x, int rows, int cols, int64_t ld, const float* f);
   // p[r][c] = p[r][c] * (dp[r][c] - delta[c]): the softmax backward, in place.
   void (*softmax_grad)(float* p, const float* dp, int rows, int cols, int64_t ld, const float* delta);
+  // C[m * ldc + n] = dot(A row m, B row n) over K, a multiple of 16; rows of A and B contiguous:
+  // scores of a few queries (decoding), which the GEMM would pad to a full vector of columns.
+  void (*row_dots)(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                   int64_t ldc);
 
   // bf16 dot products with fp32 accumulation (AVX512_BF16 vdpbf16ps); nullptr elsewhere.
   // Operands are bf16 pairs along K, one uint32 each (low half = even k): A at
