@@ -5,7 +5,8 @@ Encoder layer: self-attention with pad masking -> add & norm -> position-wise fe
 encoder-decoder attention (Q from the decoder, K and V from the encoder's context, source
 padding masked) -> add & norm -> feed-forward -> add & norm. A final "Generator" linear layer
 maps d_model to the vocabulary. Inference starts from <SOS> and feeds outputs back, with a
-key/value cache: one query per step over the cached keys.
+preallocated key/value cache: one query per step, which fastattn.attention_with_kvcache
+appends to the cache and attends to it in one call.
 
 attention="torch" builds the same model on torch.nn.MultiheadAttention, with the same
 parameter names, so a state_dict moves between the two.
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .api import attention as fused_attention
+from .kvcache import attention_with_kvcache
 from .mha import MultiHeadAttention
 
 ATTENTION = ("fastattn", "torch")
@@ -104,16 +106,42 @@ def greedy(logits: Tensor, pad_id: int) -> Tensor:
 
 
 class KVCache:
-    """Per-layer keys and values (B, H, t, D) seen so far, for one query per step."""
+    """One layer's keys and values, (B, H, capacity, D) allocated at the first write, of which
+    the first `length` positions are filled (the same count in every batch row; `seqlens`
+    holds it per row on the device, as attention_with_kvcache takes it)."""
 
-    def __init__(self):
-        self.k: Tensor | None = None
-        self.v: Tensor | None = None
+    def __init__(self, capacity: int):
+        self.capacity, self.length = capacity, 0
+        self.k = self.v = self.seqlens = None
 
-    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        return self.k, self.v
+    def _allocate(self, like: Tensor) -> None:
+        if self.k is None:
+            B, H, _, D = like.shape
+            self.k, self.v = (like.new_empty(B, H, self.capacity, D) for _ in range(2))
+            self.seqlens = torch.zeros(B, dtype=torch.int32, device=like.device)
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Writes k, v (B, H, n, D) after the filled positions; returns every filled position."""
+        self._allocate(k)
+        n = k.shape[2]
+        if self.length + n > self.capacity:
+            raise ValueError(f"cache: expected at most {self.capacity} positions, got {self.length + n}")
+        self.k[:, :, self.length:self.length + n] = k
+        self.v[:, :, self.length:self.length + n] = v
+        self.advance(n)
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """One step's query (B, H, 1, D) over the cache and its own new key, which the fused
+        call writes into the cache in place."""
+        self._allocate(k)
+        out = attention_with_kvcache(q, self.k, self.v, self.seqlens, k_new=k, v_new=v)
+        self.advance(k.shape[2])
+        return out
+
+    def advance(self, n: int) -> None:
+        self.length += n
+        self.seqlens += n
 
 
 def _heads(x: Tensor, num_heads: int) -> Tensor:  # (B, T, E) -> (B, H, T, D)
@@ -131,29 +159,30 @@ def _attend(kind: str, q, k, v, key_padding_mask=None, causal=False) -> Tensor:
 def cached_self_attention(mha: nn.MultiheadAttention, kind: str, x: Tensor, cache: KVCache) -> Tensor:
     """mha(x, x, x) for the new positions x (B, n, E) after those in the cache: either a whole
     prompt (empty cache, causal) or one token (which sees every cached key)."""
-    if cache.k is not None and x.shape[1] != 1:
+    if cache.length and x.shape[1] != 1:
         raise ValueError(f"cached step: expected one new token after the prompt, got {x.shape[1]}")
     q, k, v = (_heads(t, mha.num_heads) for t in F.linear(x, mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1))
-    k, v = cache.extend(k, v)
-    out = _attend(kind, q, k, v, causal=x.shape[1] > 1)
+    if kind == "fastattn" and x.shape[1] == 1:
+        out = cache.attend(q, k, v)
+    else:
+        out = _attend(kind, q, *cache.append(k, v), causal=x.shape[1] > 1)
     return mha.out_proj(out.transpose(1, 2).flatten(2))
 
 
-def cached_cross_attention(mha: nn.MultiheadAttention, kind: str, x: Tensor, memory: KVCache,
+def cached_cross_attention(mha: nn.MultiheadAttention, kind: str, x: Tensor, memory: tuple[Tensor, Tensor],
                            src_pad: Tensor) -> Tensor:
     """mha(x, context, context) with the context's keys and values projected once, in `memory`."""
     E = mha.embed_dim
     q = _heads(F.linear(x, mha.in_proj_weight[:E], mha.in_proj_bias[:E]), mha.num_heads)
-    out = _attend(kind, q, memory.k, memory.v, key_padding_mask=src_pad)
+    out = _attend(kind, q, *memory, key_padding_mask=src_pad)
     return mha.out_proj(out.transpose(1, 2).flatten(2))
 
 
-def project_memory(mha: nn.MultiheadAttention, context: Tensor) -> KVCache:
+def project_memory(mha: nn.MultiheadAttention, context: Tensor) -> tuple[Tensor, Tensor]:
+    """The context's keys and values (B, H, S, D), projected once for every decoding step."""
     E = mha.embed_dim
     k, v = F.linear(context, mha.in_proj_weight[E:], mha.in_proj_bias[E:]).chunk(2, -1)
-    cache = KVCache()
-    cache.extend(_heads(k, mha.num_heads), _heads(v, mha.num_heads))
-    return cache
+    return _heads(k, mha.num_heads), _heads(v, mha.num_heads)
 
 
 class EncoderLayer(nn.Module):
@@ -196,7 +225,7 @@ class DecoderLayer(nn.Module):
         x = self.norm2(x + self.drop(a))
         return self.norm3(x + self.drop(self.ff(x)))
 
-    def step(self, x: Tensor, cache: KVCache, memory: KVCache, src_pad: Tensor) -> Tensor:
+    def step(self, x: Tensor, cache: KVCache, memory: tuple[Tensor, Tensor], src_pad: Tensor) -> Tensor:
         x = self.norm1(x + cached_self_attention(self.self_attn, self.kind, x, cache))
         x = self.norm2(x + cached_cross_attention(self.cross_attn, self.kind, x, memory, src_pad))
         return self.norm3(x + self.ff(x))
@@ -240,7 +269,7 @@ class Transformer(nn.Module):
         ids after <SOS>; a row ends at its <EOS>, pad_id after it."""
         context, src_pad = self.encode(src)
         memory = [project_memory(layer.cross_attn, context) for layer in self.decoder]
-        caches = [KVCache() for _ in self.decoder]
+        caches = [KVCache(max_len) for _ in self.decoder]
         token = torch.full((src.shape[0], 1), sos_id, dtype=torch.long, device=src.device)
         out, done = [], torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
         for t in range(max_len):
@@ -280,7 +309,7 @@ class TransformerLM(nn.Module):
         """Greedy continuation of equal-length prompts (B, P), keys cached: (B, P + new)."""
         if bool((prompt == self.config.pad_id).any()):
             raise ValueError("prompt: expected equal-length prompts without pad_id tokens")
-        caches = [KVCache() for _ in self.layers]
+        caches = [KVCache(prompt.shape[1] + max_new_tokens) for _ in self.layers]
         out, new, start = prompt, prompt, 0
         for _ in range(max_new_tokens):
             h = self.embed(new, start=start)
