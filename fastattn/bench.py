@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from . import MultiHeadAttention, attention, available_backends, replace_attention
 from .backends import NoBackendError, Problem, select_backend
+from .masks import sdpa_mask_from_padding
 from .reference import reference_attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -168,7 +169,7 @@ def make_inputs(case: Case, device: str) -> Inputs:
     if "padded" in case.kind:
         lengths = torch.tensor(case.lengths(), device=device)
         kpm = torch.arange(N, device=device)[None, :] >= lengths[:, None]
-        sdpa_mask = ~kpm[:, None, None, :]
+        sdpa_mask = sdpa_mask_from_padding(kpm)
         if case.causal:
             sdpa_mask = sdpa_mask & torch.ones(N, N, dtype=torch.bool, device=device).tril()
     dout = torch.randn(B, H, N, D, device=device, dtype=dtype)

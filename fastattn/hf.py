@@ -9,6 +9,7 @@ import math
 import torch
 
 from .api import attention
+from .masks import hidden_from_attend, padding_from_keep
 
 
 def fastattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
@@ -44,7 +45,7 @@ def fastattn_attention_forward(module: torch.nn.Module, query, key, value, atten
         else bool(is_causal)
     padding = attn = None
     if attention_mask is not None and attention_mask.dim() == 2:  # from fastattn_mask
-        padding = ~attention_mask
+        padding = padding_from_keep(attention_mask)
     elif attention_mask is not None:  # 4-D: the pattern is all in the mask
         attn, causal = attention_mask, False
     causal = causal and L > 1  # one query (decoding) sees every cached key
@@ -57,7 +58,7 @@ def fastattn_attention_forward(module: torch.nn.Module, query, key, value, atten
         if causal:
             hidden = torch.ones_like(hidden).triu(1)
         if attn is not None:
-            hidden = hidden | (~attn if attn.dtype == torch.bool else attn == -math.inf)
+            hidden = hidden | (hidden_from_attend(attn) if attn.dtype == torch.bool else attn == -math.inf)
         bias = position_bias if attn is None or attn.dtype == torch.bool else position_bias + attn
         attn, causal = bias.masked_fill(hidden, -math.inf), False
     out = attention(query, key, value, key_padding_mask=padding, attn_mask=attn, causal=causal,

@@ -1,8 +1,42 @@
-"""The one kernel form of a key padding mask, derived once per call, on the mask's device."""
+"""Masks: the one place where mask conventions meet, and the one kernel form of a padding mask.
+
+fastattn's own conventions: key_padding_mask (B, Nk) bool, True = ignore that key (as
+nn.MultiheadAttention's); attn_mask bool True = may attend (as SDPA's), float added to the
+scores. Every other convention is adapted by the functions below, and nowhere else.
+"""
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
+
+
+def padding_from_keep(keep: Tensor) -> Tensor:
+    """Hugging Face's attention_mask and other `valid` masks (1 or True = a real token) ->
+    key_padding_mask (True = ignore)."""
+    return ~keep if keep.dtype == torch.bool else keep == 0
+
+
+def padding_from_float(mask: Tensor) -> Tensor:
+    """A float key_padding_mask of 0 and -inf (nn.MultiheadAttention accepts one) -> bool."""
+    return mask == -math.inf
+
+
+def attend_from_hidden(hidden: Tensor) -> Tensor:
+    """torch.nn's bool attention masks (True = hidden: nn.MultiheadAttention's attn_mask,
+    nn.Transformer's causal masks) -> fastattn's and SDPA's (True = may attend)."""
+    return ~hidden
+
+
+def hidden_from_attend(attend: Tensor) -> Tensor:
+    """SDPA's bool attn_mask (True = may attend) -> True = hidden."""
+    return ~attend
+
+
+def sdpa_mask_from_padding(padding: Tensor) -> Tensor:
+    """key_padding_mask (B, Nk) -> SDPA's attn_mask (B, 1, 1, Nk), True = may attend."""
+    return ~padding[:, None, None, :]
 
 
 def key_ranges(key_padding: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .api import attention
+from .masks import attend_from_hidden, padding_from_float, padding_from_keep
 from .reference import attention_probabilities
 
 
@@ -164,7 +165,7 @@ class MultiHeadAttention(nn.MultiheadAttention):
         lengths = torch.tensor([t.shape[0] for t in x.unbind()], device=x.device)
         padded = x.to_padded_tensor(0.0)
         valid = torch.arange(padded.shape[1], device=x.device) < lengths[:, None]  # (B, Lmax)
-        out, weights = self.forward(padded, padded, padded, key_padding_mask=~valid,
+        out, weights = self.forward(padded, padded, padded, key_padding_mask=padding_from_keep(valid),
                                     need_weights=need_weights,
                                     average_attn_weights=average_attn_weights, is_causal=is_causal)
         out = torch._nested_tensor_from_mask(out, valid, mask_check=False)
@@ -225,7 +226,7 @@ class MultiHeadAttention(nn.MultiheadAttention):
             elif not key_padding_mask.is_floating_point():
                 raise TypeError(f"key_padding_mask: expected dtype torch.bool or a float dtype, got {key_padding_mask.dtype}")
             elif inspect and _only_zero_or_neginf(key_padding_mask):  # a bool mask made float
-                masks.padding = key_padding_mask == -math.inf
+                masks.padding = padding_from_float(key_padding_mask)
             else:
                 masks.add_float(key_padding_mask.view(B, 1, 1, S))
         if attn_mask is not None:
@@ -236,7 +237,7 @@ class MultiHeadAttention(nn.MultiheadAttention):
             else:
                 mask = attn_mask if attn_mask.dim() == 2 else attn_mask.view(B, self.num_heads, L, S)
                 if mask.dtype == torch.bool:
-                    mask = ~mask  # torch: True = hidden; the kernel: True = may attend
+                    mask = attend_from_hidden(mask)
                     masks.attn = mask if masks.attn is None else masks.attn.masked_fill(~mask, -math.inf)
                 else:
                     masks.add_float(mask)

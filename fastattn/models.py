@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .api import attention as fused_attention
 from .kvcache import attention_with_kvcache
+from .masks import sdpa_mask_from_padding
 from .mha import MultiHeadAttention
 
 ATTENTION = ("fastattn", "torch")
@@ -152,7 +153,7 @@ def _attend(kind: str, q, k, v, key_padding_mask=None, causal=False) -> Tensor:
     """(B, H, Tq, D) attention of the cached path, on the model's own kind of attention."""
     if kind == "fastattn":
         return fused_attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal)
-    mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+    mask = None if key_padding_mask is None else sdpa_mask_from_padding(key_padding_mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
 
 
