@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 POINTERS = {"LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32", "KV_RANGES": "*i32", "KPM": "*u8", "MASK": "*u8",
-            "CU_Q": "*i32", "CU_K": "*i32"}
+            "CU_Q": "*i32", "CU_K": "*i32", "O_PART": "*fp32", "LSE_PART": "*fp32", "SEQLENS": "*i32"}
 FLOATS = {"qk_scale", "sm_scale", "dropout_p"}
 UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod"}
 
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="bf16", help="e.g. bf16,fp32 (fp32: IEEE dots, minutes to compile)")
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
-    from fastattn import triton_attention as ta
+    from fastattn import triton_attention as ta, triton_decode
     from fastattn.triton_tuning import CANDIDATES, fits
 
     kernels = {"_fwd_kernel": CANDIDATES["fwd"], "_bwd_dkdv_kernel": CANDIDATES["dkdv"],
@@ -111,6 +111,16 @@ def main(argv=None) -> int:
                         failures.append(f"{name} {dtype} D={D} {m},{n}: no wgmma")
                 if not clean:
                     failures.append(f"{name} {dtype} D={D}: every config spills or exceeds shared memory")
+    for dtype in args.dtypes.split(","):  # the decode split kernel: mma.sync tiles of 16 or 64 rows
+        for D in map(int, args.head_dims.split(",")):
+            for m in (16, 64):
+                flags = dict(BLOCK_M=m, BLOCK_N=64, num_warps=4, num_stages=2, CAUSAL=True,
+                             PREC="ieee" if dtype == "fp32" else "tf32", BLOCK_D=D)
+                st = cubin_stats(compile_kernel(triton_decode._decode_split_kernel, dtype, args.arch, flags).asm["cubin"])
+                print(f"{'_decode_split_kernel':<18} {dtype:>5} {D:>4} {f'{m},64,4,2':>18} {st['regs']:>5} "
+                      f"{st['stack']:>6} {st['spill insts']:>11} {'':>8} {st['wgmma']:>5} {st['mma.sync']:>8}")
+                if dtype != "fp32" and (st["stack"] or st["spill insts"]):
+                    failures.append(f"_decode_split_kernel {dtype} D={D} BLOCK_M={m}: spills")
     for f in failures:
         print("FAIL:", f)
     return 1 if args.check and failures else 0

@@ -49,7 +49,7 @@ void check_gemm(const MicroKernels& mk) {
 }
 
 void check_softmax(const MicroKernels& mk) {
-  for (int cols : {1, 5, 16, 37, 128}) {
+  for (int cols : {1, 5, 13, 16, 37, 128}) {  // full vectors, then narrower ones, then scalars
     const int rows = 23;
     auto s = random_vector(rows * cols, -30.f, 5.f), m = random_vector(cols, -10.f, 3.f);
     auto l = random_vector(cols, 0.5f, 3.f);
@@ -79,6 +79,24 @@ void check_softmax(const MicroKernels& mk) {
   }
 }
 
+void check_row_dots(const MicroKernels& mk) {
+  for (int M : {1, 3, 4, 9, 128}) {
+    for (int N : {1, 2, 5}) {
+      for (int K : {16, 64, 128}) {
+        const int64_t lda = K + 3, ldb = K + 16, ldc = 7;  // rows apart in memory, as cache rows are
+        auto A = random_vector(M * lda), B = random_vector(N * ldb), C = random_vector(M * ldc);
+        mk.row_dots(M, N, K, A.data(), lda, B.data(), ldb, C.data(), ldc);
+        for (int m = 0; m < M; ++m)
+          for (int n = 0; n < N; ++n) {
+            double want = 0;
+            for (int k = 0; k < K; ++k) want += double(A[m * lda + k]) * B[n * ldb + k];
+            expect_close("row_dots", mk.isa, C[m * ldc + n], want, 1e-5);
+          }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -86,6 +104,7 @@ int main() {
     fastattn::cpu::set_isa(*isa);
     check_gemm(fastattn::cpu::micro_kernels());
     check_softmax(fastattn::cpu::micro_kernels());
+    check_row_dots(fastattn::cpu::micro_kernels());
     std::printf("%s: checked\n", *isa);
   }
   std::printf("%d passed, %d failed\n", checks - failures, failures);
