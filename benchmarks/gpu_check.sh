@@ -92,9 +92,9 @@ step "versions: nvidia-smi" 30 nvidia-smi
 step "versions: fastattn" 30 $py -m fastattn info
 
 gpu_tests=()
-for f in tests/test_triton.py tests/test_cuda.py tests/test_gpu.py; do [[ -f $f ]] && gpu_tests+=("$f"); done
+for f in tests/test_triton.py tests/test_cuda.py tests/test_gpu.py tests/test_varlen.py tests/test_kvcache.py; do [[ -f $f ]] && gpu_tests+=("$f"); done
 pytest_args=(-p no:cacheprovider -q -p pytest_live --continue-on-collection-errors
-  -k "(test_triton.py or test_cuda.py or test_gpu.py or compile) and not sm90")  # sm90: CI compiles it
+  -k "(test_triton.py or test_cuda.py or test_gpu.py or test_varlen.py or test_kvcache.py or compile) and not sm90")  # sm90: CI compiles it
 $py -c "import xdist" 2>/dev/null && pytest_args+=(-n "${TEST_WORKERS:-8}")
 $py -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout "${TEST_CASE_TIMEOUT:-120}")
 PYTHONPATH="$PWD/benchmarks:$PYTHONPATH" step tests "${TEST_TIMEOUT:-150}" \

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 
 from . import MultiHeadAttention, attention, available_backends, replace_attention
 from .backends import NoBackendError, Problem, select_backend
+from .bench_decode import decode_rows, varlen_rows
+from .bench_decode import print_tables as print_decode_tables
 from .masks import sdpa_mask_from_padding
 from .reference import reference_attention
 
@@ -477,6 +479,7 @@ def print_tables(record: dict) -> None:
                           f"{r['ratio']:.2f}×", f"{r['gemm_gflops']:.0f}",
                           f"{100 * r['gemm_gflops'] / r['fma_peak_gflops']:.0f}%")
         console.print(table)
+    print_decode_tables(record, console)
     if record.get("modules"):
         table = Table(title="nn.MultiheadAttention end to end (eval, need_weights=False, self-attention)")
         for col in ("case", "module", "ms", "speedup"):
@@ -575,6 +578,10 @@ def run(quick: bool = False, json_path: str | None = None, plot_path: str | None
         from .bench_isa import CASES, isa_rows
 
         record["isa"] = isa_rows(min_run_time=min_run_time, cases=("dense", "padded") if quick else CASES)
+    measure = lambda fn: measure_ms(fn, device, min_run_time)  # noqa: E731
+    record["decode"] = decode_rows(device, quick, measure)
+    record["varlen"] = varlen_rows(device, quick, measure)
+    save()
     record["modules"] = module_rows(device, min_run_time)
     record["end_to_end"] = encoder_rows(device, quick) + model_rows(device, quick) if end_to_end else []
     record["complete"] = True

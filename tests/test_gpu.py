@@ -28,18 +28,34 @@ def test_compile_fullgraph_holds_one_fastattn_node(backend):
     assert torch.equal(compiled(q, k, v), f(q, k, v))
 
 
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_no_host_sync_in_forward_or_backward(backend):
-    q, k, v = cuda_inputs(2, 4, 2, 200, 300, 64)
-    kpm = padding_mask("random", 2, 300).cuda()  # scattered: the per-key test stays on
-    step = lambda: fastattn.attention(q, k, v, key_padding_mask=kpm, causal=True, backend=backend).sum().backward()  # noqa: E731
-    step()  # compiles (and, with no shipped defaults, tunes: syncs allowed once)
+def without_syncs(step) -> None:
+    """Runs step once to compile, then again with any host sync raising."""
+    step()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_no_host_sync_in_forward_or_backward(backend):
+    q, k, v = cuda_inputs(2, 4, 2, 200, 300, 64)
+    kpm = padding_mask("random", 2, 300).cuda()  # scattered: the per-key test stays on
+    step = lambda: fastattn.attention(q, k, v, key_padding_mask=kpm, causal=True, backend=backend).sum().backward()  # noqa: E731
+    without_syncs(step)  # the first run compiles (and, with no shipped defaults, tunes: syncs allowed)
+
+
+def test_no_host_sync_in_varlen_or_decoding():
+    cu = torch.tensor([0, 100, 130, 300], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(300, h, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (4, 2, 2))
+    without_syncs(lambda: fastattn.attention_varlen(q, k, v, cu, cu, 170, 170, causal=True).sum().backward())
+    k_cache, v_cache = (torch.randn(3, 2, 4096, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    lengths = torch.tensor([0, 1000, 4000], dtype=torch.int32, device="cuda")
+    q1, k1, v1 = (torch.randn(3, h, 1, 64, device="cuda", dtype=torch.bfloat16) for h in (4, 2, 2))
+    with torch.no_grad():
+        without_syncs(lambda: fastattn.attention_with_kvcache(q1, k_cache, v_cache, lengths, k_new=k1, v_new=v1))
 
 
 def test_fp32_is_ieee_unless_tf32_is_opted_in():

@@ -8,7 +8,9 @@ from fastattn import attention_with_kvcache
 from helpers import CPU_BACKENDS, TOL, count_fastattn_nodes, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = CPU_BACKENDS + [b for b in ("triton",) if b in fastattn.available_backends()]
+# On a GPU, the backends that run CUDA tensors; without one, the CPU's and Triton's interpreter.
+BACKENDS = (["reference"] if DEVICE == "cuda" else CPU_BACKENDS) + \
+    [b for b in ("triton",) if b in fastattn.available_backends()]
 
 
 def expected(q, k_cache, v_cache, lengths, causal, scale):

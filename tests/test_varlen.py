@@ -8,15 +8,17 @@ from fastattn import attention_varlen, ops, pad, unpad
 from helpers import CPU_BACKENDS, TOL, count_fastattn_nodes, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = CPU_BACKENDS + [b for b in ("triton",) if b in fastattn.available_backends()]
+# On a GPU, the backends that run CUDA tensors; without one, the CPU's and Triton's interpreter.
+BACKENDS = (["reference"] if DEVICE == "cuda" else CPU_BACKENDS) + \
+    [b for b in ("triton",) if b in fastattn.available_backends()]
 # Lengths straddle the CPU kernel's 64/128 and the interpreter's 32-wide tiles; one sequence
 # has no query, one no key, and the longest is not the first.
 LENS_Q = [5, 0, 130, 33, 1]
 LENS_K = [7, 3, 130, 0, 65]
 
 
-def cu(lens):
-    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+def cu(lens, device=DEVICE):
+    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
 
 
 def packed(lens, H, D, dtype, strided=False):
@@ -110,8 +112,8 @@ def test_public_call_matches_padded_attention():
 
 
 def test_compiles_to_one_node_per_call():
-    q, k, v = packed(LENS_Q, 2, 16, torch.float32), packed(LENS_K, 2, 16, torch.float32), packed(LENS_K, 2, 16, torch.float32)
-    cq, ck = cu(LENS_Q), cu(LENS_K)
+    q, k, v = (torch.randn(sum(n), 2, 16) for n in (LENS_Q, LENS_K, LENS_K))
+    cq, ck = cu(LENS_Q, "cpu"), cu(LENS_K, "cpu")
     f = lambda q, k, v: attention_varlen(q, k, v, cq, ck, max(LENS_Q), max(LENS_K), causal=True)  # noqa: E731
     assert count_fastattn_nodes(f, q, k, v) == 1
     torch.library.opcheck(torch.ops.fastattn.attention_forward.default,
@@ -133,7 +135,7 @@ def test_compiles_to_one_node_per_call():
 ])
 def test_bad_input(change, error, words):
     args = dict(q=torch.randn(169, 4, 32), k=torch.randn(205, 2, 32), v=torch.randn(205, 2, 32),
-                cu_seqlens_q=cu(LENS_Q).cpu(), cu_seqlens_k=cu(LENS_K).cpu(), max_seqlen_q=130, max_seqlen_k=130)
+                cu_seqlens_q=cu(LENS_Q, "cpu"), cu_seqlens_k=cu(LENS_K, "cpu"), max_seqlen_q=130, max_seqlen_k=130)
     args.update(change)
     causal = args.pop("causal", False)
     with pytest.raises(error, match=words):
