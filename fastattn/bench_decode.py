@@ -36,10 +36,11 @@ def _timed(name: str, case: str, fn, measure, **extra) -> dict:
     return row
 
 
-def decode_rows(device: str, quick: bool, measure) -> list[dict]:
-    """GPU: bf16, 32 query heads on 8 kv heads, D 128. CPU: fp32, 16 on 4, D 64."""
+def decode_rows(device: str, quick: bool, measure, shapes=None) -> list[dict]:
+    """GPU: bf16, 32 query heads on 8 kv heads, D 128. CPU: fp32, 16 on 4, D 64. shapes:
+    (batch, context) pairs, by default B 1, 8, 32 and context 1k-32k (quick: 8 at 8k)."""
     dtype, H, Hkv, D = (torch.bfloat16, 32, 8, 128) if device == "cuda" else (torch.float32, 16, 4, 64)
-    shapes = [(8, 8192)] if quick else [(B, n) for B in (1, 8, 32) for n in (1024, 8192, 32768)]
+    shapes = shapes or ([(8, 8192)] if quick else [(B, n) for B in (1, 8, 32) for n in (1024, 8192, 32768)])
     if device == "cpu":
         shapes = [(B, n) for B, n in shapes if B * n <= 8 * 32768]  # seconds per SDPA call beyond
     rows = []
@@ -74,12 +75,14 @@ def decode_rows(device: str, quick: bool, measure) -> list[dict]:
     return rows
 
 
-def varlen_rows(device: str, quick: bool, measure) -> list[dict]:
-    """B 8 sequences of lengths spread over [N/4, N], forward and forward+backward."""
+def varlen_rows(device: str, quick: bool, measure, seqs=None) -> list[dict]:
+    """B 8 sequences of lengths spread over [N/4, N], forward and forward+backward, for N in
+    seqs (by default GPU 4k and 16k, CPU 1k and 2k; quick: the first)."""
     dtype, H, D = (torch.bfloat16, 16, 128) if device == "cuda" else (torch.float32, 8, 64)
-    seqs = [4096] if device == "cuda" else [1024]
-    if not quick:
-        seqs += [16384] if device == "cuda" else [2048]
+    if seqs is None:
+        seqs = [4096] if device == "cuda" else [1024]
+        if not quick:
+            seqs += [16384] if device == "cuda" else [2048]
     rows = []
     for N in seqs:
         for mode in ("fwd", "fwd+bwd"):

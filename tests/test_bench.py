@@ -48,6 +48,21 @@ def test_a_failing_provider_does_not_stop_the_rest(monkeypatch):
     assert all("ms" in r for r in rows if r["backend"] != "broken")
 
 
+def test_decode_and_varlen_rows_follow_the_schema():
+    from fastattn.bench_decode import decode_rows, varlen_rows
+
+    measure = lambda fn: bench.measure_ms(fn, "cpu", 0.01)  # noqa: E731
+    decode = decode_rows("cpu", True, measure, shapes=[(2, 300)])
+    varlen = varlen_rows("cpu", True, measure, seqs=[96])
+    assert {r["backend"] for r in decode} == {"fastattn.attention_with_kvcache", "fastattn.attention (unsplit)",
+                                             "sdpa:default"}
+    assert len(varlen) == 2 * 2 * 3  # fwd, fwd+bwd; causal or not; three providers
+    for r in decode + varlen:
+        assert {"backend", "case", "ms", "best_peer", "best_peer_ms", "speedup_vs_best_peer"} <= r.keys(), r
+    assert all(r["max_err"] < 1e-5 for r in decode if r["max_err"] is not None)
+    assert all(r["tflops"] > 0 for r in varlen)
+
+
 def test_grid_sizes():
     gpu = bench.grid("cuda", quick=False)
     assert all(c.batch * c.seq == 16384 and c.heads * c.head_dim == 2048 for c in gpu)
