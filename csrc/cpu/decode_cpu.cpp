@@ -19,8 +19,9 @@ namespace {
 
 constexpr int kDecodeBlockK = 128;   // keys per score tile
 constexpr int64_t kMinSplit = 1024;  // keys per split at least: below that, merging costs more
-// Up to this many query rows, scores are dot products along the head dim (row_dots); beyond,
-// a GEMM whose vectors run along the rows (padded to 16) is faster.
+// Up to this many query rows, a score tile is laid out s[row][key] (scores as dot products along
+// the head dim, the softmax vectorized along keys); beyond, s[key][row] as in the forward kernel,
+// whose GEMM vectors run along the rows (padded to 16).
 constexpr int64_t kFewRows = 4;
 
 // Asks for key and value rows [first, last) ahead of use: the tile loop is too short for the
@@ -42,6 +43,8 @@ void decode_impl(const AttentionParams& p) {
   const MicroKernels& mk = micro_kernels();
   const int64_t B = p.batch, H = p.heads, Hkv = p.kv_heads, Nq = p.q_len, D = p.head_dim;
   const int64_t Dp = round_up(D, 16), group = H / Hkv, R = group * Nq, ldr = round_up(R, 16);
+  const bool few = R <= kFewRows;
+  const int64_t row_step = few ? kDecodeBlockK : 1, key_step = few ? 1 : ldr;  // score (r, j): s[r * row_step + j * key_step]
   const float qk_scale = p.scale * kLog2e;
   const int64_t threads = at::get_num_threads();
   const int64_t splits = std::clamp<int64_t>((2 * threads + B * Hkv - 1) / (B * Hkv), 1,
@@ -71,7 +74,7 @@ void decode_impl(const AttentionParams& p) {
           const T* row = q + b * qs[0] + (hk * group + r / Nq) * qs[1] + r % Nq * qs[2];
           for (int64_t d = 0; d < D; ++d) {
             const float x = static_cast<float>(row[d * qs[3]]) * qk_scale;
-            (R <= kFewRows ? qr[r * Dp + d] : qt[d * ldr + r]) = x;
+            (few ? qr[r * Dp + d] : qt[d * ldr + r]) = x;
           }
         }
       }
@@ -82,18 +85,21 @@ void decode_impl(const AttentionParams& p) {
         prefetch_rows(kh, ks, vh, vs, j0 + kDecodeBlockK, std::min<int64_t>(hi, j0 + 2 * kDecodeBlockK), D);
         kt.load(kh + j0 * ks[2], ks[2], ks[3], nk, D, Dp);
         vt.load(vh + j0 * vs[2], vs[2], vs[3], nk, D, Dp);
-        if (R <= kFewRows)
-          mk.row_dots(nk, static_cast<int>(R), Dp, kt.data, kt.ld, qr.data(), Dp, s.data(), ldr);
+        if (few)
+          mk.row_dots(static_cast<int>(R), nk, Dp, qr.data(), Dp, kt.data, kt.ld, s.data(), row_step);
         else
           mk.gemm(nk, static_cast<int>(ldr), Dp, kt.data, kt.ld, 1, qt.data(), ldr, s.data(), ldr, false);
         if (p.causal && j0 + nk > len - Nq + 1) {  // keys past some query's last: hide them
           for (int j = 0; j < nk; ++j)
             for (int64_t r = 0; r < R; ++r)
-              if (j0 + j > len - Nq + r % Nq) s[j * ldr + r] = kNegInf;
+              if (j0 + j > len - Nq + r % Nq) s[r * row_step + j * key_step] = kNegInf;
         }
-        mk.softmax_step(s.data(), nk, static_cast<int>(R), ldr, m.data(), l.data(), alpha.data());
+        if (few)
+          mk.softmax_step_rows(s.data(), static_cast<int>(R), nk, row_step, m.data(), l.data(), alpha.data());
+        else
+          mk.softmax_step(s.data(), nk, static_cast<int>(R), ldr, m.data(), l.data(), alpha.data());
         mk.scale_rows(acc.data(), static_cast<int>(R), Dp, Dp, alpha.data());
-        mk.gemm(static_cast<int>(R), Dp, nk, s.data(), 1, ldr, vt.data, vt.ld, acc.data(), Dp, true);
+        mk.gemm(static_cast<int>(R), Dp, nk, s.data(), row_step, key_step, vt.data, vt.ld, acc.data(), Dp, true);
       }
       for (int64_t r = 0; r < R; ++r) {
         const bool seen = l[r] > 0.f;

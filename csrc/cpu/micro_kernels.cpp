@@ -249,16 +249,53 @@ FA_INLINE void softmax_grad_impl(float* p, const float* dp, int rows, int cols, 
   for (int r = 0; r < rows; ++r) over_columns<W, SoftmaxGrad>(cols, p + r * ld, dp + r * ld, delta);
 }
 
-// The sum of a vector's lanes, halving it: log2(W) adds.
-template <int W>
-FA_INLINE float lane_sum(typename Lanes<W>::type v) {
+// op over a vector's lanes, halving it: log2(W) steps. op takes floats and vectors alike.
+template <int W, typename Op>
+FA_INLINE float lane_reduce(typename Lanes<W>::type v, Op op) {
   if constexpr (W == 4) {
-    return (v[0] + v[2]) + (v[1] + v[3]);
+    return op(op(v[0], v[2]), op(v[1], v[3]));
   } else {
     typename Lanes<W / 2>::type lo, hi;
     std::memcpy(&lo, &v, sizeof(lo));
     std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
-    return lane_sum<W / 2>(lo + hi);
+    return lane_reduce<W / 2>(op(lo, hi), op);
+  }
+}
+
+constexpr auto kAdd = [](auto a, auto b) { return a + b; };
+constexpr auto kMax = [](auto a, auto b) { return a > b ? a : b; };
+
+template <int W>
+FA_INLINE float lane_sum(typename Lanes<W>::type v) {
+  return lane_reduce<W>(v, kAdd);
+}
+
+// The online-softmax step of softmax_step_impl for a tile laid out the other way round,
+// s[query][key]: each query's statistics run along its own row, W keys a vector (decoding, where
+// a tile has a few queries and many keys).
+template <int W>
+FA_INLINE void softmax_step_rows_impl(float* s, int rows, int cols, int64_t ld, float* m, float* l,
+                                      float* alpha) {
+  using V = typename Lanes<W>::type;
+  for (int r = 0; r < rows; ++r) {
+    float* row = s + r * ld;
+    V vmax = V{} + kNegInf;
+    int c = 0;
+    for (; c + W <= cols; c += W) vmax = kMax(vmax, load<V>(row + c));
+    float tile = lane_reduce<W>(vmax, kMax);
+    for (; c < cols; ++c) tile = kMax(tile, row[c]);
+    const float m_new = kMax(m[r], tile), safe = m_new == kNegInf ? 0.f : m_new;
+    alpha[r] = exp2_approx(m[r] - safe);
+    m[r] = m_new;
+    V vsum{};
+    for (c = 0; c + W <= cols; c += W) {
+      const V p = exp2_approx(load<V>(row + c) - safe);
+      store(row + c, p);
+      vsum += p;
+    }
+    float sum = lane_sum<W>(vsum);
+    for (; c < cols; ++c) sum += row[c] = exp2_approx(row[c] - safe);
+    l[r] = l[r] * alpha[r] + sum;
   }
 }
 
@@ -328,6 +365,10 @@ FA_INLINE double fma_loop_impl(int64_t n) {
                                   const float* delta) {                                        \
     softmax_grad_impl<W>(p, dp, rows, cols, ld, delta);                                           \
   }                                                                                            \
+  TARGET void softmax_step_rows_##NAME(float* s, int rows, int cols, int64_t ld, float* m,     \
+                                       float* l, float* alpha) {                               \
+    softmax_step_rows_impl<W>(s, rows, cols, ld, m, l, alpha);                                 \
+  }                                                                                            \
   TARGET void row_dots_##NAME(int M, int N, int K, const float* A, int64_t lda, const float* B,  \
                               int64_t ldb, float* C, int64_t ldc) {                            \
     row_dots_impl<W>(M, N, K, A, lda, B, ldb, C, ldc);                                         \
@@ -335,8 +376,8 @@ FA_INLINE double fma_loop_impl(int64_t n) {
   TARGET double fma_loop_##NAME(int64_t n) { return fma_loop_impl<W>(n); }                     \
   const MicroKernels kernels_##NAME = {#NAME, gemm_##NAME, softmax_step_##NAME,                \
                                        exp2_shifted_##NAME, scale_rows_##NAME,                 \
-                                       softmax_grad_##NAME, row_dots_##NAME, nullptr, nullptr, \
-                                       fma_loop_##NAME};
+                                       softmax_grad_##NAME, softmax_step_rows_##NAME,          \
+                                       row_dots_##NAME, nullptr, nullptr, fma_loop_##NAME};
 
 FASTATTN_DEFINE_ISA(generic, , 4, 6, 8)  // 16-byte vectors: SSE2 on x86-64, NEON on aarch64
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -406,7 +447,8 @@ FASTATTN_BF16 void pack_pairs_bf16_avx512(const float* x, int rows, int cols, in
 
 const MicroKernels kernels_avx512_bf16 = {"avx512_bf16", gemm_avx512, softmax_step_avx512,
                                           exp2_shifted_avx512, scale_rows_avx512, softmax_grad_avx512,
-                                          row_dots_avx512, gemm_bf16_avx512, pack_pairs_bf16_avx512,
+                                          softmax_step_rows_avx512, row_dots_avx512, gemm_bf16_avx512,
+                                          pack_pairs_bf16_avx512,
                                           fma_loop_avx512};
 #endif
 

@@ -23,6 +23,8 @@ struct MicroKernels {
   void (*scale_rows)(float* x, int rows, int cols, int64_t ld, const float* f);
   // p[r][c] = p[r][c] * (dp[r][c] - delta[c]): the softmax backward, in place.
   void (*softmax_grad)(float* p, const float* dp, int rows, int cols, int64_t ld, const float* delta);
+  // softmax_step for a tile laid out s[rows=queries][cols=keys]: the statistics per row.
+  void (*softmax_step_rows)(float* s, int rows, int cols, int64_t ld, float* m, float* l, float* alpha);
   // C[m * ldc + n] = dot(A row m, B row n) over K, a multiple of 16; rows of A and B contiguous:
   // scores of a few queries (decoding), which the GEMM would pad to a full vector of columns.
   void (*row_dots)(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,

@@ -79,6 +79,31 @@ void check_softmax(const MicroKernels& mk) {
   }
 }
 
+void check_softmax_rows(const MicroKernels& mk) {
+  for (int cols : {1, 5, 13, 16, 37, 128}) {
+    const int rows = 3, ld = 130;
+    auto s = random_vector(rows * ld, -30.f, 5.f), m = random_vector(rows, -10.f, 3.f), l = random_vector(rows, 0.5f, 3.f);
+    m[0] = -INFINITY, l[0] = 0.f;                                 // a row that has seen no key yet
+    for (int c = 0; c < cols; ++c) s[2 * ld + c] = -INFINITY;    // one that sees none here
+    const auto s0 = s, m0 = m, l0 = l;
+    std::vector<float> alpha(rows);
+    mk.softmax_step_rows(s.data(), rows, cols, ld, m.data(), l.data(), alpha.data());
+    for (int r = 0; r < rows; ++r) {
+      double mx = m0[r];
+      for (int c = 0; c < cols; ++c) mx = std::fmax(mx, s0[r * ld + c]);
+      const double safe = std::isinf(mx) ? 0.0 : mx;
+      double sum = 0;
+      for (int c = 0; c < cols; ++c) {
+        const double p = std::exp2(s0[r * ld + c] - safe);
+        sum += p;
+        expect_close("softmax_rows p", mk.isa, s[r * ld + c], p, 1e-6);
+      }
+      expect_close("softmax_rows alpha", mk.isa, alpha[r], std::exp2(m0[r] - safe), 1e-6);
+      expect_close("softmax_rows l", mk.isa, l[r], l0[r] * std::exp2(m0[r] - safe) + sum, 1e-6);
+    }
+  }
+}
+
 void check_row_dots(const MicroKernels& mk) {
   for (int M : {1, 3, 4, 9, 128}) {
     for (int N : {1, 2, 5}) {
@@ -104,6 +129,7 @@ int main() {
     fastattn::cpu::set_isa(*isa);
     check_gemm(fastattn::cpu::micro_kernels());
     check_softmax(fastattn::cpu::micro_kernels());
+    check_softmax_rows(fastattn::cpu::micro_kernels());
     check_row_dots(fastattn::cpu::micro_kernels());
     std::printf("%s: checked\n", *isa);
   }
