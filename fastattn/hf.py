@@ -1,36 +1,124 @@
 """Hugging Face transformers integration: attn_implementation="fastattn".
 
+Padded batches reach fastattn.attention with a (B, S) padding mask, never an O(N^2) one. Packed
+batches (padding-free training: sequences laid end to end in a row, as
+transformers.DataCollatorWithFlattening makes them) reach fastattn.attention_varlen, with no mask:
+- with the collator's FlashAttention kwargs (return_flash_attn_kwargs=True: cu_seq_lens_q/k,
+  max_length_q/k), passed through the model to every layer as they are: no host sync;
+- else, in causal models, from the position_ids that transformers' create_causal_mask finds packed
+  (attention_mask None and no cache, as for eager and sdpa: Trainer's use_cache=False): fastattn_mask
+  hands every layer a PackedSequences, whose cu_seqlens are derived on the device once per forward,
+  with one host sync;
+- else, in bidirectional models (BERT: their masks never see position_ids), from a batch of one
+  whose position_ids are passed to the attention function, as flash_attention_2 does: once per layer.
+
 transformers is optional: nothing here is imported until register_transformers() runs.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from .api import attention
 from .masks import hidden_from_attend, padding_from_keep
+from .varlen import attention_varlen
+
+_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def _varlen_from_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(B, N) position ids -> (cu_seqlens (n + 1,) int32, longest) of the n sequences in all rows
+    laid end to end. A sequence starts each row and wherever a position does not follow the one
+    before, as in transformers' find_packed_sequence_indices. On the device but for one host sync,
+    which reads n and longest."""
+    starts = torch.nn.functional.pad(position_ids[:, 1:] != position_ids[:, :-1] + 1, (1, 0), value=True)
+    sequence = starts.flatten().cumsum(0) - 1  # of each token
+    lengths = torch.zeros_like(sequence).index_add_(0, sequence, torch.ones_like(sequence))
+    count, longest = torch.stack([sequence[-1] + 1, lengths.max()]).tolist()
+    return torch.nn.functional.pad(lengths[:count].cumsum(0, dtype=torch.int32), (1, 0)), longest
+
+
+class PackedSequences:
+    """What fastattn_mask returns for packed sequences instead of a mask: their position_ids. The
+    kernel's (cu_seqlens, longest) are derived at the first layer that needs them (none does when
+    the collator's kwargs come along) and reused by all the others."""
+
+    def __init__(self, position_ids: torch.Tensor):
+        self.position_ids = position_ids
+
+    @functools.cached_property
+    def varlen(self) -> tuple[torch.Tensor, int]:
+        return _varlen_from_positions(self.position_ids)
+
+
+def _packed_position_ids(mask_function):
+    """The position_ids in the mask create_causal_mask builds for packed sequences over a plain
+    causal or bidirectional mask, and_masks(remap_positions_for_packed_sequence(plain,
+    position_ids), packed_sequence_mask_function(...)); None for any other mask function."""
+    from transformers.masking_utils import (and_masks, bidirectional_mask_function, causal_mask_function,
+                                            packed_sequence_mask_function, remap_positions_for_packed_sequence)
+
+    def made_by(f, factory, *args):  # f's closure variables, if `factory` made f
+        if getattr(f, "__code__", None) is not factory(*args).__code__:
+            return None
+        return dict(zip(f.__code__.co_freevars, (cell.cell_contents for cell in f.__closure__)))
+
+    both = made_by(mask_function, and_masks)
+    if both is None or len(both["mask_functions"]) != 2:
+        return None
+    remap, same_sequence = both["mask_functions"]
+    remapped = made_by(remap, remap_positions_for_packed_sequence, None, None)
+    if (remapped is None or made_by(same_sequence, packed_sequence_mask_function, None) is None
+            or remapped["mask_function"] not in (causal_mask_function, bidirectional_mask_function)):
+        return None
+    return remapped["position_ids"]
 
 
 def fastattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
                   mask_function=None, attention_mask=None, **kwargs):
     """The mask a model hands to fastattn_attention_forward. Where the model's mask is only
     causal and/or bidirectional plus padding, over the whole sequence, it is the (B, kv_length)
-    padding mask (True = keep), or None without padding: no O(N^2) tensor. Anything else
-    (sliding windows, packed sequences, decoding against a cache) gets SDPA's 4-D bool mask."""
+    padding mask (True = keep), or None without padding; for packed sequences, a PackedSequences:
+    no O(N^2) tensor. Anything else (sliding windows, decoding against a cache) gets SDPA's 4-D
+    bool mask."""
     from transformers.masking_utils import (bidirectional_mask_function, causal_mask_function,
                                             sdpa_mask)
 
     mask_function = mask_function or causal_mask_function
-    plain = (mask_function in (causal_mask_function, bidirectional_mask_function)
-             and isinstance(q_offset, int) and q_offset == 0 and kv_offset == 0
-             and q_length == kv_length)
-    if not plain:
+    whole = isinstance(q_offset, int) and q_offset == 0 and kv_offset == 0 and q_length == kv_length
+    if whole and attention_mask is None and (position_ids := _packed_position_ids(mask_function)) is not None:
+        return PackedSequences(position_ids)
+    if not (whole and mask_function in (causal_mask_function, bidirectional_mask_function)):
         return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
                          attention_mask, **kwargs)
     if attention_mask is None or (attention_mask.shape[-1] == kv_length and attention_mask.all()):
         return None
     return attention_mask[:, -kv_length:].bool()
+
+
+def _varlen_args(query, key, attention_mask, causal: bool, kwargs: dict):
+    """(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) where the batch is packed, else None."""
+    if isinstance(attention_mask, torch.Tensor):  # padding or a 4-D mask: it says it all
+        return None
+    given = [kwargs.get(name) for name in _VARLEN_KWARGS]
+    if any(value is not None for value in given):
+        missing = [name for name, value in zip(_VARLEN_KWARGS, given) if value is None]
+        if missing:
+            raise ValueError(f"fastattn: expected {', '.join(_VARLEN_KWARGS)} together (as "
+                             f"DataCollatorWithFlattening(return_flash_attn_kwargs=True) gives them), "
+                             f"got None for {', '.join(missing)}")
+        return given
+    if isinstance(attention_mask, PackedSequences):
+        cu_seqlens, longest = attention_mask.varlen
+        return cu_seqlens, cu_seqlens, longest, longest
+    position_ids = kwargs.get("position_ids")
+    B, L = query.shape[0], query.shape[2]
+    if not causal and B == 1 and position_ids is not None and position_ids.numel() == L == key.shape[2] > 1:
+        cu_seqlens, longest = _varlen_from_positions(position_ids.reshape(1, L))
+        return cu_seqlens, cu_seqlens, longest, longest
+    return None
 
 
 def fastattn_attention_forward(module: torch.nn.Module, query, key, value, attention_mask,
@@ -40,9 +128,15 @@ def fastattn_attention_forward(module: torch.nn.Module, query, key, value, atten
     (B, Hkv, S, D). Returns ((B, L, H, D), None): no attention weights, as with sdpa."""
     if kwargs.get("softcap") is not None:
         raise ValueError("fastattn: softcap is not supported; use attn_implementation='eager'")
-    L, S = query.shape[2], key.shape[2]
+    B, H, L, D = query.shape
+    S = key.shape[2]
     causal = (module.is_causal if is_causal is None else is_causal) if hasattr(module, "is_causal") \
         else bool(is_causal)
+    varlen = _varlen_args(query, key, attention_mask, causal, kwargs)
+    if varlen is not None:  # (B, heads, N, D) -> (B * N, heads, D): views when B == 1
+        q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], D) for t in (query, key, value))
+        out = attention_varlen(q, k, v, *varlen, causal=causal, scale=scaling, dropout_p=dropout)
+        return out.view(B, L, H, D), None
     padding = attn = None
     if attention_mask is not None and attention_mask.dim() == 2:  # from fastattn_mask
         padding = padding_from_keep(attention_mask)

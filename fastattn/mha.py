@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .api import attention
 from .masks import attend_from_hidden, padding_from_float, padding_from_keep
 from .reference import attention_probabilities
+from .varlen import attention_varlen, pad, unpad
 
 
 def _only_zero_or_neginf(mask: Tensor) -> bool:
@@ -27,6 +28,12 @@ def _is_causal_mask(mask: Tensor) -> bool:
     if mask.dtype == torch.bool:
         return torch.equal(mask, hidden)
     return torch.equal(mask == -math.inf, hidden) and bool((mask[~hidden] == 0).all())
+
+
+def _check_flag(skip_padded_queries) -> bool:
+    if not isinstance(skip_padded_queries, bool):
+        raise TypeError(f"skip_padded_queries: expected a bool, got {skip_padded_queries!r}")
+    return skip_padded_queries
 
 
 class _Masks:
@@ -66,19 +73,38 @@ class MultiHeadAttention(nn.MultiheadAttention):
     honoured on nested input (torch ignores it there) and, with add_bias_kv or add_zero_attn,
     keeps the appended keys visible on every path (torch's need_weights=False path without a
     key_padding_mask hides them).
+
+    skip_padded_queries=True (off by default; an attribute, so it can be set after from_torch or
+    replace_attention too) changes self-attention (query is key is value) with a key_padding_mask:
+    padded queries are skipped and their output rows are zeros, as on torch's nested-tensor fast
+    path. Only the valid tokens are projected, attended (packed, by fastattn.attention_varlen) and
+    scattered back: no work is spent on padding. Valid rows and their gradients are the default
+    path's (dropout aside: each sequence draws its own mask). is_causal or a causal attn_mask is
+    causal within each sequence, which is what torch's positional mask gives the valid tokens
+    wherever the padding lies. need_weights=True returns the default path's weights with the
+    padded query rows zero (computed apart, over the padded batch). Calls with no padded query
+    (cross-attention, no key_padding_mask) take the default path. Padding that cannot be packed
+    raises a ValueError rather than keep padded rows: add_bias_kv or add_zero_attn, an attn_mask
+    that is not causal, a float key_padding_mask that is not 0/-inf. Under torch.compile, where
+    values cannot be inspected, pass a bool key_padding_mask and a causal attn_mask with
+    is_causal=True.
     """
+
+    skip_padded_queries = False  # also for modules whose class replace_attention swaps
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
                  add_zero_attn=False, kdim=None, vdim=None, batch_first=False, device=None,
-                 dtype=None, *, backend: str = "auto"):
+                 dtype=None, *, backend: str = "auto", skip_padded_queries: bool = False):
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim: expected a multiple of num_heads={num_heads}, got {embed_dim}")
         super().__init__(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim,
                          vdim, batch_first, device, dtype)
         self.backend = backend
+        self.skip_padded_queries = _check_flag(skip_padded_queries)
 
     @classmethod
-    def from_torch(cls, mha: nn.MultiheadAttention, *, backend: str = "auto") -> "MultiHeadAttention":
+    def from_torch(cls, mha: nn.MultiheadAttention, *, backend: str = "auto",
+                   skip_padded_queries: bool = False) -> "MultiHeadAttention":
         """A fastattn module sharing `mha`'s parameters (as SyncBatchNorm.convert_sync_batchnorm
         does), with its device, dtype and train/eval mode."""
         new = cls.__new__(cls)
@@ -89,6 +115,7 @@ class MultiHeadAttention(nn.MultiheadAttention):
         new._modules.update(mha._modules)
         new.training = mha.training
         new.backend = backend
+        new.skip_padded_queries = _check_flag(skip_padded_queries)
         return new
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
@@ -112,6 +139,24 @@ class MultiHeadAttention(nn.MultiheadAttention):
         B, L, S = query.shape[batch_dim], query.shape[seq_dim], key.shape[seq_dim]
         self._check_shapes(query, key, value, key_padding_mask, attn_mask, B, L, S, is_batched)
 
+        if self.skip_padded_queries and packed and key_padding_mask is not None:
+            out, weights = self._attend_valid_tokens(query, key_padding_mask, attn_mask, is_causal,
+                                                     need_weights, B, L)
+        else:
+            out, weights = self._attend_padded(query, key, value, key_padding_mask, attn_mask, is_causal,
+                                               need_weights, packed, kv_packed, B, L, S)
+        if weights is not None:
+            weights = weights.mean(dim=1) if average_attn_weights else weights
+        if not is_batched:
+            out = out.squeeze(batch_dim)
+            weights = None if weights is None else weights.squeeze(0)
+        return out, weights
+
+    def _attend_padded(self, query, key, value, key_padding_mask, attn_mask, is_causal, need_weights,
+                       packed, kv_packed, B, L, S) -> tuple[Tensor, Tensor | None]:
+        """The default path: the padded batch through the fused kernel. Returns the output in the
+        input's layout and, if asked, the weights (B, H, L, S)."""
+        seq_dim = 1 if self.batch_first else 0
         q, k, v = self._project(query, key, value, packed, kv_packed)  # input layout, (..., E)
         masks = self._masks(key_padding_mask, attn_mask, is_causal, B, L, S, query.device)
         one_key = (B, 1, self.embed_dim) if self.batch_first else (1, B, self.embed_dim)
@@ -135,10 +180,43 @@ class MultiHeadAttention(nn.MultiheadAttention):
         if need_weights:  # exact weights from a separate, unfused computation
             weights = attention_probabilities(q, k, masks.padding, masks.attn, masks.causal)[0]
             weights = weights.to(query.dtype)
-            weights = weights.mean(dim=1) if average_attn_weights else weights
-        if not is_batched:
-            out = out.squeeze(batch_dim)
-            weights = None if weights is None else weights.squeeze(0)
+        return out, weights
+
+    def _attend_valid_tokens(self, x, key_padding_mask, attn_mask, is_causal, need_weights, B, L
+                             ) -> tuple[Tensor, Tensor | None]:
+        """skip_padded_queries: self-attention of the valid tokens of x, packed. Returns the
+        output in x's layout, zero at the padding, and, if asked, the weights (B, H, L, L)."""
+        if self.bias_k is not None or self.add_zero_attn:
+            raise ValueError("skip_padded_queries: expected add_bias_kv=False and add_zero_attn=False (the "
+                             f"appended keys are not in the packed sequences), got add_bias_kv="
+                             f"{self.bias_k is not None} and add_zero_attn={self.add_zero_attn}")
+        masks = self._masks(key_padding_mask, attn_mask, is_causal, B, L, L, x.device)
+        if masks.padding is None:
+            raise ValueError("key_padding_mask: with skip_padded_queries, expected a bool mask or a float one of "
+                             "0 and -inf (bool only under torch.compile), got other float values")
+        if masks.attn is not None:
+            raise ValueError("attn_mask: with skip_padded_queries, expected a causal mask (under torch.compile, "
+                             "with is_causal=True), got another mask")
+        # Each (batch, position)'s row in x.flatten(0, 1), as (B, L) in either layout: unpad packs
+        # these row numbers rather than x, which batch_first=False would copy whole.
+        rows = torch.arange(B * L, device=x.device)
+        rows = rows.view(B, L) if self.batch_first else rows.view(L, B).t()
+        rows, cu_seqlens, _, longest = unpad(rows, masks.padding)
+        torch._check(longest >= 0)  # a no-op in eager; under torch.compile, bounds the traced length
+        qkv = F.linear(x.flatten(0, 1)[rows], self.in_proj_weight, self.in_proj_bias)  # (total, 3E)
+        q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(1)  # (total, H, D) views
+        # Torch's positional causal mask, restricted to the valid tokens, keeps their order: it is
+        # causal within each packed sequence wherever the padding lies.
+        out = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, longest, longest, causal=masks.causal,
+                               dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+        out = F.linear(out.flatten(1), self.out_proj.weight, self.out_proj.bias)
+        out = pad(out, rows, *x.shape[:2])  # zeros at the padded positions
+
+        weights = None
+        if need_weights:  # the default path's, over the padded batch, then zero in padded query rows
+            q, k = (self._heads(pad(t, rows, *x.shape[:2]).flatten(2)) for t in (q, k))
+            weights = attention_probabilities(q, k, masks.padding, None, masks.causal)[0]
+            weights = weights.masked_fill(masks.padding[:, None, :, None], 0.0).to(x.dtype)
         return out, weights
 
     def _torch_runs_nested(self, query, key, value, key_padding_mask, attn_mask) -> bool:

@@ -75,9 +75,10 @@ def _key_range(KV_RANGES, b, B, Nk, HAS_KPM: tl.constexpr):
 def _seq_info(CU_Q, CU_K, b, Nq, Nk, VARLEN: tl.constexpr):
     """Batch row b's first query and key rows in the seq dim, and its query and key counts:
     one sequence of a packed batch, or one padded row (FlashAttention's BlockInfo)."""
-    if VARLEN:
+    if VARLEN:  # offsets in 64 bits: a packed batch's row times its stride passes 2^31
         q_off, k_off = tl.load(CU_Q + b), tl.load(CU_K + b)
-        return q_off, tl.load(CU_Q + b + 1) - q_off, k_off, tl.load(CU_K + b + 1) - k_off
+        q_len, k_len = tl.load(CU_Q + b + 1) - q_off, tl.load(CU_K + b + 1) - k_off
+        return q_off.to(tl.int64), q_len, k_off.to(tl.int64), k_len
     return 0, Nq, 0, Nk
 
 

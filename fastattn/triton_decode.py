@@ -26,7 +26,7 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, SEQLENS,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     split = tl.program_id(0)
     bhk = tl.program_id(1)
-    b, hk = bhk // Hkv, bhk % Hkv
+    b, hk = (bhk // Hkv).to(tl.int64), bhk % Hkv  # 64-bit: a batch of long caches passes 2^31 elements
     rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     g, i = rows // Nq, rows % Nq
     row_ok = rows < group * Nq

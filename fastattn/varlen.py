@@ -48,7 +48,7 @@ def _check_cu_seqlens(name: str, cu: Tensor, total: int, longest, device, batch:
     steps = cu[1:] - cu[:-1]
     ok = (cu[0] == 0) & (cu[-1] == total) & (steps >= 0).all() & (steps <= longest).all()
     if cu.is_cuda or torch.compiler.is_compiling():
-        torch._assert_async(ok, f"{name}: must rise from 0 to {total} in steps of at most {max_name}")
+        torch._assert_async(ok, f"{name}: must rise from 0 to the packed length in steps of at most {max_name}")
     elif not ok:
         raise ValueError(f"{name}: expected to rise from 0 to the packed length {total} in steps of at most "
                          f"{max_name} = {longest}, got {cu.tolist()}")
@@ -116,4 +116,4 @@ def unpad(x: Tensor, key_padding_mask: Tensor) -> tuple[Tensor, Tensor, Tensor, 
 def pad(packed: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
     """The inverse of unpad: (total, ...) -> (batch, seqlen, ...), zeros at the padding."""
     out = packed.new_zeros(batch * seqlen, *packed.shape[1:])
-    return out.index_copy(0, indices, packed).unflatten(0, (batch, seqlen))
+    return out.index_copy_(0, indices, packed).unflatten(0, (batch, seqlen))

@@ -1,5 +1,5 @@
-"""attn_implementation="fastattn" in Hugging Face transformers (small random BERT and GPT-2)
-against attn_implementation="eager" on padded batches."""
+"""attn_implementation="fastattn" in Hugging Face transformers (small random BERT, GPT-2 and Llama)
+against attn_implementation="eager" on padded batches, fastattn's on padded and packed ones."""
 import pytest
 import torch
 
@@ -96,3 +96,126 @@ def test_gpt2_generate_matches_eager(tmp_path):
     ids, mask = padded_ids(101, 3, 9, left=True)
     args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(ours.generate(**args), eager.generate(**args))
+
+
+
+# Padding-free training: sequences packed end to end (DataCollatorWithFlattening) against eager on
+# the same sequences padded. LENGTHS also pack into two rows of 12 tokens: [9, 3] and [6, 6].
+LENGTHS = [9, 6, 3, 6]
+FLASH_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def packed_and_padded(vocab, rows, flash_kwargs):
+    """(the packed batch, its cu_seqlens, the padded input_ids and attention_mask)."""
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(1, vocab, (n,), generator=gen) for n in LENGTHS]
+    collator = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)
+    row_seqs = [[0, 1, 2, 3]] if rows == 1 else [[0, 2], [1, 3]]
+    parts = [collator([{"input_ids": seqs[i]} for i in row]) for row in row_seqs]
+    packed = {key: torch.cat([p[key] for p in parts]) for key in ("input_ids", "labels", "position_ids")}
+    if flash_kwargs:
+        packed.update({key: parts[0][key] for key in FLASH_KWARGS})
+    order = [LENGTHS[i] for row in row_seqs for i in row]
+    cu_seqlens = torch.tensor([0, *order]).cumsum(0).int()
+    ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+    mask = (torch.arange(ids.shape[1]) < torch.tensor(LENGTHS)[:, None]).long()
+    return packed, cu_seqlens, ids, mask
+
+
+def spy_on_varlen(monkeypatch):
+    calls = []
+    real = fastattn.hf.attention_varlen
+
+    def spy(q, k, v, *args, **kw):
+        calls.append(dict(q=q, k=k, args=args, **kw))
+        return real(q, k, v, *args, **kw)
+
+    monkeypatch.setattr(fastattn.hf, "attention_varlen", spy)
+    return calls
+
+
+def count_calls(monkeypatch, name):
+    calls = []
+    real = getattr(fastattn.hf, name)
+
+    def spy(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(fastattn.hf, name, spy)
+    return calls
+
+
+def loss_and_grads(model, **batch):
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss, {name: p.grad for name, p in model.named_parameters()}
+
+
+def assert_same_training(eager, ours, padded, packed):
+    want, want_grads = loss_and_grads(eager, **padded)
+    got, got_grads = loss_and_grads(ours, **packed)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+CAUSAL_LMS = {
+    "gpt2": lambda: (transformers.GPT2LMHeadModel, transformers.GPT2Config(
+        vocab_size=101, n_embd=32, n_layer=2, n_head=4, n_positions=64, attn_pdrop=0.0, resid_pdrop=0.0,
+        embd_pdrop=0.0, use_cache=False)),
+    "llama-gqa": lambda: (transformers.LlamaForCausalLM, transformers.LlamaConfig(
+        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, use_cache=False)),
+}
+
+
+@pytest.mark.parametrize("arch", CAUSAL_LMS)
+@pytest.mark.parametrize("rows,flash_kwargs", [(1, False), (1, True), (2, False)])
+def test_causal_lm_packed_training(tmp_path, monkeypatch, arch, rows, flash_kwargs):
+    model_cls, config = CAUSAL_LMS[arch]()
+    eager, ours = load_both(model_cls, config, tmp_path)
+    packed, cu_seqlens, ids, mask = packed_and_padded(101, rows, flash_kwargs)
+    dense, varlen = spy_on_kernel(monkeypatch), spy_on_varlen(monkeypatch)
+    derived = count_calls(monkeypatch, "_varlen_from_positions")
+    labels = ids.masked_fill(mask == 0, -100)
+    assert_same_training(eager, ours, dict(input_ids=ids, attention_mask=mask, labels=labels), packed)
+    assert dense == [] and len(varlen) == 2  # no mask tensor: every layer went to attention_varlen
+    kv_heads = 2 if arch == "llama-gqa" else 4
+    for call in varlen:
+        assert call["q"].shape == (24, 4, 8) and call["k"].shape == (24, kv_heads, 8)
+        assert torch.equal(call["args"][0], cu_seqlens) and torch.equal(call["args"][1], cu_seqlens)
+        assert call["args"][2:] == (9, 9) and call["causal"] is True
+    assert len(derived) == (0 if flash_kwargs else 1)  # once per forward, not per layer
+
+    built = transformers.masking_utils.create_causal_mask(
+        config=ours.config, inputs_embeds=torch.zeros(rows, 24 // rows, 32), attention_mask=None, cache=None,
+        position_ids=packed["position_ids"])
+    assert isinstance(built, fastattn.hf.PackedSequences)  # no O(N^2) mask was built
+
+
+@pytest.mark.parametrize("flash_kwargs", [False, True])
+def test_bert_packed_training(tmp_path, monkeypatch, flash_kwargs):
+    config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+    eager, ours = load_both(transformers.BertForMaskedLM, config, tmp_path)
+    packed, cu_seqlens, ids, mask = packed_and_padded(99, 1, flash_kwargs)
+    dense, varlen = spy_on_kernel(monkeypatch), spy_on_varlen(monkeypatch)
+    # The collator's labels: every token but each sequence's first.
+    labels = ids.masked_fill((mask == 0) | (torch.arange(ids.shape[1]) == 0), -100)
+    assert_same_training(eager, ours, dict(input_ids=ids, attention_mask=mask, labels=labels), packed)
+    assert dense == [] and len(varlen) == 2
+    for call in varlen:
+        assert torch.equal(call["args"][0], cu_seqlens) and call["args"][2:] == (9, 9)
+        assert call["causal"] is False
+
+
+def test_packed_flash_kwargs_incomplete(tmp_path):
+    model_cls, config = CAUSAL_LMS["gpt2"]()
+    _, ours = load_both(model_cls, config, tmp_path)
+    packed, *_ = packed_and_padded(101, 1, flash_kwargs=True)
+    del packed["max_length_q"], packed["max_length_k"]
+    with pytest.raises(ValueError, match="got None for max_length_q, max_length_k"):
+        ours(**packed)
