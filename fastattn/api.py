@@ -13,18 +13,26 @@ from .masks import key_ranges
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_qkv(query, key, value) -> None:
-    for name, t in (("query", query), ("key", key), ("value", value)):
+def check_tensors(tensors: list[tuple[str, Tensor]], layout: str) -> None:
+    """Each (name, tensor) is a tensor with one dim per letter group of `layout` ("(B, H, N, D)"),
+    in the first one's dtype (one of _DTYPES) and on its device."""
+    dims = layout.count(",") + 1
+    first_name, first = tensors[0]
+    for name, t in tensors:
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name}: expected 4 dims (B, H, N, D), got shape {tuple(t.shape)}")
+        if t.dim() != dims:
+            raise ValueError(f"{name}: expected {dims} dims {layout}, got shape {tuple(t.shape)}")
         if t.dtype not in _DTYPES:
             raise TypeError(f"{name}: expected a dtype in {[str(d) for d in _DTYPES]}, got {t.dtype}")
-        if t.device != query.device:
-            raise ValueError(f"{name}: expected device {query.device} (query's), got {t.device}")
-        if t.dtype != query.dtype:
-            raise TypeError(f"{name}: expected dtype {query.dtype} (query's), got {t.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"{name}: expected device {first.device} ({first_name}'s), got {t.device}")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name}: expected dtype {first.dtype} ({first_name}'s), got {t.dtype}")
+
+
+def _check_qkv(query, key, value) -> None:
+    check_tensors([("query", query), ("key", key), ("value", value)], "(B, H, N, D)")
     B, H, _, D = query.shape
     if key.shape[0] != B or value.shape[0] != B:
         raise ValueError(f"key/value: expected batch {B} (query's), got {key.shape[0]} and {value.shape[0]}")

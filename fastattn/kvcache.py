@@ -7,24 +7,15 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .api import _DTYPES, check_scalars
+from .api import check_scalars, check_tensors
 from .backends import Problem, select_backend
 
 MAX_QUERIES = 16  # new queries per sequence and call: decoding, speculative or not
 
 
 def _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> None:
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
-        if t is None and name in ("k_new", "v_new"):
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name}: expected 4 dims, got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES or t.dtype != q.dtype:
-            raise TypeError(f"{name}: expected q's dtype, one of {[str(d) for d in _DTYPES]}, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name}: expected device {q.device} (q's), got {t.device}")
+    new = [(name, t) for name, t in (("k_new", k_new), ("v_new", v_new)) if t is not None]
+    check_tensors([("q", q), ("k_cache", k_cache), ("v_cache", v_cache), *new], "(B, heads, N, D)")
     B, H, Nq, D = q.shape
     if not 1 <= Nq <= MAX_QUERIES:
         raise ValueError(f"q: expected 1 to {MAX_QUERIES} queries per sequence (B, H, Nq, D), got Nq = {Nq}")

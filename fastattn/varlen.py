@@ -7,20 +7,13 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .api import _DTYPES, _tile_aligned, check_scalars, dropout_seed
+from .api import _tile_aligned, check_scalars, check_tensors, dropout_seed
 from .backends import Problem, select_backend
 
 
 def _check_packed(query, key, value) -> None:
+    check_tensors([("query", query), ("key", key), ("value", value)], "(total, heads, D)")
     for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"{name}: expected 3 dims (total, heads, D), got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES or t.dtype != query.dtype:
-            raise TypeError(f"{name}: expected query's dtype, one of {[str(d) for d in _DTYPES]}, got {t.dtype}")
-        if t.device != query.device:
-            raise ValueError(f"{name}: expected device {query.device} (query's), got {t.device}")
         if t.stride(-1) != 1:
             raise ValueError(f"{name}: expected a unit head-dim stride, got strides {t.stride()}")
     H, D = query.shape[1:]
