@@ -10,11 +10,17 @@ appends to the cache and attends to it in one call.
 
 attention="torch" builds the same model on torch.nn.MultiheadAttention, with the same
 parameter names, so a state_dict moves between the two.
+
+Packed batches: forward also takes Packed ids, every sequence's tokens end to end with no
+padding, and returns logits (total, vocab). The same modules run them; where the padded path
+passes a padding mask, the packed path passes the Packed batch, whose cu_seqlens attention reads
+(fastattn.attention_varlen), and positions restart at each sequence's start. fastattn only.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +30,7 @@ from .api import attention as fused_attention
 from .kvcache import attention_with_kvcache
 from .masks import sdpa_mask_from_padding
 from .mha import MultiHeadAttention
+from .varlen import attention_varlen, unpad
 
 ATTENTION = ("fastattn", "torch")
 
@@ -63,6 +70,36 @@ def multihead(cfg) -> nn.MultiheadAttention:
     return cls(cfg.d_model, cfg.num_heads, dropout=cfg.dropout, batch_first=True)
 
 
+class Packed(NamedTuple):
+    """A batch of sequences laid end to end, no padding: sequence b is
+    ids[cu_seqlens[b]:cu_seqlens[b + 1]]."""
+
+    ids: Tensor  # (total,)
+    cu_seqlens: Tensor  # (B + 1,) int32, from 0 to total
+    max_seqlen: int  # the longest sequence
+
+    @classmethod
+    def from_padded(cls, ids: Tensor, padding: Tensor) -> "Packed":
+        """(B, T) ids -> those not masked by padding (B, T), True = padding, row after row."""
+        packed, cu_seqlens, _, max_seqlen = unpad(ids, padding)
+        return cls(packed, cu_seqlens, max_seqlen)
+
+    def to(self, device) -> "Packed":
+        return self._replace(ids=self.ids.to(device), cu_seqlens=self.cu_seqlens.to(device))
+
+    def positions(self) -> Tensor:
+        """Each token's position in its own sequence (total,), computed on the device."""
+        i = torch.arange(self.ids.shape[0], dtype=torch.int32, device=self.ids.device)
+        seq = torch.searchsorted(self.cu_seqlens[1:], i, right=True)  # the sequence holding token i
+        return i - self.cu_seqlens[seq]
+
+
+def sequences(ids, pad_id: int):
+    """Where a batch's sequences lie, as attention takes it: padded ids (B, T) -> their padding
+    mask (B, T), True = padding; a Packed batch -> itself."""
+    return ids if isinstance(ids, Packed) else ids == pad_id
+
+
 def causal_mask(n: int, device) -> Tensor:
     """torch's bool causal mask (True above the diagonal: hidden); fastattn reads it as a flag."""
     return torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
@@ -83,7 +120,11 @@ class Embedding(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.scale = math.sqrt(d_model)
 
-    def forward(self, ids: Tensor, start: int = 0) -> Tensor:  # (B, T) -> (B, T, E)
+    def forward(self, ids, start: int = 0) -> Tensor:  # (B, T) -> (B, T, E); Packed -> (total, E)
+        if isinstance(ids, Packed):
+            if ids.max_seqlen > self.pe.shape[0]:
+                raise ValueError(f"sequence length: expected at most max_len={self.pe.shape[0]}, got {ids.max_seqlen}")
+            return self.drop(self.tok(ids.ids) * self.scale + self.pe[ids.positions()])
         if start + ids.shape[1] > self.pe.shape[0]:
             raise ValueError(f"sequence length: expected at most max_len={self.pe.shape[0]}, got {start + ids.shape[1]}")
         return self.drop(self.tok(ids) * self.scale + self.pe[start:start + ids.shape[1]])
@@ -157,6 +198,30 @@ def _attend(kind: str, q, k, v, key_padding_mask=None, causal=False) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
 
 
+def attend(mha: nn.MultiheadAttention, x: Tensor, context: Tensor, seqs_q, seqs_k,
+           causal: bool = False) -> Tensor:
+    """mha(x, context, context) with the sequences of x and context given as sequences() gives
+    them: padding masks, x (B, T, E) and context (B, S, E); or Packed, x (total_q, E) and
+    context (total_k, E), on attention_varlen."""
+    if not isinstance(seqs_q, Packed):
+        mask = causal_mask(x.shape[1], x.device) if causal else None
+        return mha(x, context, context, key_padding_mask=seqs_k, attn_mask=mask, is_causal=causal,
+                   need_weights=False)[0]
+    if not isinstance(mha, MultiHeadAttention):
+        raise ValueError("packed input: expected a model with attention='fastattn', got 'torch'")
+    E, H = mha.embed_dim, mha.num_heads
+    if x is context:  # self-attention: one GEMM for q, k and v; (total, H, D) views of it
+        q, k, v = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).unflatten(-1, (3, H, -1)).unbind(1)
+    else:
+        q = F.linear(x, mha.in_proj_weight[:E], mha.in_proj_bias[:E]).unflatten(-1, (H, -1))
+        kv = F.linear(context, mha.in_proj_weight[E:], mha.in_proj_bias[E:])  # one GEMM for k and v
+        k, v = kv.unflatten(-1, (2, H, -1)).unbind(1)
+    out = attention_varlen(q, k, v, seqs_q.cu_seqlens, seqs_k.cu_seqlens, seqs_q.max_seqlen,
+                           seqs_k.max_seqlen, causal=causal, dropout_p=mha.dropout if mha.training else 0.0,
+                           backend=mha.backend)  # (total_q, H, D)
+    return mha.out_proj(out.flatten(1))  # (total_q, E)
+
+
 def cached_self_attention(mha: nn.MultiheadAttention, kind: str, x: Tensor, cache: KVCache) -> Tensor:
     """mha(x, x, x) for the new positions x (B, n, E) after those in the cache: either a whole
     prompt (empty cache, causal) or one token (which sees every cached key)."""
@@ -195,11 +260,8 @@ class EncoderLayer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.kind = cfg.attention  # for the cached path
 
-    def forward(self, x: Tensor, pad: Tensor, causal: bool = False) -> Tensor:  # (B, S, E)
-        mask = causal_mask(x.shape[1], x.device) if causal else None
-        a = self.self_attn(x, x, x, key_padding_mask=pad, attn_mask=mask, is_causal=causal,
-                           need_weights=False)[0]
-        x = self.norm1(x + self.drop(a))
+    def forward(self, x: Tensor, seqs, causal: bool = False) -> Tensor:  # (B, S, E) or (total, E)
+        x = self.norm1(x + self.drop(attend(self.self_attn, x, x, seqs, seqs, causal)))
         return self.norm2(x + self.drop(self.ff(x)))
 
     def step(self, x: Tensor, cache: KVCache) -> Tensor:
@@ -217,13 +279,9 @@ class DecoderLayer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.kind = cfg.attention  # for the cached path
 
-    def forward(self, x: Tensor, context: Tensor, tgt_pad: Tensor, src_pad: Tensor) -> Tensor:
-        T = x.shape[1]
-        a = self.self_attn(x, x, x, key_padding_mask=tgt_pad, attn_mask=causal_mask(T, x.device),
-                           is_causal=True, need_weights=False)[0]
-        x = self.norm1(x + self.drop(a))
-        a = self.cross_attn(x, context, context, key_padding_mask=src_pad, need_weights=False)[0]
-        x = self.norm2(x + self.drop(a))
+    def forward(self, x: Tensor, context: Tensor, tgt_seqs, src_seqs) -> Tensor:
+        x = self.norm1(x + self.drop(attend(self.self_attn, x, x, tgt_seqs, tgt_seqs, causal=True)))
+        x = self.norm2(x + self.drop(attend(self.cross_attn, x, context, tgt_seqs, src_seqs)))
         return self.norm3(x + self.drop(self.ff(x)))
 
     def step(self, x: Tensor, cache: KVCache, memory: tuple[Tensor, Tensor], src_pad: Tensor) -> Tensor:
@@ -233,7 +291,8 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Encoder-decoder. forward(src (B, S), tgt_in (B, T)) -> logits (B, T, tgt_vocab)."""
+    """Encoder-decoder. forward(src (B, S), tgt_in (B, T)) -> logits (B, T, tgt_vocab), or
+    forward(src Packed, tgt_in Packed) -> logits (total_t, tgt_vocab)."""
 
     def __init__(self, src_vocab: int, tgt_vocab: int, d_model: int = 512, num_heads: int = 8,
                  num_encoder_layers: int = 6, num_decoder_layers: int = 6,
@@ -249,20 +308,20 @@ class Transformer(nn.Module):
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(num_decoder_layers))
         self.generator = nn.Linear(d_model, tgt_vocab)
 
-    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
-        src_pad = src == self.config.pad_id  # (B, S), True = padding
+    def encode(self, src) -> tuple[Tensor, Tensor | Packed]:
+        src_seqs = sequences(src, self.config.pad_id)  # (B, S), True = padding; or src, Packed
         x = self.src_embed(src)
         for layer in self.encoder:
-            x = layer(x, src_pad)
-        return x, src_pad  # context (B, S, E)
+            x = layer(x, src_seqs)
+        return x, src_seqs  # context (B, S, E) or (total_s, E)
 
-    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
-        context, src_pad = self.encode(src)
-        tgt_pad = tgt_in == self.config.pad_id
+    def forward(self, src, tgt_in) -> Tensor:
+        context, src_seqs = self.encode(src)
+        tgt_seqs = sequences(tgt_in, self.config.pad_id)
         x = self.tgt_embed(tgt_in)
         for layer in self.decoder:
-            x = layer(x, context, tgt_pad, src_pad)
-        return self.generator(x)  # (B, T, tgt_vocab)
+            x = layer(x, context, tgt_seqs, src_seqs)
+        return self.generator(x)  # (B, T, tgt_vocab) or (total_t, tgt_vocab)
 
     @torch.no_grad()
     def generate(self, src: Tensor, max_len: int, sos_id: int, eos_id: int) -> Tensor:
@@ -286,7 +345,8 @@ class Transformer(nn.Module):
 
 
 class TransformerLM(nn.Module):
-    """Decoder-only: causal self-attention layers. forward(x (B, T)) -> logits (B, T, vocab)."""
+    """Decoder-only: causal self-attention layers. forward(x (B, T)) -> logits (B, T, vocab), or
+    forward(x Packed) -> logits (total, vocab)."""
 
     def __init__(self, vocab: int, d_model: int = 512, num_heads: int = 8, num_layers: int = 6,
                  dim_feedforward: int = 2048, dropout: float = 0.1, max_len: int = 512,
@@ -298,11 +358,11 @@ class TransformerLM(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(num_layers))
         self.generator = nn.Linear(d_model, vocab)
 
-    def forward(self, x: Tensor) -> Tensor:
-        pad = x == self.config.pad_id
+    def forward(self, x) -> Tensor:
+        seqs = sequences(x, self.config.pad_id)
         h = self.embed(x)
         for layer in self.layers:
-            h = layer(h, pad, causal=True)
+            h = layer(h, seqs, causal=True)
         return self.generator(h)
 
     @torch.no_grad()

@@ -1,6 +1,9 @@
 """`python -m fastattn train`: train the notes' Transformer on a synthetic reversal task
 (encoder-decoder) or a character language model (decoder-only), on fastattn or torch attention.
 
+With --pack the reverse task's batches run packed: each batch's tokens end to end with no
+padding (fastattn.attention_varlen), on the same examples and the same model as the padded run.
+
 Under `torchrun --nproc_per_node=N -m fastattn train ...` it runs DistributedDataParallel
 (gloo on CPU, nccl on GPU): every rank draws the same global batch and trains on its slice.
 """
@@ -19,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .models import ATTENTION, Transformer, TransformerLM
+from .models import ATTENTION, Packed, Transformer, TransformerLM
 
 PAD, SOS, EOS = 0, 1, 2
 SAMPLE_TEXT = (
@@ -41,13 +44,15 @@ class UsageError(Exception):
 
 
 class ReverseTask:
-    """Reverse a random sequence of 1-32 symbols. Source and target are padded per batch."""
+    """Reverse a random sequence of 1-32 symbols. Source and target are padded per batch, or
+    with pack, packed for the model."""
 
     name = "reverse"
 
-    def __init__(self, symbols: int = 16, max_len: int = 32):
+    def __init__(self, symbols: int = 16, max_len: int = 32, pack: bool = False):
         self.vocab = symbols + 3  # PAD, SOS, EOS, then the symbols
         self.max_len = max_len
+        self.pack = pack
 
     def batch(self, size: int, gen: torch.Generator):
         lengths = torch.randint(1, self.max_len + 1, (size,), generator=gen)
@@ -74,9 +79,13 @@ class ReverseTask:
 
     def loss_sum(self, model, batch, device):
         """Cross-entropy summed over the target tokens."""
-        src, tgt_in, tgt = (t.to(device) for t in batch)
-        logits = model(src, tgt_in)
-        return F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=PAD, reduction="sum")
+        src, tgt_in, tgt = batch
+        if self.pack:  # tgt_in packed as tgt: its fed-back EOS, whose target is padding, drops out
+            src, tgt_in = Packed.from_padded(src, src == PAD), Packed.from_padded(tgt_in, tgt == PAD)
+            tgt = tgt[tgt != PAD]
+        src, tgt_in, tgt = (t.to(device) for t in (src, tgt_in, tgt))
+        logits = model(src, tgt_in)  # (B, T, V), or (total_t, V) packed
+        return F.cross_entropy(logits.flatten(0, -2), tgt.flatten(), ignore_index=PAD, reduction="sum")
 
     @torch.no_grad()
     def evaluate(self, model, examples, device) -> float:
@@ -145,7 +154,7 @@ class LMTask:
 
 def make_task(args):
     if args.task == "reverse":
-        return ReverseTask()
+        return ReverseTask(pack=args.pack)
     path = Path(args.data) if args.data else None
     if path is not None and not path.is_file():
         raise UsageError(f"--data: no such file: {path}")
@@ -181,7 +190,15 @@ def parse_args(argv):
     p.add_argument("--resume", help="start from this checkpoint")
     p.add_argument("--json", help="write the final metrics here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--pack", action="store_true",
+                   help="run packed batches, no padding (--task reverse, fastattn attention)")
     args = p.parse_args(argv)
+    if args.pack and args.attention != "fastattn":
+        raise UsageError("--pack: packed batches run on fastattn.attention_varlen; "
+                         f"expected --attention fastattn, got {args.attention}")
+    if args.pack and args.task != "reverse":
+        raise UsageError("--pack: --task lm trains on equal-length blocks, which hold no padding to remove; "
+                         "packing applies to --task reverse")
     if args.dropout is None:
         args.dropout = 0.0 if args.task == "reverse" else 0.1
     return args
@@ -264,8 +281,9 @@ def train(args) -> dict:
                 break
     bar.close()
     seconds = time.perf_counter() - start
-    metrics = dict(task=task.name, attention=args.attention, device=str(device), world_size=world,
-                   steps=step, exact_match=score, seconds=seconds, tokens_per_s=tokens / seconds)
+    metrics = dict(task=task.name, attention=args.attention, pack=args.pack, device=str(device),
+                   world_size=world, steps=step, exact_match=score, seconds=seconds,
+                   tokens_per_s=tokens / seconds)
     if rank == 0:
         model.eval()
         for line in task.show(model, held_out, device):

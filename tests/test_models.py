@@ -1,11 +1,11 @@
 """The Transformer of the notes: the same model on fastattn and on torch.nn.MultiheadAttention
-computes the same thing (logits, loss, gradients, training curves, greedy decodes), and KV-cached
-generation equals recomputation."""
+computes the same thing (logits, loss, gradients, training curves, greedy decodes), KV-cached
+generation equals recomputation, and packed batches give the padded batch's logits."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fastattn.models import Transformer, TransformerLM, greedy
+from fastattn.models import Packed, Transformer, TransformerLM, greedy
 
 PAD, SOS, EOS = 0, 1, 2
 SMALL = dict(d_model=32, num_heads=4, dim_feedforward=64, max_len=64, pad_id=PAD)
@@ -110,6 +110,28 @@ def test_lm_cached_generation_equals_recomputation():
         assert torch.equal(cached, x)
         outs.append(cached)
     assert torch.equal(*outs)
+
+
+def test_packed_logits_equal_padded_at_real_tokens():
+    """Packed (no padding, positions restarting per sequence) = padded, at every real token."""
+    torch.manual_seed(0)
+    model = Transformer(20, 22, num_encoder_layers=2, num_decoder_layers=2, dropout=0.0, **SMALL)
+    src, tgt_in, _ = seq2seq_batch(gen=torch.Generator().manual_seed(6))
+    tgt_in[2, 4:] = PAD  # a target shorter than the batch's longest
+    logits = model(Packed.from_padded(src, src == PAD), Packed.from_padded(tgt_in, tgt_in == PAD))
+    torch.testing.assert_close(logits, model(src, tgt_in)[tgt_in != PAD], atol=1e-5, rtol=1e-5)
+
+    lm = TransformerLM(30, num_layers=2, dropout=0.0, **SMALL)
+    x = torch.randint(3, 30, (4, 17))
+    x[1, 12:], x[3, 3:] = PAD, PAD
+    torch.testing.assert_close(lm(Packed.from_padded(x, x == PAD)), lm(x)[x != PAD], atol=1e-5, rtol=1e-5)
+
+
+def test_packed_input_needs_fastattn():
+    ref, _ = pair(TransformerLM, vocab=30, num_layers=1, dropout=0.0, **SMALL)
+    x = torch.randint(3, 30, (2, 5))
+    with pytest.raises(ValueError, match="packed input.*attention='fastattn'"):
+        ref(Packed.from_padded(x, x == PAD))
 
 
 def test_bad_attention_kind():
