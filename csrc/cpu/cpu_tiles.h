@@ -2,6 +2,8 @@
 // control and packing of strided rows into the fp32 layout the micro-kernels read.
 #pragma once
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <atomic>
@@ -9,6 +11,8 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#include "micro_kernels.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <xmmintrin.h>
@@ -57,6 +61,16 @@ void pack_rows(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols,
   for (int64_t r = 0; r < rows; ++r) {
     const T* s = src + r * rs;
     float* d = dst + r * ld;
+    if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
+      if (cs == 1) {  // widened in the ISA's vectors: c10's scalar conversions cost as much as decoding
+        const auto widen = std::is_same_v<T, c10::BFloat16> ? micro_kernels().widen_bf16 : micro_kernels().widen_f16;
+        widen(reinterpret_cast<const uint16_t*>(s), cols, d);
+        if (mul != 1.f)
+          for (int64_t c = 0; c < cols; ++c) d[c] *= mul;
+        std::fill(d + cols, d + ld, 0.f);
+        continue;
+      }
+    }
     if (cs == 1) {  // the usual layout: a unit-stride loop the compiler vectorizes
       for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<float>(s[c]) * mul;
     } else {

@@ -326,6 +326,72 @@ FA_INLINE void row_dots_impl(int M, int N, int K, const float* A, int64_t lda, c
     }
 }
 
+// bf16 -> fp32: the 16 bits become the top half of an fp32 whose low half is zero.
+template <int W>
+struct Bits {  // W lanes of 16 and of 32 bits
+  typedef uint16_t half __attribute__((vector_size(2 * W), aligned(2)));
+  typedef uint32_t full __attribute__((vector_size(4 * W), aligned(4)));
+};
+
+template <int W>
+FA_INLINE void widen_bf16_impl(const uint16_t* src, int64_t n, float* dst) {
+  using H = typename Bits<W>::half;
+  using U = typename Bits<W>::full;
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    H h;
+    std::memcpy(&h, src + i, sizeof(h));
+    const U u = __builtin_convertvector(h, U) << 16;
+    std::memcpy(dst + i, &u, sizeof(u));
+  }
+  for (; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(src[i]) << 16;
+    std::memcpy(dst + i, &u, sizeof(u));
+  }
+}
+
+// IEEE binary16 -> binary32, subnormals, infinities and NaN included.
+FA_INLINE float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  if (exp == 0) {  // zero or subnormal: man * 2^-24
+    const float f = static_cast<float>(man) * 5.9604644775390625e-08f;
+    return sign ? -f : f;
+  }
+  const uint32_t bits = sign | (exp == 31 ? 0x7f800000u : (exp + 112) << 23) | man << 13;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// vcvtph2ps over the whole multiples of 8 or 16 values, each under the least target that has it
+// (not always_inline: GCC would inline it into widen_f16_impl before that has a target). Returns
+// how many it converted.
+__attribute__((target("avx,f16c"))) int64_t widen_f16_x8(const uint16_t* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  return i;
+}
+__attribute__((target("avx512f"))) int64_t widen_f16_x16(const uint16_t* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+  return i;
+}
+#endif
+
+// fp16 -> fp32: vcvtph2ps where the table's ISA has it (F16C with AVX2, AVX-512), else bit by bit.
+template <int W>
+FA_INLINE void widen_f16_impl(const uint16_t* src, int64_t n, float* dst) {
+  int64_t i = 0;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if constexpr (W == 16) i = widen_f16_x16(src, n, dst);
+  if constexpr (W == 8) i = widen_f16_x8(src, n, dst);
+#endif
+  for (; i < n; ++i) dst[i] = half_to_float(src[i]);
+}
+
 template <int W>
 FA_INLINE double fma_loop_impl(int64_t n) {
   using V = typename Lanes<W>::type;
@@ -369,6 +435,12 @@ FA_INLINE double fma_loop_impl(int64_t n) {
                                        float* l, float* alpha) {                               \
     softmax_step_rows_impl<W>(s, rows, cols, ld, m, l, alpha);                                 \
   }                                                                                            \
+  TARGET void widen_bf16_##NAME(const uint16_t* src, int64_t n, float* dst) {                  \
+    widen_bf16_impl<W>(src, n, dst);                                                           \
+  }                                                                                            \
+  TARGET void widen_f16_##NAME(const uint16_t* src, int64_t n, float* dst) {                   \
+    widen_f16_impl<W>(src, n, dst);                                                            \
+  }                                                                                            \
   TARGET void row_dots_##NAME(int M, int N, int K, const float* A, int64_t lda, const float* B,  \
                               int64_t ldb, float* C, int64_t ldc) {                            \
     row_dots_impl<W>(M, N, K, A, lda, B, ldb, C, ldc);                                         \
@@ -377,13 +449,15 @@ FA_INLINE double fma_loop_impl(int64_t n) {
   const MicroKernels kernels_##NAME = {#NAME, gemm_##NAME, softmax_step_##NAME,                \
                                        exp2_shifted_##NAME, scale_rows_##NAME,                 \
                                        softmax_grad_##NAME, softmax_step_rows_##NAME,          \
-                                       row_dots_##NAME, nullptr, nullptr, fma_loop_##NAME};
+                                       row_dots_##NAME, widen_bf16_##NAME, widen_f16_##NAME,   \
+                                       nullptr, nullptr, fma_loop_##NAME};
 
 FASTATTN_DEFINE_ISA(generic, , 4, 6, 8)  // 16-byte vectors: SSE2 on x86-64, NEON on aarch64
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FASTATTN_X86 1
-// 16 ymm registers: 6 x 2 accumulators. 32 zmm registers: 8 x 2 accumulators.
-FASTATTN_DEFINE_ISA(avx2, __attribute__((target("avx2,fma"))), 8, 6, 16)
+// 16 ymm registers: 6 x 2 accumulators. 32 zmm registers: 8 x 2 accumulators. (Every AVX2 CPU
+// has F16C.)
+FASTATTN_DEFINE_ISA(avx2, __attribute__((target("avx2,fma,f16c"))), 8, 6, 16)
 FASTATTN_DEFINE_ISA(avx512, __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma"))), 16, 8, 32)
 
 // vdpbf16ps: 16 lanes, each a 2-term bf16 dot product into fp32: twice the fp32 FMA rate.
@@ -447,8 +521,8 @@ FASTATTN_BF16 void pack_pairs_bf16_avx512(const float* x, int rows, int cols, in
 
 const MicroKernels kernels_avx512_bf16 = {"avx512_bf16", gemm_avx512, softmax_step_avx512,
                                           exp2_shifted_avx512, scale_rows_avx512, softmax_grad_avx512,
-                                          softmax_step_rows_avx512, row_dots_avx512, gemm_bf16_avx512,
-                                          pack_pairs_bf16_avx512,
+                                          softmax_step_rows_avx512, row_dots_avx512, widen_bf16_avx512,
+                                          widen_f16_avx512, gemm_bf16_avx512, pack_pairs_bf16_avx512,
                                           fma_loop_avx512};
 #endif
 
@@ -458,7 +532,8 @@ bool cpu_has(const std::string& isa) {
   if (isa == "avx512")
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
            __builtin_cpu_supports("avx512dq");
-  if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == "avx2")
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #endif
   return isa == "generic";
 }

@@ -30,6 +30,10 @@ struct MicroKernels {
   void (*row_dots)(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                    int64_t ldc);
 
+  // 16-bit floats (their bits) -> fp32: dst[i] = src[i] for i < n.
+  void (*widen_bf16)(const uint16_t* src, int64_t n, float* dst);
+  void (*widen_f16)(const uint16_t* src, int64_t n, float* dst);
+
   // bf16 dot products with fp32 accumulation (AVX512_BF16 vdpbf16ps); nullptr elsewhere.
   // Operands are bf16 pairs along K, one uint32 each (low half = even k): A at
   // A[m*sam + kp*sak], B row-major by pair, B[kp*ldb + n]. C[M,N] (+)= A @ B over Kp pairs;

@@ -2,6 +2,7 @@
 // `make aarch64-check` cross-compiles it and runs it under qemu (the generic table as NEON).
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -122,6 +123,32 @@ void check_row_dots(const MicroKernels& mk) {
   }
 }
 
+// Every 16-bit pattern, against the compiler's own half type and a shift for bf16.
+#if defined(__aarch64__)
+using Half = __fp16;
+#else
+using Half = _Float16;
+#endif
+
+void check_widen(const MicroKernels& mk) {
+  std::vector<uint16_t> bits(1 << 16);
+  for (size_t i = 0; i < bits.size(); ++i) bits[i] = static_cast<uint16_t>(i);
+  std::vector<float> half(bits.size()), brain(bits.size());
+  mk.widen_f16(bits.data(), static_cast<int64_t>(bits.size()), half.data());
+  mk.widen_bf16(bits.data(), static_cast<int64_t>(bits.size()), brain.data());
+  for (size_t i = 0; i < bits.size(); ++i) {
+    Half h;
+    std::memcpy(&h, &bits[i], sizeof(h));
+    const uint32_t top = static_cast<uint32_t>(bits[i]) << 16;
+    float b;
+    std::memcpy(&b, &top, sizeof(b));
+    ++checks;
+    const bool ok = (std::isnan(half[i]) ? std::isnan(static_cast<float>(h)) : half[i] == static_cast<float>(h)) &&
+                    (std::isnan(brain[i]) ? std::isnan(b) : brain[i] == b);
+    if (!ok && ++failures <= 10) std::printf("FAIL widen [%s]: bits %04zx\n", mk.isa, i);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -131,6 +158,7 @@ int main() {
     check_softmax(fastattn::cpu::micro_kernels());
     check_softmax_rows(fastattn::cpu::micro_kernels());
     check_row_dots(fastattn::cpu::micro_kernels());
+    check_widen(fastattn::cpu::micro_kernels());
     std::printf("%s: checked\n", *isa);
   }
   std::printf("%d passed, %d failed\n", checks - failures, failures);
