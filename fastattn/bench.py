@@ -571,6 +571,10 @@ def run(quick: bool = False, json_path: str | None = None, plot_path: str | None
             tmp.write_text(json.dumps(record, indent=1, default=str))
             os.replace(tmp, json_path)  # a kill mid-write leaves the previous whole record
 
+    measure = lambda fn: measure_ms(fn, device, min_run_time)  # noqa: E731
+    record["decode"] = decode_rows(device, quick, measure)  # first: a run killed at a time limit keeps them
+    record["varlen"] = varlen_rows(device, quick, measure)
+    save()
     for case in grid(device, quick):
         record["rows"] += run_case(case, device, quick, peak, min_run_time)
         save()
@@ -578,10 +582,6 @@ def run(quick: bool = False, json_path: str | None = None, plot_path: str | None
         from .bench_isa import CASES, isa_rows
 
         record["isa"] = isa_rows(min_run_time=min_run_time, cases=("dense", "padded") if quick else CASES)
-    measure = lambda fn: measure_ms(fn, device, min_run_time)  # noqa: E731
-    record["decode"] = decode_rows(device, quick, measure)
-    record["varlen"] = varlen_rows(device, quick, measure)
-    save()
     record["modules"] = module_rows(device, min_run_time)
     record["end_to_end"] = encoder_rows(device, quick) + model_rows(device, quick) if end_to_end else []
     record["complete"] = True
