@@ -23,7 +23,7 @@ def _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> None:
         raise ValueError(f"k_cache/v_cache: expected equal shapes (B, Hkv, Nmax, D) = ({B}, Hkv, Nmax, {D}), "
                          f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     Hkv, Nmax = k_cache.shape[1:3]
-    if H % Hkv:
+    if Hkv == 0 or H % Hkv:
         raise ValueError(f"k_cache: expected a head count dividing q's {H} heads, got {Hkv}")
     if (k_new is None) != (v_new is None):
         raise ValueError("k_new/v_new: expected both or neither")

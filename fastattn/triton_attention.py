@@ -72,6 +72,17 @@ def _key_range(KV_RANGES, b, B, Nk, HAS_KPM: tl.constexpr):
 
 
 @triton.jit
+def _tile_and_row(N, BLOCK: tl.constexpr):
+    """This program's tile of N (its first index) and (batch, head) row, from a 1-D launch of
+    tiles x rows, tiles fastest: the order of a 2-D (tiles, rows) grid, which keeps one head's
+    tiles together in L2, without the 65535 cap on a grid's second axis (a packed batch of
+    thousands of short sequences passes it)."""
+    pid = tl.program_id(0)
+    tiles = tl.cdiv(N, BLOCK)
+    return (pid % tiles) * BLOCK, pid // tiles
+
+
+@triton.jit
 def _seq_info(CU_Q, CU_K, b, Nq, Nk, VARLEN: tl.constexpr):
     """Batch row b's first query and key rows in the seq dim, and its query and key counts:
     one sequence of a packed batch, or one padded row (FlashAttention's BlockInfo)."""
@@ -144,8 +155,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KV_RANGES, KPM, MASK, CU_Q, CU_K,
                 HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, VARLEN: tl.constexpr,
                 CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    start_m, bh = _tile_and_row(Nq, BLOCK_M)
     b, h = bh // H, bh % H
     hk = h // group  # GQA: the kv head this query head reads
     q_off, Nq, k_off, Nk = _seq_info(CU_Q, CU_K, b, Nq, Nk, VARLEN)
@@ -197,8 +207,8 @@ def _bwd_preprocess(O, DO, DLSE, DELTA, CU_Q, stride_ob, stride_oh, stride_om, s
                     BLOCK_D: tl.constexpr):
     """delta = rowsum(dO * O) - dlse: the softmax-backward offset of each query row. Rows with
     the layout of lse; dlse shares it."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    bh = tl.program_id(1)
+    start_m, bh = _tile_and_row(Nq, BLOCK_M)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     b, h = bh // H, bh % H
     q_off, Nq, _, _ = _seq_info(CU_Q, CU_Q, b, Nq, 0, VARLEN)
     offs_d = tl.arange(0, BLOCK_D)
@@ -225,9 +235,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_RANGES, KPM, MASK, CU_Q
     """dK, dV of one key tile of one kv head: the sum over the query heads of its GQA group
     and over every query tile that can see it. No atomics: deterministic. DK and DV are
     (B, Hkv, Nk, D) with rows of D, batch and head strides stride_gb, stride_gh."""
-    start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
-    b, hk = bhk // Hkv, bhk % Hkv
+    start_n, bhk = _tile_and_row(Nk, BLOCK_N)
+    b, hk = bhk // Hkv, (bhk % Hkv).to(tl.int64)  # 64-bit: hk * stride_gh passes 2^31 in a long packed batch
     q_off, Nq, k_off, Nk = _seq_info(CU_Q, CU_K, b, Nq, Nk, VARLEN)
     if start_n >= Nk:  # past a packed sequence's keys
         return
@@ -288,9 +297,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_RANGES, KPM, MASK, CU_Q, CU_K
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dQ of one query tile: the key tiles the forward visited, probabilities recomputed. DQ
     is (B, H, Nq, D) with rows of D, batch and head strides stride_gb, stride_gh."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b, h = bh // H, bh % H
+    start_m, bh = _tile_and_row(Nq, BLOCK_M)
+    b, h = bh // H, (bh % H).to(tl.int64)  # 64-bit: h * stride_gh passes 2^31 in a long packed batch
     hk = h // group
     q_off, Nq, k_off, Nk = _seq_info(CU_Q, CU_K, b, Nq, Nk, VARLEN)
     if start_m >= Nq:
@@ -452,7 +460,7 @@ def forward(q, k, v, out, lse, masks: MaskArgs, causal: bool, scale: float, drop
             scale * LOG2E, dropout_p, seed)
     flags = dict(CAUSAL=causal, DROPOUT=dropout_p > 0, PREC=dot_precision(q.dtype), BLOCK_D=block_d(D),
                  **masks.flags())
-    _launch(_fwd_kernel, "fwd", lambda m, n: (triton.cdiv(Nq, m), B * H), args, flags, Nq, Nk, q.dtype)
+    _launch(_fwd_kernel, "fwd", lambda m, n: (triton.cdiv(Nq, m) * B * H,), args, flags, Nq, Nk, q.dtype)
 
 
 def backward(dout, dlse, q, k, v, out, lse, masks: MaskArgs, causal: bool, scale: float,
@@ -466,16 +474,16 @@ def backward(dout, dlse, q, k, v, out, lse, masks: MaskArgs, causal: bool, scale
     delta = torch.empty_like(lse)
     pre_block = 64
     do_strides = (*_batch_head_strides(dout, varlen), *dout.stride()[2:])
-    _bwd_preprocess[(triton.cdiv(Nq, pre_block), B * H)](
+    _bwd_preprocess[(triton.cdiv(Nq, pre_block) * B * H,)](
         out, dout, dlse if dlse is not None else lse, delta, masks.cu_q,
         *_batch_head_strides(out, varlen), *out.stride()[2:], *do_strides, *lse_strides, H, Nq, D,
         HAS_DLSE=dlse is not None, VARLEN=varlen, BLOCK_M=pre_block, BLOCK_D=block_d(D))
     common = (*masks.pointers(), *_qkv_strides(q, k, v, varlen), *do_strides, *masks.strides(), *lse_strides)
     flags = dict(CAUSAL=causal, DROPOUT=dropout_p > 0, PREC=dot_precision(q.dtype), BLOCK_D=block_d(D),
                  **masks.flags())
-    _launch(_bwd_dkdv_kernel, "dkdv", lambda m, n: (triton.cdiv(Nk, n), B * Hkv),
+    _launch(_bwd_dkdv_kernel, "dkdv", lambda m, n: (triton.cdiv(Nk, n) * B * Hkv,),
             (q, k, v, dout, lse, delta, dk, dv, *common, *_batch_head_strides(dk, varlen), B, H, Hkv, Nq,
              Nk, D, H // Hkv, scale * LOG2E, scale, dropout_p, seed), flags, Nq, Nk, q.dtype)
-    _launch(_bwd_dq_kernel, "dq", lambda m, n: (triton.cdiv(Nq, m), B * H),
+    _launch(_bwd_dq_kernel, "dq", lambda m, n: (triton.cdiv(Nq, m) * B * H,),
             (q, k, v, dout, lse, delta, dq, *common, *_batch_head_strides(dq, varlen), B, H, Nq, Nk, D,
              H // Hkv, scale * LOG2E, scale, dropout_p, seed), flags, Nq, Nk, q.dtype)

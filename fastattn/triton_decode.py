@@ -24,9 +24,9 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, SEQLENS,
                          H, Hkv, Nq, D, group, qk_scale, split_len, num_splits,
                          CAUSAL: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    split = tl.program_id(0)
-    bhk = tl.program_id(1)
-    b, hk = (bhk // Hkv).to(tl.int64), bhk % Hkv  # 64-bit: a batch of long caches passes 2^31 elements
+    bhk = tl.program_id(0)  # on the first axis: a grid's others stop at 65535
+    split = tl.program_id(1)
+    b, hk = (bhk // Hkv).to(tl.int64), (bhk % Hkv).to(tl.int64)  # 64-bit: long caches pass 2^31 elements
     rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     g, i = rows // Nq, rows % Nq
     row_ok = rows < group * Nq
@@ -106,18 +106,20 @@ def split_count(ctas: int, cache_len: int, block_n: int, multiprocessors: int) -
 
 def decode(q, k_cache, v_cache, seqlens, out, lse, causal: bool, scale: float) -> None:
     """q (B, H, Nq, D); caches (B, Hkv, Nmax, D); seqlens (B,) int32 valid keys per row; writes
-    out (B, H, Nq, D) and lse (B, H, Nq) contiguous."""
+    out (B, H, Nq, D), any strides, and lse (B, H, Nq), contiguous."""
     B, H, Nq, D = q.shape
     Hkv, Nmax = k_cache.shape[1], k_cache.shape[2]
     group = H // Hkv
     block_m = max(16, min(64, triton.next_power_of_2(group * Nq)))
     m_blocks = triton.cdiv(group * Nq, block_m)
-    block_n = 32 if INTERPRETING else 64
+    # 64 keys a tile; 32 for fp32 at D = 256, whose 64-key tiles take 148 KiB of shared memory
+    # on sm_90 (one CTA an SM; 82 KiB at 32, compiled here)
+    block_n = 32 if INTERPRETING or block_d(D) * q.element_size() > 512 else 64
     splits = split_count(B * Hkv * m_blocks, Nmax, block_n, _multiprocessors(q.device))
     split_len = triton.cdiv(triton.cdiv(Nmax, splits), block_n) * block_n
     o_part = torch.empty(B, H, Nq, splits, D, device=q.device, dtype=torch.float32)
     lse_part = torch.empty(B, H, Nq, splits, device=q.device, dtype=torch.float32)
-    _decode_split_kernel[(splits, B * Hkv, m_blocks)](
+    _decode_split_kernel[(B * Hkv, splits, m_blocks)](
         q, k_cache, v_cache, o_part, lse_part, seqlens, *q.stride(), *k_cache.stride(), *v_cache.stride(),
         H, Hkv, Nq, D, group, scale * LOG2E, split_len, splits, CAUSAL=causal, PREC=dot_precision(q.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d(D), num_warps=4, num_stages=2)

@@ -58,6 +58,30 @@ def test_no_host_sync_in_varlen_or_decoding():
         without_syncs(lambda: fastattn.attention_with_kvcache(q1, k_cache, v_cache, lengths, k_new=k1, v_new=v1))
 
 
+def test_more_sequences_and_heads_than_a_grid_axis_takes():
+    """Over 65535 (sequence, head) pairs: packed short sequences, and a large decoding batch."""
+    torch.manual_seed(0)
+    lengths = torch.randint(1, 5, (5000,))
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).int().cuda()
+    q, k, v = (torch.randn(int(lengths.sum()), 16, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    out = fastattn.attention_varlen(q, k, v, cu, cu, 4, 4, causal=True)
+    out.sum().backward()
+    for b in (0, 2500, 4999):
+        rows = slice(cu[b], cu[b + 1])
+        lone = [t[rows].detach().double().transpose(0, 1)[None] for t in (q, k, v)]
+        ref = fastattn.reference_attention(*lone, causal=True)[0][0].transpose(0, 1)
+        assert rel_err(out[rows], ref) < TOL[torch.bfloat16]
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+    k_cache, v_cache = (torch.randn(10000, 8, 64, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    q1 = torch.randn(10000, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
+    lengths = torch.randint(1, 65, (10000,), dtype=torch.int32, device="cuda")
+    with torch.no_grad():
+        got = fastattn.attention_with_kvcache(q1, k_cache, v_cache, lengths)
+        want = fastattn.attention_with_kvcache(q1, k_cache, v_cache, lengths, backend="reference")
+    assert rel_err(got, want) < TOL[torch.bfloat16]
+
+
 def test_fp32_is_ieee_unless_tf32_is_opted_in():
     torch.manual_seed(0)
     q, k, v = (t.detach() for t in cuda_inputs(2, 4, 4, 256, 256, 64, dtype=torch.float32))

@@ -39,6 +39,8 @@ def test_equals_full_forward_on_the_valid_prefix(backend, dtype, Nq, Nnew, heads
     cache_seqlens = torch.tensor([0, 1, 130, Nmax - Nnew], dtype=torch.int32, device=DEVICE)
     q = torch.randn(B, H, Nq, D, device=DEVICE).to(dtype)
     k_new, v_new = (torch.randn(B, Hkv, Nnew, D, device=DEVICE).to(dtype) for _ in range(2))
+    for b, n in enumerate(cache_seqlens.tolist()):  # rows past the valid ones: an uninitialised cache
+        k_cache[b, :, n + Nnew:] = v_cache[b, :, n + Nnew:] = float("nan")
     before = k_cache.clone()
     out, lse = attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=k_new if Nnew else None,
                                       v_new=v_new if Nnew else None, causal=causal, scale=0.2,
@@ -46,7 +48,8 @@ def test_equals_full_forward_on_the_valid_prefix(backend, dtype, Nq, Nnew, heads
     for b, n in enumerate(cache_seqlens.tolist()):  # the new rows, and nothing else, were written
         torch.testing.assert_close(k_cache[b, :, n:n + Nnew], k_new[b], rtol=0, atol=0)
         torch.testing.assert_close(v_cache[b, :, n:n + Nnew], v_new[b], rtol=0, atol=0)
-        assert torch.equal(k_cache[b, :, :n], before[b, :, :n]) and torch.equal(k_cache[b, :, n + Nnew:], before[b, :, n + Nnew:])
+        assert torch.equal(k_cache[b, :, :n], before[b, :, :n])
+        assert k_cache[b, :, n + Nnew:].isnan().all() and v_cache[b, :, n + Nnew:].isnan().all()
     ref, ref_lse = expected(q, k_cache, v_cache, cache_seqlens + Nnew, causal, 0.2)
     assert out.shape == q.shape and out.dtype == dtype and lse.shape == q.shape[:3]
     assert torch.isfinite(out).all()
@@ -83,6 +86,8 @@ def test_one_node_under_compile():
 @pytest.mark.parametrize("change, error, words", [
     (dict(q=torch.randn(2, 4, 17, 32)), ValueError, "1 to 16 queries"),
     (dict(q=torch.randn(2, 3, 1, 32)), ValueError, "dividing"),
+    (dict(k_cache=torch.randn(2, 0, 50, 32), v_cache=torch.randn(2, 0, 50, 32), k_new=None, v_new=None),
+     ValueError, "dividing"),
     (dict(v_cache=torch.randn(2, 2, 49, 32)), ValueError, "equal shapes"),
     (dict(cache_seqlens=torch.tensor([3, 20])), TypeError, "int32"),
     (dict(cache_seqlens=torch.tensor([3, 50], dtype=torch.int32)), ValueError, r"\[0, 49\]"),

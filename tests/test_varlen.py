@@ -116,9 +116,13 @@ def test_compiles_to_one_node_per_call():
     cq, ck = cu(LENS_Q, "cpu"), cu(LENS_K, "cpu")
     f = lambda q, k, v: attention_varlen(q, k, v, cq, ck, max(LENS_Q), max(LENS_K), causal=True)  # noqa: E731
     assert count_fastattn_nodes(f, q, k, v) == 1
-    torch.library.opcheck(torch.ops.fastattn.attention_forward.default,
-                          (*(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)), None, None, None, cq, ck,
-                           max(LENS_Q), max(LENS_K), True, 0.3, 0.0, 0, "cpu"))
+    q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    masks = (None, None, None, cq, ck, max(LENS_Q), max(LENS_K), True, 0.3, 0.0, 0)
+    for backend in CPU_BACKENDS:
+        torch.library.opcheck(torch.ops.fastattn.attention_forward.default, (q4, k4, v4, *masks, backend))
+        out, lse = ops.attention_forward(q4, k4, v4, *masks, backend)
+        torch.library.opcheck(torch.ops.fastattn.attention_backward.default,
+                              (torch.randn_like(out), None, q4, k4, v4, out, lse, *masks, backend))
 
 
 @pytest.mark.parametrize("change, error, words", [

@@ -47,15 +47,17 @@ class ReferenceBackend(Backend):
         Nq, Nmax = q.shape[2], k_cache.shape[2]
         keys = torch.arange(Nmax, device=q.device)
         lengths = seqlens.long()[:, None, None, None]  # (B, 1, 1, 1)
-        visible = keys < lengths
-        if causal:  # query i sees keys j <= length - Nq + i
-            visible = visible & (keys <= lengths - Nq + torch.arange(Nq, device=q.device)[:, None])
+        valid = keys < lengths
+        visible = valid & (keys <= lengths - Nq + torch.arange(Nq, device=q.device)[:, None]) if causal else valid
+        # Rows past the valid ones may hold anything (an uninitialised cache): 0 * NaN is NaN.
+        k_cache, v_cache = (t.masked_fill(~valid.transpose(-1, -2), 0) for t in (k_cache, v_cache))
         out, lse = reference_attention(q, k_cache, v_cache, attn_mask=visible, scale=scale)
         return empty_out(q).copy_(out), empty_lse(q).copy_(lse)
 
     def backward(self, dout, dlse, q, k, v, out, lse, masks: Masks, causal, scale, dropout_p, seed):
         if masks.varlen:
-            grads = [torch.empty_like(t) for t in (q, k, v)]  # the sequences cover every row
+            # The sequences cover every row; contiguous, as the op's fake promises.
+            grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
             for b, (qs, ks) in enumerate(_sequences(masks)):
                 g = self.backward(dout[:, :, qs], None if dlse is None else dlse[:, :, qs], q[:, :, qs],
                                   k[:, :, ks], v[:, :, ks], out[:, :, qs], lse[:, :, qs],
