@@ -49,6 +49,23 @@ void check_gemm(const MicroKernels& mk) {
   }
 }
 
+// One query's online-softmax step: its n scores before (s0) and after (s), `step` apart, its
+// running max and sum before (m0, l0), and the alpha and sum the kernel left.
+void expect_softmax_step(const char* what, const char* isa, const float* s0, const float* s, int n, int step,
+                         float m0, float l0, float alpha, float l) {
+  double mx = m0;
+  for (int i = 0; i < n; ++i) mx = std::fmax(mx, s0[i * step]);
+  const double safe = std::isinf(mx) ? 0.0 : mx;
+  double sum = 0;
+  for (int i = 0; i < n; ++i) {
+    const double p = std::exp2(s0[i * step] - safe);
+    sum += p;
+    expect_close(what, isa, s[i * step], p, 1e-6);
+  }
+  expect_close(what, isa, alpha, std::exp2(m0 - safe), 1e-6);
+  expect_close(what, isa, l, l0 * std::exp2(m0 - safe) + sum, 1e-6);
+}
+
 void check_softmax(const MicroKernels& mk) {
   for (int cols : {1, 5, 13, 16, 37, 128}) {  // full vectors, then narrower ones, then scalars
     const int rows = 23;
@@ -59,19 +76,8 @@ void check_softmax(const MicroKernels& mk) {
     const auto s0 = s, m0 = m, l0 = l;
     std::vector<float> alpha(cols);
     mk.softmax_step(s.data(), rows, cols, cols, m.data(), l.data(), alpha.data());
-    for (int c = 0; c < cols; ++c) {
-      double mx = m0[c];
-      for (int r = 0; r < rows; ++r) mx = std::fmax(mx, s0[r * cols + c]);
-      const double safe = std::isinf(mx) ? 0.0 : mx;
-      double sum = 0;
-      for (int r = 0; r < rows; ++r) {
-        const double p = std::exp2(s0[r * cols + c] - safe);
-        sum += p;
-        expect_close("softmax p", mk.isa, s[r * cols + c], p, 1e-6);
-      }
-      expect_close("softmax alpha", mk.isa, alpha[c], std::exp2(m0[c] - safe), 1e-6);
-      expect_close("softmax l", mk.isa, l[c], l0[c] * std::exp2(m0[c] - safe) + sum, 1e-6);
-    }
+    for (int c = 0; c < cols; ++c)  // each query's scores run down a column
+      expect_softmax_step("softmax", mk.isa, s0.data() + c, s.data() + c, rows, cols, m0[c], l0[c], alpha[c], l[c]);
     auto g = random_vector(rows * cols), dp = random_vector(rows * cols), delta = random_vector(cols);
     const auto g0 = g;
     mk.softmax_grad(g.data(), dp.data(), rows, cols, cols, delta.data());
@@ -89,19 +95,9 @@ void check_softmax_rows(const MicroKernels& mk) {
     const auto s0 = s, m0 = m, l0 = l;
     std::vector<float> alpha(rows);
     mk.softmax_step_rows(s.data(), rows, cols, ld, m.data(), l.data(), alpha.data());
-    for (int r = 0; r < rows; ++r) {
-      double mx = m0[r];
-      for (int c = 0; c < cols; ++c) mx = std::fmax(mx, s0[r * ld + c]);
-      const double safe = std::isinf(mx) ? 0.0 : mx;
-      double sum = 0;
-      for (int c = 0; c < cols; ++c) {
-        const double p = std::exp2(s0[r * ld + c] - safe);
-        sum += p;
-        expect_close("softmax_rows p", mk.isa, s[r * ld + c], p, 1e-6);
-      }
-      expect_close("softmax_rows alpha", mk.isa, alpha[r], std::exp2(m0[r] - safe), 1e-6);
-      expect_close("softmax_rows l", mk.isa, l[r], l0[r] * std::exp2(m0[r] - safe) + sum, 1e-6);
-    }
+    for (int r = 0; r < rows; ++r)  // each query's scores run along a row
+      expect_softmax_step("softmax_rows", mk.isa, s0.data() + r * ld, s.data() + r * ld, cols, 1, m0[r], l0[r],
+                          alpha[r], l[r]);
   }
 }
 
