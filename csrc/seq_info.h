@@ -22,11 +22,6 @@ struct SeqInfo {
     if (p.kv_begin != nullptr) key_begin = p.kv_begin[b], key_end = p.kv_end[b];
   }
 
-  // Rows of head h of batch row b, each advanced to the sequence's first row.
-  template <typename T>
-  T* row0(T* base, const int64_t* stride, int64_t b, int64_t h, int64_t off) const {
-    return base + b * stride[0] + h * stride[1] + off * stride[2];
-  }
   float* lse(const AttentionParams& p, int64_t b, int64_t h) const {
     return p.lse + b * p.lse_stride[0] + h * p.lse_stride[1] + q_off;
   }

@@ -85,7 +85,7 @@ def attention_kvcache(
         k_cache.scatter_(2, index, k_new)
         v_cache.scatter_(2, index, v_new)
         seqlens = cache_seqlens + Nnew
-    return REGISTRY[backend].decode(q, k_cache, v_cache, seqlens.to(torch.int32).contiguous(), causal, scale)
+    return REGISTRY[backend].decode(q, k_cache, v_cache, seqlens.contiguous(), causal, scale)
 
 
 @attention_kvcache.register_fake

@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../attention_params.h"
 #include "micro_kernels.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -25,6 +26,16 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// f(T{}) with T the element type of `dtype`: the kernels' one dtype dispatch.
+template <typename F>
+void with_dtype(DType dtype, const F& f) {
+  switch (dtype) {
+    case DType::kFloat32: return f(float{});
+    case DType::kFloat16: return f(c10::Half{});
+    case DType::kBFloat16: return f(c10::BFloat16{});
+  }
+}
 
 // Flush-to-zero and denormals-are-zero for the calling thread while in scope. Probabilities
 // below 2^-126 change no result measurably, but denormal arithmetic runs tens of times slower
@@ -58,12 +69,14 @@ void parallel_dynamic(int64_t total, const Body& body) {
 template <typename T>
 void pack_rows(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols, int64_t ld,
                float* dst, float mul = 1.f) {
+  constexpr bool kHalf = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+  const auto widen = !kHalf ? nullptr : std::is_same_v<T, c10::BFloat16> ? micro_kernels().widen_bf16
+                                                                         : micro_kernels().widen_f16;
   for (int64_t r = 0; r < rows; ++r) {
     const T* s = src + r * rs;
     float* d = dst + r * ld;
-    if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
+    if constexpr (kHalf) {
       if (cs == 1) {  // widened in the ISA's vectors: c10's scalar conversions cost as much as decoding
-        const auto widen = std::is_same_v<T, c10::BFloat16> ? micro_kernels().widen_bf16 : micro_kernels().widen_f16;
         widen(reinterpret_cast<const uint16_t*>(s), cols, d);
         if (mul != 1.f)
           for (int64_t c = 0; c < cols; ++c) d[c] *= mul;

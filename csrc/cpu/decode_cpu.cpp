@@ -4,9 +4,6 @@
 // for query i of head hk * group + g), and each cached key is read once per group. Splits keep
 // every thread busy when batch * kv heads is small; a merge then combines their partial
 // outputs by their log-sum-exp.
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
 #include <cmath>
 #include <vector>
 
@@ -114,7 +111,7 @@ void decode_impl(const AttentionParams& p) {
 
   // Merge: out = sum over splits of exp(lse_split - lse) * out_split, lse = logsumexp(lse_split).
   at::parallel_for(0, B * Hkv * R, 64, [&](int64_t first, int64_t last) {
-    std::vector<float> w(splits), o(D);
+    std::vector<float> o(D);
     for (int64_t row = first; row < last; ++row) {
       const int64_t bhk = row / R, r = row % R, b = bhk / Hkv, h = bhk % Hkv * group + r / Nq, i = r % Nq;
       const auto part = [&](int64_t split) { return (bhk * splits + split) * R + r; };
@@ -138,11 +135,7 @@ void decode_impl(const AttentionParams& p) {
 }  // namespace
 
 void decode(const AttentionParams& p) {
-  switch (p.dtype) {
-    case DType::kFloat32: return decode_impl<float>(p);
-    case DType::kFloat16: return decode_impl<c10::Half>(p);
-    case DType::kBFloat16: return decode_impl<c10::BFloat16>(p);
-  }
+  with_dtype(p.dtype, [&](auto element) { decode_impl<decltype(element)>(p); });
 }
 
 }  // namespace fastattn::cpu

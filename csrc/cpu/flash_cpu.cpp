@@ -374,19 +374,11 @@ void backward_impl(const AttentionBwdParams& p) {
 }  // namespace
 
 void forward(const AttentionParams& p) {
-  switch (p.dtype) {
-    case DType::kFloat32: return forward_impl<float>(p);
-    case DType::kFloat16: return forward_impl<c10::Half>(p);
-    case DType::kBFloat16: return forward_impl<c10::BFloat16>(p);
-  }
+  with_dtype(p.dtype, [&](auto element) { forward_impl<decltype(element)>(p); });
 }
 
 void backward(const AttentionBwdParams& p) {
-  switch (p.dtype) {
-    case DType::kFloat32: return backward_impl<float>(p);
-    case DType::kFloat16: return backward_impl<c10::Half>(p);
-    case DType::kBFloat16: return backward_impl<c10::BFloat16>(p);
-  }
+  with_dtype(p.dtype, [&](auto element) { backward_impl<decltype(element)>(p); });
 }
 
 }  // namespace fastattn::cpu
