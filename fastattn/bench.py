@@ -471,12 +471,13 @@ def print_tables(record: dict) -> None:
     if record.get("isa"):
         table = Table(title=f"the CPU kernel per ISA table against SDPA at the same ISA level (this CPU runs "
                             f"{record['isa'][0]['isa']} by default; FASTATTN_CPU_ISA picks another)")
-        for col in ("ISA", "torch level", "case", "fastattn ms", "SDPA ms", "fastattn ÷ SDPA", "GEMM GFLOPS",
-                    "% of FMA peak"):
+        for col in ("ISA", "torch level", "case", "fastattn ms", "SDPA ms", "fastattn ÷ SDPA",
+                    "bf16 ÷ via fp32", "GEMM GFLOPS", "% of FMA peak"):
             table.add_column(col)
         for r in record["isa"]:
-            table.add_row(r["isa"], r["torch_level"], r["case"], f"{r['fastattn_ms']:.1f}", f"{r['sdpa_ms']:.1f}",
-                          f"{r['ratio']:.2f}×", f"{r['gemm_gflops']:.0f}",
+            vs_fp32 = f"{r['ratio_vs_fp32']:.2f}×" if "ratio_vs_fp32" in r else ""
+            sdpa = (f"{r['sdpa_ms']:.1f}", f"{r['ratio']:.2f}×") if "sdpa_ms" in r else ("failed", "")
+            table.add_row(r["isa"], r["torch_level"], r["case"], f"{r['fastattn_ms']:.1f}", *sdpa, vs_fp32, f"{r['gemm_gflops']:.0f}",
                           f"{100 * r['gemm_gflops'] / r['fma_peak_gflops']:.0f}%")
         console.print(table)
     print_decode_tables(record, console)
@@ -579,9 +580,9 @@ def run(quick: bool = False, json_path: str | None = None, plot_path: str | None
         record["rows"] += run_case(case, device, quick, peak, min_run_time)
         save()
     if device == "cpu":
-        from .bench_isa import CASES, isa_rows
+        from .bench_isa import CASES, QUICK_CASES, isa_rows
 
-        record["isa"] = isa_rows(min_run_time=min_run_time, cases=("dense", "padded") if quick else CASES)
+        record["isa"] = isa_rows(min_run_time=min_run_time, cases=QUICK_CASES if quick else CASES)
     record["modules"] = module_rows(device, min_run_time)
     record["end_to_end"] = encoder_rows(device, quick) + model_rows(device, quick) if end_to_end else []
     record["complete"] = True

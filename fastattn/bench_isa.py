@@ -2,35 +2,54 @@
 
 torch picks its vector code once, at start-up (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS), so
 each ISA is timed in a fresh process: fastattn on that table (FASTATTN_CPU_ISA), SDPA held to the
-same level. fp32, B=4, H=8, D=64: dense, causal, padded (lengths N, 3N/4, N/2, N/4) and
-causal+padded forward, and dense forward+backward; and the table's GEMM micro-kernel (the score
-tile's shape, in cache, one thread) against the FMA peak a micro-benchmark measures in the same
-process.
+same level, the two called in turn so that a shared machine's drifting load hits both alike.
+fp32, B=4, H=8, D=64: dense, causal, padded (lengths N, 3N/4, N/2, N/4) and causal+padded
+forward, and dense forward+backward; bf16 dense and padded forward, also against converting the
+inputs to fp32 and running the fp32 kernel (what a bf16 table must beat); and the table's GEMM
+micro-kernel (the score tile's shape, in cache, one thread) against the FMA peak a
+micro-benchmark measures in the same process.
 """
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 
 # fastattn table -> (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS) of the same level
-TORCH_LEVEL = {"avx512_bf16": ("avx512", "AVX512"), "avx512": ("avx512", "AVX512"),
+TORCH_LEVEL = {"amx_bf16": ("avx512", "AVX512_E4"), "avx512_bf16": ("avx512", "AVX512"), "avx512": ("avx512", "AVX512"),
                "avx2": ("avx2", "AVX2"), "generic": ("default", "SSE4_2")}
 
 
-CASES = ("dense", "causal", "padded", "causal+padded", "dense fwd+bwd")
+CASES = ("dense", "causal", "padded", "causal+padded", "dense fwd+bwd", "dense bf16", "padded bf16")
+QUICK_CASES = ("dense", "padded", "dense bf16", "padded bf16")
+
+
+def paired_ms(fns, min_run_time: float, min_reps: int = 5) -> list[float]:
+    """Median ms of each fn after a warm-up call, the fns called in turn (a, b, a, b, ...)."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    start = time.perf_counter()
+    while len(times[0]) < min_reps or time.perf_counter() - start < min_run_time * len(fns):
+        for fn, t in zip(fns, times):
+            began = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - began)
+    return [statistics.median(t) * 1e3 for t in times]
 
 
 def measure(n: int, min_run_time: float, cases=CASES) -> dict:
-    """In this process: ms of fastattn and SDPA for each case (forward unless named fwd+bwd), and
-    the GEMM's share of the FMA peak."""
+    """In this process: ms of fastattn and SDPA for each case (forward unless named fwd+bwd; fp32
+    unless named bf16), and the GEMM's share of the FMA peak."""
     import torch
     import torch.nn.functional as F
 
     import fastattn
     from fastattn import _C
-    from fastattn.bench import Case, measure_ms
+    from fastattn.bench import Case
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(4, n, 8, 64).transpose(1, 2).requires_grad_() for _ in range(3))
@@ -38,22 +57,33 @@ def measure(n: int, min_run_time: float, cases=CASES) -> dict:
     kpm = torch.arange(n)[None] >= lengths[:, None]
     allowed = ~kpm[:, None, None, :] & torch.ones(n, n, dtype=torch.bool).tril()
 
-    def ms(fn, backward):
-        def step():
-            out = fn()
-            if backward:
-                out.backward(torch.ones_like(out))
-        with torch.set_grad_enabled(backward):
-            return measure_ms(step, "cpu", min_run_time)
+    def step(fn, backward):
+        def run():
+            with torch.set_grad_enabled(backward):
+                out = fn()
+                if backward:
+                    out.backward(torch.ones_like(out))
+        return run
 
     out = {}
     for case in cases:
         causal, pad, backward = "causal" in case, kpm if "padded" in case else None, "bwd" in case
         mask = None if pad is None else (allowed if causal else ~pad[:, None, None, :])
-        sdpa = ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None),
-                  backward)
-        ours = ms(lambda: fastattn.attention(q, k, v, key_padding_mask=pad, causal=causal, backend="cpu"), backward)
-        out[case] = {"fastattn_ms": ours, "sdpa_ms": sdpa, "ratio": sdpa / ours}
+        x = [t.detach().bfloat16() for t in (q, k, v)] if "bf16" in case else (q, k, v)
+        fns = [lambda: F.scaled_dot_product_attention(*x, attn_mask=mask, is_causal=causal and mask is None),
+               lambda: fastattn.attention(*x, key_padding_mask=pad, causal=causal, backend="cpu")]
+        if "bf16" in case:  # the alternative a bf16 table must beat: fp32 inputs on the fp32 kernel
+            fns.append(lambda: fastattn.attention(*(t.float() for t in x), key_padding_mask=pad, backend="cpu"))
+        runs = [step(fn, backward) for fn in fns]
+        try:
+            runs[0]()
+        except RuntimeError as e:  # torch 2.13's bf16 SDPA on an AMX CPU held to AVX2: "pack_vnni2 is only
+            out[case] = {"sdpa_error": str(e).splitlines()[0]}  # supported when avx512 is supported"
+            runs[0] = runs[1]
+        sdpa, ours, *via_fp32 = paired_ms(runs, min_run_time)
+        out[case] = {"fastattn_ms": ours, **(out.get(case) or {"sdpa_ms": sdpa, "ratio": sdpa / ours})}
+        if via_fp32:
+            out[case].update(via_fp32_ms=via_fp32[0], ratio_vs_fp32=via_fp32[0] / ours)
     gemm, peak = _C.cpu_micro_gflops(seconds=min_run_time)
     return {"cases": out, "gemm_gflops": gemm, "fma_peak_gflops": peak}
 
@@ -67,9 +97,12 @@ def isa_rows(n: int = 1024, min_run_time: float = 0.3, cases=CASES) -> list[dict
         aten, mkl = TORCH_LEVEL[isa]
         env = dict(os.environ, FASTATTN_CPU_ISA=isa, ATEN_CPU_CAPABILITY=aten, MKL_ENABLE_INSTRUCTIONS=mkl)
         code = f"import json, fastattn.bench_isa as b; print(json.dumps(b.measure({n}, {min_run_time}, {tuple(cases)!r})))"
-        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"the {isa} measurement failed:\n{done.stderr[-2000:]}")
         result = json.loads(done.stdout.splitlines()[-1])
         gemm = {k: result[k] for k in ("gemm_gflops", "fma_peak_gflops")}
         for case, r in result["cases"].items():
-            rows.append(dict(isa=isa, torch_level=f"{aten}/{mkl}", case=f"{case} fp32 N{n}", **r, **gemm))
+            label = case if "bf16" in case else f"{case} fp32"
+            rows.append(dict(isa=isa, torch_level=f"{aten}/{mkl}", case=f"{label} N{n}", **r, **gemm))
     return rows

@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ def isa():
     _C.cpu_set_isa(before)
 
 
-@pytest.mark.parametrize("name", ["avx512_bf16", "avx512", "avx2", "generic"])
+@pytest.mark.parametrize("name", ["amx_bf16", "avx512_bf16", "avx512", "avx2", "generic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_every_isa_path(isa, name, dtype):
     if name not in isa.cpu_isas():
@@ -117,6 +118,19 @@ def test_every_isa_table_keeps_up_with_sdpa():
     for row in isa_rows(n=512, min_run_time=0.1, cases=("dense",)):
         assert row["ratio"] >= 0.5, row
         assert row["gemm_gflops"] >= 0.35 * row["fma_peak_gflops"], row  # 72-87% measured
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_micro_kernels_own_test(tmp_path):
+    """tests/cpp built for this CPU and run: every table it has (AMX and vdpbf16ps dot products
+    included) against plain loops, tails and leading dims included."""
+    root = Path(__file__).resolve().parent.parent
+    exe = tmp_path / "micro_kernels_test"
+    subprocess.run(["g++", "-O2", "-std=c++17", str(root / "tests/cpp/micro_kernels_test.cpp"),
+                    str(root / "csrc/cpu/micro_kernels.cpp"), "-o", str(exe)], check=True, capture_output=True)
+    done = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
+    assert " 0 failed" in done.stdout
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("objdump") is None, reason="x86 objdump")

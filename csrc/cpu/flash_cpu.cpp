@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -84,64 +85,81 @@ struct TileMasker {
   }
 };
 
-// bf16 inputs on AVX512_BF16: K as bf16 rows (pairs along the head dim) and V and Q^T in pairs
-// along their reduction dim, so that vdpbf16ps multiplies them at twice the fp32 rate.
+// bf16 inputs with bf16 dot products (AMX tiles, or vdpbf16ps), whose operands are bf16 pairs
+// along the reduction dim: the score tile is S^T = K Q^T as in the fp32 kernels, and the output
+// is accumulated transposed, O^T += V^T P^T, so that K and V^T are row-major A operands and
+// Q^T and P^T the paired B operands. Head dims are padded to kBf16Depth, keys to whole tiles.
+constexpr int64_t kBf16Depth = 32;
 uint32_t bf16_bits(c10::BFloat16 x) { return x.x; }
 uint32_t bf16_bits(float x) { return c10::BFloat16(x).x; }
 
-// dst[(r / 2) * ld + c] = the pair (src[r, c], src[r + 1, c]); zeros past rows and cols < ld.
+// The bf16 pair (src[r, c], src[r, c + 1]) at dst[r * ld + c / 2], the second 0 past cols: bf16
+// rows as they are. dst's padding is left as it is.
 template <typename T>
-void pack_pairs(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols, int64_t ld, uint32_t* dst,
-                float mul = 1.f) {
-  for (int64_t r = 0; r < rows; r += 2) {
-    uint32_t* d = dst + r / 2 * ld;
-    for (int64_t c = 0; c < cols; ++c) {
-      const auto at = [&](int64_t row) {
-        if (row >= rows) return 0u;
-        const T x = src[row * rs + c * cs];
-        return mul == 1.f ? bf16_bits(x) : bf16_bits(static_cast<float>(x) * mul);
-      };
-      d[c] = at(r) | at(r + 1) << 16;
+void pack_pairs_along_rows(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols, uint32_t* dst,
+                           int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* s = src + r * rs;
+    uint16_t* d = reinterpret_cast<uint16_t*>(dst + r * ld);
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (cs == 1) {
+        std::memcpy(d, s, cols * sizeof(T));
+        continue;
+      }
     }
-    std::fill(d + cols, d + ld, 0u);
+    for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<uint16_t>(bf16_bits(s[c * cs]));
+  }
+}
+
+// The bf16 pair (src[r, c], src[r + 1, c]) at dst[c * ld + r / 2], the second 0 past rows.
+template <typename T>
+void pack_pairs_across_rows(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols, uint32_t* dst,
+                            int64_t ld) {
+  for (int64_t r = 0; r < rows; r += 2) {
+    const T* even = src + r * rs;
+    const T* odd = r + 1 < rows ? even + rs : nullptr;
+    for (int64_t c = 0; c < cols; ++c)
+      dst[c * ld + r / 2] = bf16_bits(even[c * cs]) | (odd != nullptr ? bf16_bits(odd[c * cs]) << 16 : 0u);
   }
 }
 
 // Where a query tile reads its keys and values: fp32 rows of `ld` floats with unit column
-// stride, or, for bf16 dot products, K^T and V in pairs along their reduction dims.
+// stride, or, for bf16 dot products, K and V^T as rows of bf16 pairs.
 struct KVRows {
   const float* k;
   int64_t ldk;
   const float* v;
   int64_t ldv;
-  const uint32_t* k2 = nullptr;  // [Dp / 2][keys]: pairs of head-dim entries, key stride 1
-  int64_t ldk2 = 0;
-  const uint32_t* v2 = nullptr;  // [keys / 2][Dp]: pairs of keys
+  const uint32_t* k2 = nullptr;  // [keys][Dk / 2]: pairs along the head dim
+  const uint32_t* v2 = nullptr;  // [Dp][keys / 2]: pairs of keys
+  int64_t ldv2 = 0;
 };
 
 struct ForwardBuffers {
-  std::vector<float> qt, s, acc, m, l, alpha;
-  std::vector<uint32_t> qt2, p2;  // Q^T and P in bf16 pairs, for bf16 dot products
-  ForwardBuffers(int64_t Dp, bool bf16_dots)
+  std::vector<float> qt, s, acc, m, l, alpha;  // acc: O [queries][Dp], or O^T [Dp][queries] (bf16 dots)
+  std::vector<uint32_t> qt2, pt2;              // Q^T and P^T in bf16 pairs, for bf16 dot products
+  ForwardBuffers(int64_t Dp, int64_t Dk, bool bf16_dots)
       : qt(Dp * kBlockQ), s(kBlockK * kBlockQ), acc(kBlockQ * Dp), m(kBlockQ), l(kBlockQ), alpha(kBlockQ),
-        qt2(bf16_dots ? Dp / 2 * kBlockQ : 0), p2(bf16_dots ? kBlockK / 2 * kBlockQ : 0) {}
+        qt2(bf16_dots ? Dk / 2 * kBlockQ : 0), pt2(bf16_dots ? kBlockK / 2 * kBlockQ : 0) {}
 };
 
 // n rows of keys and values, converted and packed once, in the layout the dot products read.
 struct PackedKV {
   std::vector<float> k, v;
   std::vector<uint32_t> k2, v2;
-  int64_t n = 0;
+  int64_t n = 0, ldk2 = 0;
 
   template <typename T>
   void pack(const T* ks, int64_t krs, int64_t kcs, const T* vs, int64_t vrs, int64_t vcs, int64_t rows,
             int64_t D, int64_t Dp, bool bf16_dots) {
     n = rows;
-    if (bf16_dots) {
-      k2.assign(Dp / 2 * n, 0u);
-      pack_pairs(ks, kcs, krs, D, n, n, k2.data());  // K^T: rows = head dim, pairs along it
-      v2.assign((n + 1) / 2 * Dp, 0u);
-      pack_pairs(vs, vrs, vcs, n, D, Dp, v2.data());
+    if (bf16_dots) {  // zero keys up to whole tiles, zero head dims up to Dk
+      n = round_up(rows, kBlockK);
+      ldk2 = round_up(D, kBf16Depth) / 2;
+      k2.assign(n * ldk2, 0u);
+      pack_pairs_along_rows(ks, krs, kcs, rows, D, k2.data(), ldk2);
+      v2.assign(Dp * n / 2, 0u);
+      pack_pairs_across_rows(vs, vrs, vcs, rows, D, v2.data(), n / 2);  // V^T
     } else {
       k.resize(n * Dp);
       v.resize(n * Dp);
@@ -151,7 +169,7 @@ struct PackedKV {
   }
 
   KVRows from(int64_t first, int64_t Dp, bool bf16_dots) const {  // rows from `first` (even) on
-    if (bf16_dots) return KVRows{nullptr, 0, nullptr, 0, k2.data() + first, n, v2.data() + first / 2 * Dp};
+    if (bf16_dots) return KVRows{nullptr, 0, nullptr, 0, k2.data() + first * ldk2, v2.data() + first / 2, n / 2};
     return KVRows{k.data() + first * Dp, Dp, v.data() + first * Dp, Dp};
   }
 };
@@ -160,7 +178,7 @@ template <typename T>
 void forward_impl(const AttentionParams& p) {
   const MicroKernels& mk = micro_kernels();
   const int64_t B = p.batch, H = p.heads, Hkv = p.kv_heads, Nq = p.q_len, D = p.head_dim;  // Nq: the longest
-  const int64_t Dp = round_up(D, 16), group = H / Hkv;
+  const int64_t Dp = round_up(D, 16), Dk = round_up(D, kBf16Depth), group = H / Hkv;
   const int64_t q_blocks = (Nq + kBlockQ - 1) / kBlockQ;
   const float qk_scale = p.scale * kLog2e;  // exp(x) = exp2(x * log2 e): fold it into q
   const bool bf16_dots = std::is_same_v<T, c10::BFloat16> && mk.gemm_bf16 != nullptr;
@@ -183,35 +201,42 @@ void forward_impl(const AttentionParams& p) {
     std::fill(buf.acc.begin(), buf.acc.end(), 0.f);
     const T* qh = q + b * qs[0] + h * qs[1] + (seq.q_off + i0) * qs[2];
     if (keys.begin < keys.end) {
-      if (bf16_dots)  // Q^T in pairs along the head dim: [Dp / 2][queries]
-        pack_pairs(qh, qs[3], qs[2], D, mq, kBlockQ, buf.qt2.data(), qk_scale);
-      else
-        pack_transposed(qh, qs[2], qs[3], mq, D, kBlockQ, buf.qt.data(), qk_scale);
+      pack_transposed(qh, qs[2], qs[3], mq, D, kBlockQ, buf.qt.data(), qk_scale);
+      if (bf16_dots) {  // Q^T in pairs along the head dim, zero past D: [Dk / 2][queries]
+        mk.pack_pairs_bf16(buf.qt.data(), static_cast<int>(D), kBlockQ, kBlockQ, buf.qt2.data(), kBlockQ);
+        std::fill(buf.qt2.begin() + (D + 1) / 2 * kBlockQ, buf.qt2.end(), 0u);
+      }
     }
     for (int64_t j0 = keys.begin; j0 < keys.end; j0 += kBlockK) {
       const int nk = static_cast<int>(std::min<int64_t>(kBlockK, keys.end - j0));
       const KVRows rows = kv(j0, nk);
-      if (bf16_dots)
-        mk.gemm_bf16(nk, kBlockQ, Dp / 2, rows.k2, 1, rows.ldk2, buf.qt2.data(), kBlockQ, buf.s.data(), kBlockQ, false);
+      if (bf16_dots)  // whole 16-key blocks: the keys past nk are zero padding or are ignored
+        mk.gemm_bf16(round_up(nk, 16), kBlockQ, Dk / 2, rows.k2, Dk / 2, buf.qt2.data(), kBlockQ, buf.s.data(),
+                     kBlockQ, false);
       else
         mk.gemm(nk, kBlockQ, Dp, rows.k, rows.ldk, 1, buf.qt.data(), kBlockQ, buf.s.data(), kBlockQ, false);
       masker.apply(buf.s.data(), j0, nk, i0, mq);
       mk.softmax_step(buf.s.data(), nk, mq, kBlockQ, buf.m.data(), buf.l.data(), buf.alpha.data());
-      mk.scale_rows(buf.acc.data(), mq, Dp, Dp, buf.alpha.data());
       if (p.dropout_p > 0.f) masker.dropout(buf.s.data(), j0, nk, i0, mq);
-      if (bf16_dots) {  // P in pairs of keys: [keys / 2][queries]
-        mk.pack_pairs_bf16(buf.s.data(), nk, kBlockQ, kBlockQ, buf.p2.data(), kBlockQ);
-        mk.gemm_bf16(mq, Dp, (nk + 1) / 2, buf.p2.data(), 1, kBlockQ, rows.v2, Dp, buf.acc.data(), Dp, true);
+      if (bf16_dots) {  // P^T in pairs of keys, zero past nk up to whole 32-key blocks: [keys / 2][queries]
+        const int kp = static_cast<int>(round_up(nk, 32) / 2);
+        mk.pack_pairs_bf16(buf.s.data(), nk, kBlockQ, kBlockQ, buf.pt2.data(), kBlockQ);
+        std::fill(buf.pt2.begin() + (nk + 1) / 2 * kBlockQ, buf.pt2.begin() + kp * kBlockQ, 0u);
+        mk.scale_cols(buf.acc.data(), Dp, mq, kBlockQ, buf.alpha.data());
+        mk.gemm_bf16(Dp, kBlockQ, kp, rows.v2, rows.ldv2, buf.pt2.data(), kBlockQ, buf.acc.data(), kBlockQ, true);
       } else {
+        mk.scale_rows(buf.acc.data(), mq, Dp, Dp, buf.alpha.data());
         mk.gemm(mq, Dp, nk, buf.s.data(), 1, kBlockQ, rows.v, rows.ldv, buf.acc.data(), Dp, true);
       }
     }
     T* o = out + b * os[0] + h * os[1] + (seq.q_off + i0) * os[2];
     float* lse = seq.lse(p, b, h) + i0;
+    const int64_t acc_i = bf16_dots ? 1 : Dp, acc_d = bf16_dots ? kBlockQ : 1;  // O^T or O
     for (int i = 0; i < mq; ++i) {
       const bool seen = buf.l[i] > 0.f;  // false: no visible key, the row is zero
       const float inv_l = seen ? 1.f / buf.l[i] : 0.f;
-      for (int64_t d = 0; d < D; ++d) o[i * os[2] + d * os[3]] = static_cast<T>(buf.acc[i * Dp + d] * inv_l);
+      for (int64_t d = 0; d < D; ++d)
+        o[i * os[2] + d * os[3]] = static_cast<T>(buf.acc[i * acc_i + d * acc_d] * inv_l);
       lse[i] = seen ? buf.m[i] * kLn2 + std::log(buf.l[i]) : kNegInf;
     }
   };
@@ -222,7 +247,7 @@ void forward_impl(const AttentionParams& p) {
     // strides) and then serve all its query heads and tiles.
     parallel_dynamic(B * Hkv, [&](const auto& next) {
       const FlushDenormals ftz;
-      ForwardBuffers buf(Dp, bf16_dots);
+      ForwardBuffers buf(Dp, Dk, bf16_dots);
       PackedKV packed;
       for (int64_t item = next(); item >= 0; item = next()) {
         const int64_t b = item / Hkv, hk = item % Hkv;
@@ -243,7 +268,7 @@ void forward_impl(const AttentionParams& p) {
   // causality they cost most.
   parallel_dynamic(B * H * q_blocks, [&](const auto& next) {
     const FlushDenormals ftz;
-    ForwardBuffers buf(Dp, bf16_dots);
+    ForwardBuffers buf(Dp, Dk, bf16_dots);
     RowTile<T> kt(kBlockK, Dp), vt(kBlockK, Dp);
     PackedKV tile;
     for (int64_t item = next(); item >= 0; item = next()) {

@@ -21,6 +21,8 @@ struct MicroKernels {
   void (*exp2_shifted)(float* s, int rows, int cols, int64_t ld, const float* shift);
   // x[r][c] *= f[r].
   void (*scale_rows)(float* x, int rows, int cols, int64_t ld, const float* f);
+  // x[r][c] *= f[c].
+  void (*scale_cols)(float* x, int rows, int cols, int64_t ld, const float* f);
   // p[r][c] = p[r][c] * (dp[r][c] - delta[c]): the softmax backward, in place.
   void (*softmax_grad)(float* p, const float* dp, int rows, int cols, int64_t ld, const float* delta);
   // softmax_step for a tile laid out s[rows=queries][cols=keys]: the statistics per row.
@@ -34,14 +36,14 @@ struct MicroKernels {
   void (*widen_bf16)(const uint16_t* src, int64_t n, float* dst);
   void (*widen_f16)(const uint16_t* src, int64_t n, float* dst);
 
-  // bf16 dot products with fp32 accumulation (AVX512_BF16 vdpbf16ps); nullptr elsewhere.
-  // Operands are bf16 pairs along K, one uint32 each (low half = even k): A at
-  // A[m*sam + kp*sak], B row-major by pair, B[kp*ldb + n]. C[M,N] (+)= A @ B over Kp pairs;
-  // N a multiple of 16.
-  void (*gemm_bf16)(int M, int N, int Kp, const uint32_t* A, int64_t sam, int64_t sak,
-                    const uint32_t* B, int64_t ldb, float* C, int64_t ldc, bool accumulate);
-  // out[r][c] = the bf16 pair (x[2r][c], x[2r+1][c]) for r < rows_out, row 2r+1 = 0 past rows;
-  // cols a multiple of 16.
+  // bf16 dot products with fp32 accumulation (vdpbf16ps, or AMX tiles); nullptr on tables
+  // without them. C[M,N] (+)= A[M,Kp] @ B[Kp,N], A and B in bf16 pairs along K (one uint32 each,
+  // low half = even k), all three row-major with leading dims lda, ldb, ldc. M, N and Kp are
+  // multiples of 16: callers pad with zeros.
+  void (*gemm_bf16)(int M, int N, int Kp, const uint32_t* A, int64_t lda, const uint32_t* B, int64_t ldb,
+                    float* C, int64_t ldc, bool accumulate);
+  // out[r][c] = the bf16 pair (x[2r][c], x[2r+1][c]), rounded to nearest even, for 2r < rows;
+  // row 2r+1 = 0 past rows; cols a multiple of 16.
   void (*pack_pairs_bf16)(const float* x, int rows, int cols, int64_t ld, uint32_t* out, int64_t ld_out);
 
   // The FMA-peak micro-benchmark: n rounds of 12 independent vector multiply-adds; returns the
@@ -49,7 +51,7 @@ struct MicroKernels {
   double (*fma_loop)(int64_t n);
 };
 
-// The active table: the best this CPU supports, unless FASTATTN_CPU_ISA=avx512_bf16|avx512|avx2|generic
+// The active table: the best this CPU supports, unless FASTATTN_CPU_ISA=amx_bf16|avx512_bf16|avx512|avx2|generic
 // or set_isa() chose another.
 const MicroKernels& micro_kernels();
 void set_isa(const std::string& isa);  // throws std::invalid_argument if this CPU lacks it

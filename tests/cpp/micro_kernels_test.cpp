@@ -49,6 +49,64 @@ void check_gemm(const MicroKernels& mk) {
   }
 }
 
+// bf16 bits, rounded to nearest even (finite inputs), and back.
+uint16_t to_bf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return static_cast<uint16_t>((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+float from_bf16(uint32_t bits) {
+  const uint32_t u = bits << 16;
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+}
+
+// The bf16 dot products (tables that have them): exact products of bf16 inputs, fp32 sums.
+void check_gemm_bf16(const MicroKernels& mk) {
+  if (mk.gemm_bf16 == nullptr) return;
+  for (int M : {16, 48, 64}) {
+    for (int N : {16, 48, 128}) {
+      for (int Kp : {16, 48}) {
+        for (bool accumulate : {false, true}) {
+          const int64_t lda = Kp + 16, ldb = N + 16, ldc = N + 32;  // leading dims past the operands
+          std::vector<uint32_t> A(M * lda), B(Kp * ldb);
+          for (uint32_t& x : A) x = to_bf16(random_vector(1)[0]) | uint32_t{to_bf16(random_vector(1)[0])} << 16;
+          for (uint32_t& x : B) x = to_bf16(random_vector(1)[0]) | uint32_t{to_bf16(random_vector(1)[0])} << 16;
+          auto C = random_vector(M * ldc);
+          const auto C0 = C;
+          mk.gemm_bf16(M, N, Kp, A.data(), lda, B.data(), ldb, C.data(), ldc, accumulate);
+          for (int m = 0; m < M; ++m)
+            for (int n = 0; n < ldc; ++n) {
+              if (n >= N) {  // untouched past N
+                expect_close("gemm_bf16 bounds", mk.isa, C[m * ldc + n], C0[m * ldc + n], 0);
+                continue;
+              }
+              double want = accumulate ? C0[m * ldc + n] : 0.0;
+              for (int kp = 0; kp < Kp; ++kp) {
+                const uint32_t a = A[m * lda + kp], b = B[kp * ldb + n];
+                want += double(from_bf16(a & 0xffff)) * from_bf16(b & 0xffff) +
+                        double(from_bf16(a >> 16)) * from_bf16(b >> 16);
+              }
+              expect_close("gemm_bf16", mk.isa, C[m * ldc + n], want, 1e-5);
+            }
+        }
+      }
+    }
+  }
+  // pack_pairs_bf16: rows 2r and 2r+1 rounded to nearest even, an odd row count padded with 0.
+  const int rows = 7, cols = 32;
+  const auto x = random_vector(rows * cols);
+  std::vector<uint32_t> out(4 * cols);
+  mk.pack_pairs_bf16(x.data(), rows, cols, cols, out.data(), cols);
+  for (int r = 0; r < 4; ++r)
+    for (int c = 0; c < cols; ++c) {
+      const uint32_t want = to_bf16(x[2 * r * cols + c]) | (2 * r + 1 < rows ? to_bf16(x[(2 * r + 1) * cols + c]) : 0u) << 16;
+      ++checks;
+      if (out[r * cols + c] != want && ++failures <= 10) std::printf("FAIL pack_pairs_bf16 [%s]\n", mk.isa);
+    }
+}
+
 // One query's online-softmax step: its n scores before (s0) and after (s), `step` apart, its
 // running max and sum before (m0, l0), and the alpha and sum the kernel left.
 void expect_softmax_step(const char* what, const char* isa, const float* s0, const float* s, int n, int step,
@@ -83,6 +141,10 @@ void check_softmax(const MicroKernels& mk) {
     mk.softmax_grad(g.data(), dp.data(), rows, cols, cols, delta.data());
     for (int i = 0; i < rows * cols; ++i)
       expect_close("softmax_grad", mk.isa, g[i], double(g0[i]) * (dp[i] - delta[i % cols]), 1e-6);
+    auto x = random_vector(rows * cols);
+    const auto x0 = x, f = random_vector(cols);
+    mk.scale_cols(x.data(), rows, cols, cols, f.data());
+    for (int i = 0; i < rows * cols; ++i) expect_close("scale_cols", mk.isa, x[i], double(x0[i]) * f[i % cols], 1e-6);
   }
 }
 
@@ -151,6 +213,7 @@ int main() {
   for (const char* const* isa = fastattn::cpu::supported_isas(); *isa != nullptr; ++isa) {
     fastattn::cpu::set_isa(*isa);
     check_gemm(fastattn::cpu::micro_kernels());
+    check_gemm_bf16(fastattn::cpu::micro_kernels());
     check_softmax(fastattn::cpu::micro_kernels());
     check_softmax_rows(fastattn::cpu::micro_kernels());
     check_row_dots(fastattn::cpu::micro_kernels());
