@@ -111,6 +111,21 @@ def measure_ms(fn, device: str, min_run_time: float) -> float:
     return benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
+def paired_ms(fns, min_run_time: float, min_reps: int = 5) -> list[float]:
+    """CPU: median ms of each fn after a warm-up call, the fns called in turn (a, b, a, b, ...):
+    a shared machine's load drifts over seconds, and taking turns exposes every fn to it alike."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    start = time.perf_counter()
+    while len(times[0]) < min_reps or time.perf_counter() - start < min_run_time * len(fns):
+        for fn, t in zip(fns, times):
+            began = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - began)
+    return [statistics.median(t) * 1e3 for t in times]
+
+
 def peaks(device: str) -> dict:
     """The machine's measured peaks in the same run: a large matmul and a large copy."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -255,29 +270,42 @@ def reference_error(case: Case, inputs: Inputs, out: torch.Tensor) -> float:
 
 
 def run_case(case: Case, device: str, quick: bool, peak_tflops: float, min_run_time: float) -> list[dict]:
+    """Every provider on one case; on the CPU the providers that run are timed taking turns."""
     inputs = make_inputs(case, device)
-    rows = []
+    rows, steps = [], {}
+    error = lambda e: f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"  # noqa: E731
     for name, forward in providers(case, device, inputs, quick).items():
         row = dict(backend=name, case=case.label, **asdict(case))
         try:
             if case.mode == "fwd":
-                step = lambda: forward(*inputs.next())  # noqa: E731
+                step = lambda forward=forward: forward(*inputs.next())  # noqa: E731
             else:
-                def step():
+                def step(forward=forward):
                     out = forward(*inputs.next())
                     out.backward(inputs.dout)
             out = forward(*inputs.next())  # also compiles and autotunes
             row["max_err"] = reference_error(case, inputs, out.detach())
             del out
-            row["ms"] = measure_ms(step, device, min_run_time)
+            if device == "cuda":
+                row["ms"] = measure_ms(step, device, min_run_time)
             row["peak_mem_mb"] = peak_memory_mb(step, device)
+            steps[name] = step
+        except Exception as e:  # a failing provider must not stop the rest
+            row["error"] = error(e)
+        rows.append(row)
+    if device == "cpu" and steps:
+        try:
+            for name, ms in zip(steps, paired_ms(list(steps.values()), min_run_time)):
+                next(r for r in rows if r["backend"] == name)["ms"] = ms
+        except Exception as e:
+            for row in rows:
+                row.setdefault("error", error(e))
+    for t in (s for qkv in inputs.sets for s in qkv):
+        t.grad = None
+    for row in rows:
+        if "ms" in row:
             row["tflops"] = case.flops() / row["ms"] / 1e9
             row["pct_of_peak"] = 100 * row["tflops"] / peak_tflops
-        except Exception as e:  # a failing provider must not stop the rest
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-        for t in (s for qkv in inputs.sets for s in qkv):
-            t.grad = None
-        rows.append(row)
     timed = [r for r in rows if "ms" in r]
     peers = [r for r in timed if not r["backend"].startswith("fastattn")]
     best = min(peers, key=lambda r: r["ms"]) if peers else None
@@ -302,11 +330,13 @@ def module_rows(device: str, min_run_time: float) -> list[dict]:
         if padded:
             lengths = torch.tensor([N, 3 * N // 4, N // 2, N // 4] * (B // 4), device=device)
             kpm = torch.arange(N, device=device)[None, :] >= lengths[:, None]
+        calls = {"fastattn.MultiHeadAttention": lambda: ours(x, x, x, key_padding_mask=kpm, need_weights=False),
+                 "nn.MultiheadAttention": lambda: mha(x, x, x, key_padding_mask=kpm, need_weights=False)}
         with torch.inference_mode():
-            times = {"fastattn.MultiHeadAttention": measure_ms(lambda: ours(x, x, x, key_padding_mask=kpm, need_weights=False),
-                                                               device, min_run_time),
-                     "nn.MultiheadAttention": measure_ms(lambda: mha(x, x, x, key_padding_mask=kpm, need_weights=False),
-                                                         device, min_run_time)}
+            if device == "cpu":
+                times = dict(zip(calls, paired_ms(list(calls.values()), min_run_time)))
+            else:
+                times = {name: measure_ms(call, device, min_run_time) for name, call in calls.items()}
         for name, ms in times.items():
             rows.append(dict(backend=name, case=f"{'padded' if padded else 'dense'} B{B} N{N} E{E} H{H}", ms=ms,
                              best_peer="nn.MultiheadAttention", best_peer_ms=times["nn.MultiheadAttention"],

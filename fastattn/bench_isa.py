@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 # fastattn table -> (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS) of the same level
 TORCH_LEVEL = {"amx_bf16": ("avx512", "AVX512_E4"), "avx512_bf16": ("avx512", "AVX512"), "avx512": ("avx512", "AVX512"),
@@ -27,20 +25,6 @@ CASES = ("dense", "causal", "padded", "causal+padded", "dense fwd+bwd", "dense b
 QUICK_CASES = ("dense", "padded", "dense bf16", "padded bf16")
 
 
-def paired_ms(fns, min_run_time: float, min_reps: int = 5) -> list[float]:
-    """Median ms of each fn after a warm-up call, the fns called in turn (a, b, a, b, ...)."""
-    for fn in fns:
-        fn()
-    times = [[] for _ in fns]
-    start = time.perf_counter()
-    while len(times[0]) < min_reps or time.perf_counter() - start < min_run_time * len(fns):
-        for fn, t in zip(fns, times):
-            began = time.perf_counter()
-            fn()
-            t.append(time.perf_counter() - began)
-    return [statistics.median(t) * 1e3 for t in times]
-
-
 def measure(n: int, min_run_time: float, cases=CASES) -> dict:
     """In this process: ms of fastattn and SDPA for each case (forward unless named fwd+bwd; fp32
     unless named bf16), and the GEMM's share of the FMA peak."""
@@ -49,7 +33,7 @@ def measure(n: int, min_run_time: float, cases=CASES) -> dict:
 
     import fastattn
     from fastattn import _C
-    from fastattn.bench import Case
+    from fastattn.bench import Case, paired_ms
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(4, n, 8, 64).transpose(1, 2).requires_grad_() for _ in range(3))
