@@ -4,10 +4,10 @@ torch picks its vector code once, at start-up (ATEN_CPU_CAPABILITY, MKL_ENABLE_I
 each ISA is timed in a fresh process: fastattn on that table (FASTATTN_CPU_ISA), SDPA held to the
 same level, the two called in turn so that a shared machine's drifting load hits both alike.
 fp32, B=4, H=8, D=64: dense, causal, padded (lengths N, 3N/4, N/2, N/4) and causal+padded
-forward, and dense forward+backward; bf16 dense and padded forward, also against converting the
-inputs to fp32 and running the fp32 kernel (what a bf16 table must beat); and the table's GEMM
-micro-kernel (the score tile's shape, in cache, one thread) against the FMA peak a
-micro-benchmark measures in the same process.
+forward, and dense forward+backward; bf16 dense and padded forward and dense forward+backward,
+also against converting the inputs to fp32 and running the fp32 kernel (what a bf16 table must
+beat); and the table's GEMM micro-kernel (the score tile's shape, in cache, one thread) against
+the FMA peak a micro-benchmark measures in the same process.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ TORCH_LEVEL = {"amx_bf16": ("avx512", "AVX512_E4"), "avx512_bf16": ("avx512", "A
                "avx2": ("avx2", "AVX2"), "generic": ("default", "SSE4_2")}
 
 
-CASES = ("dense", "causal", "padded", "causal+padded", "dense fwd+bwd", "dense bf16", "padded bf16")
+CASES = ("dense", "causal", "padded", "causal+padded", "dense fwd+bwd", "dense bf16", "padded bf16",
+         "dense fwd+bwd bf16")
 QUICK_CASES = ("dense", "padded", "dense bf16", "padded bf16")
 
 
@@ -53,7 +54,7 @@ def measure(n: int, min_run_time: float, cases=CASES) -> dict:
     for case in cases:
         causal, pad, backward = "causal" in case, kpm if "padded" in case else None, "bwd" in case
         mask = None if pad is None else (allowed if causal else ~pad[:, None, None, :])
-        x = [t.detach().bfloat16() for t in (q, k, v)] if "bf16" in case else (q, k, v)
+        x = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)] if "bf16" in case else (q, k, v)
         fns = [lambda: F.scaled_dot_product_attention(*x, attn_mask=mask, is_causal=causal and mask is None),
                lambda: fastattn.attention(*x, key_padding_mask=pad, causal=causal, backend="cpu")]
         if "bf16" in case:  # the alternative a bf16 table must beat: fp32 inputs on the fp32 kernel

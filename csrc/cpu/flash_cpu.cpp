@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -294,13 +295,53 @@ void forward_impl(const AttentionParams& p) {
   });
 }
 
+// The backward's bf16 operands, for bf16 dot products: per task, Q^T and dO^T in pairs along the
+// head dim ([tile][Dk / 2][kBlockQ], for S^T and dP^T) and Q and dO in pairs of query rows
+// ([tile][kBlockQ / 2][Dp], for dK and dV), each tile zero past its queries; dQ accumulates
+// transposed, dQ^T += K^T dS^T. Per key tile, K and V as rows of pairs and K^T in pairs of keys.
+struct BackwardBf16 {
+  std::vector<uint32_t> qt, dot, q, dout, k, v, kt, a, b;
+  std::vector<float> dqt;
+  BackwardBf16(int64_t Nq_pad, int64_t Dp, int64_t Dk)
+      : qt(Nq_pad * Dk / 2), dot(Nq_pad * Dk / 2), q(Nq_pad / 2 * Dp), dout(Nq_pad / 2 * Dp),
+        k(kBwdBlockK * Dk / 2), v(kBwdBlockK * Dk / 2), kt(Dp * kBwdBlockK / 2), a(kBwdBlockK * kBlockQ / 2),
+        b(kBwdBlockK / 2 * kBlockQ), dqt(Dp * Nq_pad) {}
+
+  // One query tile's four operands from the fp32 ones (qt, dot: [Dp][kBlockQ]; q, dout rows).
+  void pack_queries(const MicroKernels& mk, int64_t i0, int mq, int64_t D, int64_t Dp, int64_t Dk,
+                    const float* qt_f, const float* dot_f, const float* q_f, const float* do_f) {
+    const auto along_d = [&](const float* x, uint32_t* out) {
+      mk.pack_pairs_bf16(x, static_cast<int>(D), kBlockQ, kBlockQ, out, kBlockQ);
+      std::fill(out + (D + 1) / 2 * kBlockQ, out + Dk / 2 * kBlockQ, 0u);
+    };
+    const auto across_rows = [&](const float* x, uint32_t* out) {
+      mk.pack_pairs_bf16(x, mq, static_cast<int>(Dp), Dp, out, Dp);
+      std::fill(out + (mq + 1) / 2 * Dp, out + kBlockQ / 2 * Dp, 0u);
+    };
+    along_d(qt_f, qt.data() + i0 * Dk / 2);
+    along_d(dot_f, dot.data() + i0 * Dk / 2);
+    across_rows(q_f, q.data() + i0 / 2 * Dp);
+    across_rows(do_f, dout.data() + i0 / 2 * Dp);
+  }
+
+  // x's first nk rows and mq columns as the A operand of a product over queries: [keys][pairs].
+  const uint32_t* rows_of(const MicroKernels& mk, const float* x, int nk, int mq, int kq) {
+    uint16_t* out = reinterpret_cast<uint16_t*>(a.data());
+    mk.narrow_bf16(x, nk, mq, kBlockQ, 2 * kq, out, kBlockQ);
+    std::fill(out + nk * kBlockQ, out + round_up(nk, 16) * kBlockQ, uint16_t{0});
+    return a.data();
+  }
+};
+
 // Flash-attention-2 backward, one (batch, head) per task: for each key tile, sweep the query
 // tiles that can see it, recomputing probabilities from lse. dK/dV accumulate in the key tile,
-// dQ in a per-task buffer, so there are no atomics and the result is deterministic.
+// dQ in a per-task buffer, so there are no atomics and the result is deterministic. bf16 inputs
+// take bf16 dot products where the table has them (BackwardBf16), with the same steps.
 template <typename T>
 void backward_impl(const AttentionBwdParams& p) {
   const MicroKernels& mk = micro_kernels();
-  const int64_t H = p.heads, D = p.head_dim, Dp = round_up(D, 16);
+  const int64_t H = p.heads, D = p.head_dim, Dp = round_up(D, 16), Dk = round_up(D, kBf16Depth);
+  const bool bf16_dots = std::is_same_v<T, c10::BFloat16> && mk.gemm_bf16 != nullptr;
   const int64_t Nq_pad = round_up(std::max<int64_t>(p.q_len, 1), kBlockQ);  // the longest sequence's
   const int64_t group = p.heads / p.kv_heads;
   const float qk_scale = p.scale * kLog2e;
@@ -320,6 +361,8 @@ void backward_impl(const AttentionBwdParams& p) {
     std::vector<float> kt(kBwdBlockK * Dp), vt(kBwdBlockK * Dp);  // packed: each serves every query tile
     std::vector<float> s(kBwdBlockK * kBlockQ), dp(kBwdBlockK * kBlockQ), pd(kBwdBlockK * kBlockQ), keep(kBwdBlockK * kBlockQ),
         dk(kBwdBlockK * Dp), dv(kBwdBlockK * Dp);
+    std::optional<BackwardBf16> x16;
+    if (bf16_dots) x16.emplace(Nq_pad, Dp, Dk);
     for (int64_t bh = next(); bh >= 0; bh = next()) {
       const int64_t b = bh / H, h = bh % H, hk = h / group;
       const SeqInfo seq(p, b);
@@ -334,6 +377,7 @@ void backward_impl(const AttentionBwdParams& p) {
       std::fill(dv_out, dv_out + keys.begin * D, 0.f);
       std::fill(dv_out + std::max(keys.begin, keys.end) * D, dv_out + Nk * D, 0.f);
       std::fill(dq.begin(), dq.end(), 0.f);
+      if (bf16_dots) std::fill(x16->dqt.begin(), x16->dqt.end(), 0.f);
 
       if (keys.begin < keys.end) {
         const T* qh = q + b * qs[0] + h * qs[1] + seq.q_off * qs[2];
@@ -357,21 +401,45 @@ void backward_impl(const AttentionBwdParams& p) {
             dot_do_o += dor[i * Dp + d] * static_cast<float>(oh[i * os[2] + d * os[3]]);
           delta[i] = dot_do_o - (dlse != nullptr && std::isfinite(lse[i]) ? dlse[i] : 0.f);
         }
+        if (bf16_dots)
+          for (int64_t i0 = 0; i0 < Nq; i0 += kBlockQ)
+            x16->pack_queries(mk, i0, static_cast<int>(std::min<int64_t>(kBlockQ, Nq - i0)), D, Dp, Dk,
+                              qt.data() + i0 * Dp, dot.data() + i0 * Dp, qr.data() + i0 * Dp, dor.data() + i0 * Dp);
       }
 
       for (int64_t j0 = keys.begin; j0 < keys.end; j0 += kBwdBlockK) {
-        const int nk = static_cast<int>(std::min<int64_t>(kBwdBlockK, keys.end - j0));
-        pack_rows(k + b * ks[0] + hk * ks[1] + (seq.k_off + j0) * ks[2], ks[2], ks[3], nk, D, Dp, kt.data());
-        pack_rows(v + b * vs[0] + hk * vs[1] + (seq.k_off + j0) * vs[2], vs[2], vs[3], nk, D, Dp, vt.data());
+        const int nk = static_cast<int>(std::min<int64_t>(kBwdBlockK, keys.end - j0)), nk16 = round_up(nk, 16);
+        const T* kj = k + b * ks[0] + hk * ks[1] + (seq.k_off + j0) * ks[2];
+        const T* vj = v + b * vs[0] + hk * vs[1] + (seq.k_off + j0) * vs[2];
+        if (bf16_dots) {  // zero past nk keys and D head dims
+          std::fill(x16->k.begin(), x16->k.end(), 0u);
+          std::fill(x16->v.begin(), x16->v.end(), 0u);
+          std::fill(x16->kt.begin(), x16->kt.end(), 0u);
+          pack_pairs_along_rows(kj, ks[2], ks[3], nk, D, x16->k.data(), Dk / 2);
+          pack_pairs_along_rows(vj, vs[2], vs[3], nk, D, x16->v.data(), Dk / 2);
+          pack_pairs_across_rows(kj, ks[2], ks[3], nk, D, x16->kt.data(), kBwdBlockK / 2);
+        } else {
+          pack_rows(kj, ks[2], ks[3], nk, D, Dp, kt.data());
+          pack_rows(vj, vs[2], vs[3], nk, D, Dp, vt.data());
+        }
         std::fill(dk.begin(), dk.end(), 0.f);
         std::fill(dv.begin(), dv.end(), 0.f);
         const int64_t first_q = p.causal ? j0 / kBlockQ * kBlockQ : 0;  // queries i >= j0
         for (int64_t i0 = first_q; i0 < Nq; i0 += kBlockQ) {
           const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, Nq - i0));
-          mk.gemm(nk, kBlockQ, Dp, kt.data(), Dp, 1, qt.data() + i0 * Dp, kBlockQ, s.data(), kBlockQ, false);
+          const int kq = static_cast<int>(round_up(mq, 32) / 2);  // query pairs of the bf16 products
+          if (bf16_dots)
+            mk.gemm_bf16(nk16, kBlockQ, Dk / 2, x16->k.data(), Dk / 2, x16->qt.data() + i0 * Dk / 2, kBlockQ, s.data(),
+                         kBlockQ, false);
+          else
+            mk.gemm(nk, kBlockQ, Dp, kt.data(), Dp, 1, qt.data() + i0 * Dp, kBlockQ, s.data(), kBlockQ, false);
           masker.apply(s.data(), j0, nk, i0, mq);
           mk.exp2_shifted(s.data(), nk, mq, kBlockQ, lse2.data() + i0);  // P^T
-          mk.gemm(nk, kBlockQ, Dp, vt.data(), Dp, 1, dot.data() + i0 * Dp, kBlockQ, dp.data(), kBlockQ, false);
+          if (bf16_dots)
+            mk.gemm_bf16(nk16, kBlockQ, Dk / 2, x16->v.data(), Dk / 2, x16->dot.data() + i0 * Dk / 2, kBlockQ,
+                         dp.data(), kBlockQ, false);
+          else
+            mk.gemm(nk, kBlockQ, Dp, vt.data(), Dp, 1, dot.data() + i0 * Dp, kBlockQ, dp.data(), kBlockQ, false);
           const float* p_used = s.data();  // the probabilities that multiplied V
           if (p.dropout_p > 0.f) {
             masker.dropout(nullptr, j0, nk, i0, mq, keep.data());
@@ -382,10 +450,25 @@ void backward_impl(const AttentionBwdParams& p) {
               }
             p_used = pd.data();
           }
-          mk.gemm(nk, Dp, mq, p_used, kBlockQ, 1, dor.data() + i0 * Dp, Dp, dv.data(), Dp, true);
+          if (!bf16_dots) {
+            mk.gemm(nk, Dp, mq, p_used, kBlockQ, 1, dor.data() + i0 * Dp, Dp, dv.data(), Dp, true);
+            mk.softmax_grad(s.data(), dp.data(), nk, mq, kBlockQ, delta.data() + i0);  // dS^T
+            mk.gemm(nk, Dp, mq, s.data(), kBlockQ, 1, qr.data() + i0 * Dp, Dp, dk.data(), Dp, true);
+            mk.gemm(mq, Dp, nk, s.data(), 1, kBlockQ, kt.data(), Dp, dq.data() + i0 * Dp, Dp, true);
+            continue;
+          }
+          const uint32_t* q_pairs = x16->q.data() + i0 / 2 * Dp;
+          const uint32_t* do_pairs = x16->dout.data() + i0 / 2 * Dp;
+          mk.gemm_bf16(nk16, Dp, kq, x16->rows_of(mk, p_used, nk, mq, kq), kBlockQ / 2, do_pairs, Dp, dv.data(), Dp,
+                       true);
           mk.softmax_grad(s.data(), dp.data(), nk, mq, kBlockQ, delta.data() + i0);  // dS^T
-          mk.gemm(nk, Dp, mq, s.data(), kBlockQ, 1, qr.data() + i0 * Dp, Dp, dk.data(), Dp, true);
-          mk.gemm(mq, Dp, nk, s.data(), 1, kBlockQ, kt.data(), Dp, dq.data() + i0 * Dp, Dp, true);
+          mk.gemm_bf16(nk16, Dp, kq, x16->rows_of(mk, s.data(), nk, mq, kq), kBlockQ / 2, q_pairs, Dp, dk.data(), Dp,
+                       true);
+          const int kk = static_cast<int>(round_up(nk, 32) / 2);  // dQ^T += K^T dS^T, over key pairs
+          mk.pack_pairs_bf16(s.data(), nk, kBlockQ, kBlockQ, x16->b.data(), kBlockQ);
+          std::fill(x16->b.begin() + (nk + 1) / 2 * kBlockQ, x16->b.begin() + kk * kBlockQ, 0u);
+          mk.gemm_bf16(static_cast<int>(Dp), kBlockQ, kk, x16->kt.data(), kBwdBlockK / 2, x16->b.data(), kBlockQ,
+                       x16->dqt.data() + i0, Nq_pad, true);
         }
         for (int j = 0; j < nk; ++j)
           for (int64_t d = 0; d < D; ++d) {
@@ -394,8 +477,10 @@ void backward_impl(const AttentionBwdParams& p) {
           }
       }
       float* dq_out = p.dq + b * p.dq_stride[0] + h * p.dq_stride[1] + seq.q_off * D;
+      const float* dq_acc = bf16_dots ? x16->dqt.data() : dq.data();  // dQ^T or dQ
+      const int64_t dq_i = bf16_dots ? 1 : Dp, dq_d = bf16_dots ? Nq_pad : 1;
       for (int64_t i = 0; i < Nq; ++i)
-        for (int64_t d = 0; d < D; ++d) dq_out[i * D + d] = dq[i * Dp + d] * p.scale;
+        for (int64_t d = 0; d < D; ++d) dq_out[i * D + d] = dq_acc[i * dq_i + d * dq_d] * p.scale;
     }
   });
 }

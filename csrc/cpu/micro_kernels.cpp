@@ -468,7 +468,7 @@ FA_INLINE double fma_loop_impl(int64_t n) {
                                        scale_cols_##NAME, softmax_grad_##NAME,                 \
                                        softmax_step_rows_##NAME, row_dots_##NAME,              \
                                        widen_bf16_##NAME, widen_f16_##NAME,                    \
-                                       nullptr, nullptr, fma_loop_##NAME};
+                                       nullptr, nullptr, nullptr, fma_loop_##NAME};
 
 FASTATTN_DEFINE_ISA(generic, , 4, 6, 8)  // 16-byte vectors: SSE2 on x86-64, NEON on aarch64
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -527,11 +527,24 @@ FASTATTN_BF16 void pack_pairs_bf16_avx512(const float* x, int rows, int cols, in
   }
 }
 
+FASTATTN_BF16 void narrow_bf16_avx512(const float* x, int rows, int cols, int64_t ld, int cols_out, uint16_t* out,
+                                      int64_t ld_out) {
+  for (int r = 0; r < rows; ++r) {
+    const float* src = x + r * ld;
+    uint16_t* dst = out + r * ld_out;
+    for (int c = 0; c < cols; c += 16) {  // the tail under a mask: nothing read or written past cols
+      const __mmask16 live = cols - c >= 16 ? 0xffff : static_cast<__mmask16>((1u << (cols - c)) - 1);
+      _mm256_mask_storeu_epi16(dst + c, live, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(live, src + c)));
+    }
+    std::fill(dst + cols, dst + cols_out, uint16_t{0});
+  }
+}
+
 // The avx512 table with bf16 dot products.
 constexpr MicroKernels with_bf16_dots(const char* isa, decltype(MicroKernels::gemm_bf16) gemm_bf16) {
   return {isa, gemm_avx512, softmax_step_avx512, exp2_shifted_avx512, scale_rows_avx512, scale_cols_avx512,
           softmax_grad_avx512, softmax_step_rows_avx512, row_dots_avx512, widen_bf16_avx512, widen_f16_avx512,
-          gemm_bf16, pack_pairs_bf16_avx512, fma_loop_avx512};
+          gemm_bf16, pack_pairs_bf16_avx512, narrow_bf16_avx512, fma_loop_avx512};
 }
 
 const MicroKernels kernels_avx512_bf16 = with_bf16_dots("avx512_bf16", gemm_bf16_avx512);

@@ -45,6 +45,9 @@ struct MicroKernels {
   // out[r][c] = the bf16 pair (x[2r][c], x[2r+1][c]), rounded to nearest even, for 2r < rows;
   // row 2r+1 = 0 past rows; cols a multiple of 16.
   void (*pack_pairs_bf16)(const float* x, int rows, int cols, int64_t ld, uint32_t* out, int64_t ld_out);
+  // out[r][c] = x[r][c] as bf16 bits, rounded to nearest even, for c < cols; 0 for cols <= c <
+  // cols_out: rows of bf16 pairs along them.
+  void (*narrow_bf16)(const float* x, int rows, int cols, int64_t ld, int cols_out, uint16_t* out, int64_t ld_out);
 
   // The FMA-peak micro-benchmark: n rounds of 12 independent vector multiply-adds; returns the
   // flops done (2 per lane each).

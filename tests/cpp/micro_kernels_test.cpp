@@ -105,6 +105,15 @@ void check_gemm_bf16(const MicroKernels& mk) {
       ++checks;
       if (out[r * cols + c] != want && ++failures <= 10) std::printf("FAIL pack_pairs_bf16 [%s]\n", mk.isa);
     }
+  // narrow_bf16: each row rounded to nearest even up to cols (a masked tail), zeros up to cols_out.
+  std::vector<uint16_t> narrow(rows * 40, 0xffff);
+  mk.narrow_bf16(x.data(), rows, 21, cols, 40, narrow.data(), 40);
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < 40; ++c) {
+      ++checks;
+      if (narrow[r * 40 + c] != (c < 21 ? to_bf16(x[r * cols + c]) : 0) && ++failures <= 10)
+        std::printf("FAIL narrow_bf16 [%s]\n", mk.isa);
+    }
 }
 
 // One query's online-softmax step: its n scores before (s0) and after (s), `step` apart, its
