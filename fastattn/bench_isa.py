@@ -1,6 +1,7 @@
 """The CPU kernel against torch SDPA at the same ISA level, for every ISA table this CPU runs.
 
-torch picks its vector code once, at start-up (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS), so
+torch picks its vector code once, at start-up (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS,
+ONEDNN_MAX_CPU_ISA), so
 each ISA is timed in a fresh process: fastattn on that table (FASTATTN_CPU_ISA), SDPA held to the
 same level, the two called in turn so that a shared machine's drifting load hits both alike.
 fp32, B=4, H=8, D=64: dense, causal, padded (lengths N, 3N/4, N/2, N/4) and causal+padded
@@ -16,9 +17,13 @@ import os
 import subprocess
 import sys
 
-# fastattn table -> (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS) of the same level
-TORCH_LEVEL = {"amx_bf16": ("avx512", "AVX512_E4"), "avx512_bf16": ("avx512", "AVX512"), "avx512": ("avx512", "AVX512"),
-               "avx2": ("avx2", "AVX2"), "generic": ("default", "SSE4_2")}
+# fastattn table -> (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA) of the same
+# level. oneDNN too: torch's bf16 SDPA runs on its AMX kernels unless capped.
+TORCH_LEVEL = {"amx_bf16": ("avx512", "AVX512_E4", "AVX512_CORE_AMX"),
+               "avx512_bf16": ("avx512", "AVX512_E3", "AVX512_CORE_BF16"),
+               "avx512": ("avx512", "AVX512", "AVX512_CORE"),
+               "avx2": ("avx2", "AVX2", "AVX2"),
+               "generic": ("default", "SSE4_2", "SSE41")}
 
 
 CASES = ("dense", "causal", "padded", "causal+padded", "dense fwd+bwd", "dense bf16", "padded bf16",
@@ -58,7 +63,8 @@ def measure(n: int, min_run_time: float, cases=CASES) -> dict:
         fns = [lambda: F.scaled_dot_product_attention(*x, attn_mask=mask, is_causal=causal and mask is None),
                lambda: fastattn.attention(*x, key_padding_mask=pad, causal=causal, backend="cpu")]
         if "bf16" in case:  # the alternative a bf16 table must beat: fp32 inputs on the fp32 kernel
-            fns.append(lambda: fastattn.attention(*(t.float() for t in x), key_padding_mask=pad, backend="cpu"))
+            fns.append(lambda: fastattn.attention(*(t.float() for t in x), key_padding_mask=pad, causal=causal,
+                                                  backend="cpu"))
         runs = [step(fn, backward) for fn in fns]
         try:
             runs[0]()
@@ -79,8 +85,9 @@ def isa_rows(n: int = 1024, min_run_time: float = 0.3, cases=CASES) -> list[dict
 
     rows = []
     for isa in _C.cpu_isas():
-        aten, mkl = TORCH_LEVEL[isa]
-        env = dict(os.environ, FASTATTN_CPU_ISA=isa, ATEN_CPU_CAPABILITY=aten, MKL_ENABLE_INSTRUCTIONS=mkl)
+        aten, mkl, onednn = TORCH_LEVEL[isa]
+        env = dict(os.environ, FASTATTN_CPU_ISA=isa, ATEN_CPU_CAPABILITY=aten, MKL_ENABLE_INSTRUCTIONS=mkl,
+                   ONEDNN_MAX_CPU_ISA=onednn)
         code = f"import json, fastattn.bench_isa as b; print(json.dumps(b.measure({n}, {min_run_time}, {tuple(cases)!r})))"
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
         if done.returncode != 0:
@@ -89,5 +96,5 @@ def isa_rows(n: int = 1024, min_run_time: float = 0.3, cases=CASES) -> list[dict
         gemm = {k: result[k] for k in ("gemm_gflops", "fma_peak_gflops")}
         for case, r in result["cases"].items():
             label = case if "bf16" in case else f"{case} fp32"
-            rows.append(dict(isa=isa, torch_level=f"{aten}/{mkl}", case=f"{label} N{n}", **r, **gemm))
+            rows.append(dict(isa=isa, torch_level=f"{aten}/{mkl}/{onednn}", case=f"{label} N{n}", **r, **gemm))
     return rows

@@ -37,10 +37,11 @@ def test_every_isa_path(isa, name, dtype):
     assert isa.cpu_isa() == name
     torch.manual_seed(0)
     # D = 80 and lengths off the tile sizes exercise the narrow-panel and edge paths; 555 keys take
-    # several key tiles of every size (64 fp32, 256 with bf16 dot products).
-    for Nq, Nk, D in ((131, 97, 80), (300, 555, 64)):
-        check_against_reference(*qkv(2, 4, 2, Nq, Nk, D, dtype=dtype), "cpu",
-                                key_padding_mask=padding_mask("random", 2, Nk), causal=True)
+    # several key tiles of every size (64 fp32, 256 with bf16 dot products), once with a task per
+    # query tile (one kv head) and once with a task per kv head (16 of them, for up to 8 threads).
+    for B, H, Hkv, Nq, Nk, D in ((2, 4, 2, 131, 97, 80), (1, 2, 1, 300, 555, 64), (4, 4, 4, 300, 555, 64)):
+        check_against_reference(*qkv(B, H, Hkv, Nq, Nk, D, dtype=dtype), "cpu",
+                                key_padding_mask=padding_mask("random", B, Nk), causal=True)
 
 
 def test_unknown_isa_is_refused(isa):

@@ -96,8 +96,8 @@ constexpr int64_t kBf16Depth = 32;
 uint32_t bf16_bits(c10::BFloat16 x) { return x.x; }
 uint32_t bf16_bits(float x) { return c10::BFloat16(x).x; }
 
-// The bf16 pair (src[r, c], src[r, c + 1]) at dst[r * ld + c / 2], the second 0 past cols: bf16
-// rows as they are. dst's padding is left as it is.
+// The bf16 pair (src[r, c], src[r, c + 1]) at dst[r * ld + c / 2]: bf16 rows as they are. Past
+// cols (the second half of an odd last pair, and the padding) dst is left as it is: callers zero it.
 template <typename T>
 void pack_pairs_along_rows(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols, uint32_t* dst,
                            int64_t ld) {
@@ -274,7 +274,7 @@ void forward_impl(const AttentionParams& p) {
   parallel_dynamic(B * H * q_blocks, [&](const auto& next) {
     const FlushDenormals ftz;
     ForwardBuffers buf(Dp, Dk, bf16_dots);
-    RowTile<T> kt(kBlockK, Dp), vt(kBlockK, Dp);
+    RowTile<T> kt(bf16_dots ? 0 : kBlockK, Dp), vt(bf16_dots ? 0 : kBlockK, Dp);  // fp32 tiles
     PackedKV tile;
     for (int64_t item = next(); item >= 0; item = next()) {
       const int64_t bh = item % (B * H), b = bh / H, h = bh % H, hk = h / group;
@@ -355,10 +355,11 @@ void backward_impl(const AttentionBwdParams& p) {
 
   parallel_dynamic(p.batch * H, [&](const auto& next) {
     const FlushDenormals ftz;
+    const int64_t fp32_only = bf16_dots ? 0 : 1;  // sizes the buffers the bf16 dot products do without
     // Whole-head query-side operands, packed once per task: O(Nq * D) memory.
     std::vector<float> qt(Dp * Nq_pad), qr(Nq_pad * Dp), dor(Nq_pad * Dp), dot(Dp * Nq_pad),
-        lse2(Nq_pad), delta(Nq_pad), dq(Nq_pad * Dp);
-    std::vector<float> kt(kBwdBlockK * Dp), vt(kBwdBlockK * Dp);  // packed: each serves every query tile
+        lse2(Nq_pad), delta(Nq_pad), dq(fp32_only * Nq_pad * Dp);
+    std::vector<float> kt(fp32_only * kBwdBlockK * Dp), vt(fp32_only * kBwdBlockK * Dp);  // serve every query tile
     std::vector<float> s(kBwdBlockK * kBlockQ), dp(kBwdBlockK * kBlockQ), pd(kBwdBlockK * kBlockQ), keep(kBwdBlockK * kBlockQ),
         dk(kBwdBlockK * Dp), dv(kBwdBlockK * Dp);
     std::optional<BackwardBf16> x16;

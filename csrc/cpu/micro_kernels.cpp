@@ -550,8 +550,9 @@ constexpr MicroKernels with_bf16_dots(const char* isa, decltype(MicroKernels::ge
 const MicroKernels kernels_avx512_bf16 = with_bf16_dots("avx512_bf16", gemm_bf16_avx512);
 
 // AMX (Sapphire Rapids on): tdpbf16ps multiplies a 16 x 32 bf16 tile by a 32 x 16 one into a
-// 16 x 16 fp32 tile, 16x the fp32 FMA rate of a core (measured here: 2.2 TFLOPS against 185
-// GFLOPS). Every tile is configured 16 rows x 64 bytes; a 32 x 32 block of C holds tiles 0-3,
+// 16 x 16 fp32 tile, about 12x the fp32 FMA rate of a core (register-only loops on this Xeon: 2.2
+// TFLOPS against 185 GFLOPS). On the attention tiles the GEMM is bound by storing C tiles (about
+// 100 cycles each against ~15 for a tdpbf16ps), so it runs at 0.6-0.8 TFLOPS there. Every tile is configured 16 rows x 64 bytes; a 32 x 32 block of C holds tiles 0-3,
 // its A rows tiles 4-5 and its B columns tiles 6-7.
 #define FASTATTN_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
 
@@ -618,6 +619,9 @@ FASTATTN_AMX void gemm_bf16_amx(int M, int N, int Kp, const uint32_t* A, int64_t
 const MicroKernels kernels_amx_bf16 = with_bf16_dots("amx_bf16", gemm_bf16_amx);
 
 // Linux hands out AMX tile state only to a process that asks for it (arch_prctl, kernel 5.16+).
+// Asked once, when the tables are first listed; a process granted it must give signal handlers
+// alternate stacks big enough for the tile state (Linux refuses smaller sigaltstacks after),
+// and if one already has a smaller one the request fails and amx_bf16 is not offered.
 bool amx_permitted() {
 #if defined(__linux__)
   static const bool ok = [] {
