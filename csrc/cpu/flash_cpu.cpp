@@ -360,8 +360,8 @@ void backward_impl(const AttentionBwdParams& p) {
     std::vector<float> qt(Dp * Nq_pad), qr(Nq_pad * Dp), dor(Nq_pad * Dp), dot(Dp * Nq_pad),
         lse2(Nq_pad), delta(Nq_pad), dq(fp32_only * Nq_pad * Dp);
     std::vector<float> kt(fp32_only * kBwdBlockK * Dp), vt(fp32_only * kBwdBlockK * Dp);  // serve every query tile
-    std::vector<float> s(kBwdBlockK * kBlockQ), dp(kBwdBlockK * kBlockQ), pd(kBwdBlockK * kBlockQ), keep(kBwdBlockK * kBlockQ),
-        dk(kBwdBlockK * Dp), dv(kBwdBlockK * Dp);
+    constexpr int64_t kTile = kBwdBlockK * kBlockQ;
+    std::vector<float> s(kTile), dp(kTile), pd(kTile), keep(kTile), dk(kBwdBlockK * Dp), dv(kBwdBlockK * Dp);
     std::optional<BackwardBf16> x16;
     if (bf16_dots) x16.emplace(Nq_pad, Dp, Dk);
     for (int64_t bh = next(); bh >= 0; bh = next()) {

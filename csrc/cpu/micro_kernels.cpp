@@ -552,8 +552,9 @@ const MicroKernels kernels_avx512_bf16 = with_bf16_dots("avx512_bf16", gemm_bf16
 // AMX (Sapphire Rapids on): tdpbf16ps multiplies a 16 x 32 bf16 tile by a 32 x 16 one into a
 // 16 x 16 fp32 tile, about 12x the fp32 FMA rate of a core (register-only loops on this Xeon: 2.2
 // TFLOPS against 185 GFLOPS). On the attention tiles the GEMM is bound by storing C tiles (about
-// 100 cycles each against ~15 for a tdpbf16ps), so it runs at 0.6-0.8 TFLOPS there. Every tile is configured 16 rows x 64 bytes; a 32 x 32 block of C holds tiles 0-3,
-// its A rows tiles 4-5 and its B columns tiles 6-7.
+// 100 cycles each against ~15 for a tdpbf16ps), so it runs at 0.6-0.8 TFLOPS there. Every tile
+// is configured 16 rows x 64 bytes; a 32 x 32 block of C holds tiles 0-3, its A rows tiles 4-5
+// and its B columns tiles 6-7.
 #define FASTATTN_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
 
 struct TileConfig {  // the ldtilecfg operand, palette 1

@@ -101,7 +101,8 @@ void check_gemm_bf16(const MicroKernels& mk) {
   mk.pack_pairs_bf16(x.data(), rows, cols, cols, out.data(), cols);
   for (int r = 0; r < 4; ++r)
     for (int c = 0; c < cols; ++c) {
-      const uint32_t want = to_bf16(x[2 * r * cols + c]) | (2 * r + 1 < rows ? to_bf16(x[(2 * r + 1) * cols + c]) : 0u) << 16;
+      const uint32_t odd = 2 * r + 1 < rows ? to_bf16(x[(2 * r + 1) * cols + c]) : 0u;
+      const uint32_t want = to_bf16(x[2 * r * cols + c]) | odd << 16;
       ++checks;
       if (out[r * cols + c] != want && ++failures <= 10) std::printf("FAIL pack_pairs_bf16 [%s]\n", mk.isa);
     }
