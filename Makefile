@@ -1,6 +1,7 @@
 # Quickstart on a fresh clone: `make run` (set-up, then the benchmark) and `make test`
 # (set-up, then the tests). Set-up uses the active virtualenv/conda env if there is one,
 # else creates .venv; it installs torch only when none is importable, never replacing one.
+# `make run` installs requirements.txt only; `make test` and the checks add requirements-dev.txt.
 TORCH_SPEC ?= torch==2.13.0
 SYSTEM_PYTHON ?= python3
 
@@ -25,6 +26,10 @@ setup: .stamps/build
 	$(PY) -m pip install -r requirements.txt
 	@mkdir -p .stamps && touch $@
 
+.stamps/dev-deps: requirements-dev.txt .stamps/deps
+	$(PY) -m pip install -r requirements-dev.txt
+	@touch $@
+
 .stamps/build: .stamps/deps setup.py $(CSRC)
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	@touch $@
@@ -32,14 +37,14 @@ setup: .stamps/build
 run: setup
 	$(PY) -m fastattn bench --quick
 
-test: setup
+test: setup .stamps/dev-deps
 	$(PY) -m pytest -q tests
 
 info: setup
 	$(PY) -m fastattn info
 
 # Compiles every CUDA kernel for sm_80 and sm_90a with nvcc (no GPU needed) and reads the result.
-cuda-check: .stamps/deps
+cuda-check: .stamps/dev-deps
 	$(PY) csrc/cuda/cuda_check.py
 
 # The CPU micro-kernels' own test (no torch), cross-compiled for aarch64 and run under qemu-user:

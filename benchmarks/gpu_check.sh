@@ -9,7 +9,7 @@
 #              (TEST_WORKERS=8 with xdist, TEST_CASE_TIMEOUT=120 s per test with pytest-timeout)
 #   sanitizer  compute-sanitizer memcheck, racecheck on benchmarks/cuda_sanitize.py        SANITIZE_TIMEOUT=60 each
 #   tune       python -m fastattn tune, leaving BENCH_RESERVE=150 s; its winners become    TUNE_BUDGET=150
-#              fastattn/tuned/sm<arch>.json, the defaults the benchmark then runs
+#              fastattn/triton/tuned/sm<arch>.json, the defaults the benchmark then runs
 #   bench      the benchmark grid (QUICK=1: the quick subset; END_TO_END=1: whole models)  BENCH_TIMEOUT=240
 # Each step start and end prints the UTC time and the seconds since the start; a summary table ends
 # the log, even after a kill by SIGTERM. Outputs, in the output directory (first argument, else
@@ -123,7 +123,7 @@ elif ! timeout 60 $py -m fastattn tune --help >/dev/null 2>&1; then
 else
   step tune $((budget + 30)) $py -m fastattn tune --budget-s "$budget" --json "$out_dir/tuned.json"
   arch="$($py -c 'import torch; print("sm%d%d" % torch.cuda.get_device_capability())')"
-  [[ -f $out_dir/tuned.json ]] && mkdir -p fastattn/tuned && cp "$out_dir/tuned.json" "fastattn/tuned/$arch.json" && echo "defaults: fastattn/tuned/$arch.json"
+  [[ -f $out_dir/tuned.json ]] && cp "$out_dir/tuned.json" "fastattn/triton/tuned/$arch.json" && echo "defaults: fastattn/triton/tuned/$arch.json"
 fi
 
 # benchmarks/.commit first: the device tool's copy of the tree can carry a stale .git
@@ -134,7 +134,7 @@ e2e=--no-end-to-end
 [[ ${END_TO_END:-} == 1 ]] && e2e=
 step bench "${BENCH_TIMEOUT:-240}" $py -m fastattn bench ${QUICK:+--quick} $e2e --json "$record" --plot "$png" --tests "$counts"
 if [[ -f $record && ! -f $png ]]; then  # cut short: plot the rows it saved
-  step plot 60 $py -c "import json, sys; from fastattn.bench import plot; plot(json.load(open(sys.argv[1])), sys.argv[2])" "$record" "$png"
+  step plot 60 $py -c "import json, sys; from fastattn.bench.report import plot; plot(json.load(open(sys.argv[1])), sys.argv[2])" "$record" "$png"
 fi
 
 echo; echo "== [$(stamp)] done"

@@ -1,5 +1,5 @@
 // fastattn._C: one pybind11 module; each backend's glue registers its entry points.
-#include <torch/extension.h>
+#include <pybind11/pybind11.h>
 
 namespace fastattn {
 void register_cpu(pybind11::module_& m);

@@ -2,7 +2,7 @@
 // kernels rely on with TORCH_CHECK (Python validates user input before this; these guard the C++
 // entry points themselves).
 #pragma once
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 

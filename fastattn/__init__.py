@@ -1,9 +1,8 @@
 """fastattn: fused scaled-dot-product attention for PyTorch."""
 from .api import attention
-from .mha import MultiHeadAttention
-from .replace import replace_attention
+from .nn import MultiHeadAttention, replace_attention
 from .backends import NoBackendError, available_backends, unavailable_backends
-from .hf import register_transformers
+from .integrations import register_transformers
 from .reference import reference_attention
 from .varlen import attention_varlen, pad, unpad
 from .kvcache import attention_with_kvcache

@@ -1,4 +1,4 @@
-"""python -m fastattn {info, bench, train, tune}."""
+"""python -m fastattn {info, bench, train, tune, report}."""
 from __future__ import annotations
 
 import argparse
@@ -46,15 +46,21 @@ def main(argv=None) -> None:
                    add_help=False)
     sub.add_parser("tune", help="sweep the Triton kernels' configurations into their defaults (--help)",
                    add_help=False)
+    sub.add_parser("report", help="compile the Triton kernels for sm_90 and report registers, spills, SASS (--help)",
+                   add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":
-        from fastattn.train import main as train
+        from fastattn.models.train import main as train
 
         train(rest)
     elif args.command == "tune":
-        from fastattn.tune import main as tune
+        from fastattn.triton.tune import main as tune
 
         raise SystemExit(tune(rest))
+    elif args.command == "report":
+        from fastattn.triton.report import main as report
+
+        raise SystemExit(report(rest))
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     elif args.command == "info":
@@ -62,11 +68,11 @@ def main(argv=None) -> None:
     elif args.table:
         import json
 
-        from fastattn.bench import markdown_table
+        from fastattn.bench.report import markdown_table
 
         print(markdown_table(json.loads(open(args.table).read())))
     else:
-        from fastattn.bench import run
+        from fastattn.bench.run import run
 
         run(quick=args.quick, json_path=args.json, plot_path=args.plot, device=args.device,
             tests=args.tests, end_to_end=not args.no_end_to_end)

@@ -149,6 +149,8 @@ def dropout_seed(dropout_p: float) -> int:
 
 def check_scalars(causal, scale, dropout_p, backend, head_dim: int) -> float:
     """Validates the arguments every entry point shares; returns the scale to use."""
+    if head_dim < 1:
+        raise ValueError(f"query: expected a head dim (the last dim) of at least 1, got {head_dim}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected bool, got {type(causal).__name__}")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale

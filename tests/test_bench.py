@@ -5,16 +5,19 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
-from fastattn import bench
+from fastattn.bench import attention, cases, report, run, timing
+from fastattn.bench.decode import decode_rows
+from fastattn.bench.packed import varlen_rows
 
 SCHEMA = {"backend", "case", "ms", "tflops", "best_peer", "best_peer_ms", "speedup_vs_best_peer"}
 
 
 @pytest.mark.parametrize("kind, mode", [("causal+padded", "fwd"), ("gqa", "fwd+bwd")])
 def test_run_case_rows_follow_the_schema(kind, mode):
-    case = bench.Case(kind, mode, "fp32", 2, 4, 2 if kind == "gqa" else 4, 96, 32)
-    rows = bench.run_case(case, "cpu", quick=True, peak_tflops=0.1, min_run_time=0.01)
+    case = cases.Case(kind, mode, "fp32", 2, 4, 2 if kind == "gqa" else 4, 96, 32)
+    rows = attention.run_case(case, "cpu", quick=False, min_run_time=0.01)
     names = {r["backend"] for r in rows}
     assert {"fastattn:cpu", "sdpa:default", "sdpa:math", "sdpa:flash"} <= names
     for r in rows:
@@ -26,34 +29,31 @@ def test_run_case_rows_follow_the_schema(kind, mode):
 
 
 def test_flops_count_valid_tokens_only():
-    dense = bench.Case("dense", "fwd", "fp32", 4, 8, 8, 2048, 64)
-    padded = bench.Case("padded", "fwd", "fp32", 4, 8, 8, 2048, 64)
+    dense = cases.Case("dense", "fwd", "fp32", 4, 8, 8, 2048, 64)
+    padded = cases.Case("padded", "fwd", "fp32", 4, 8, 8, 2048, 64)
     assert padded.lengths() == [2048, 1536, 1024, 512]
     assert padded.flops() / dense.flops() == pytest.approx((4 + 2.25 + 1 + 0.25) / 16)
-    assert bench.Case("causal", "fwd+bwd", "fp32", 4, 8, 8, 2048, 64).flops() == dense.flops() / 2 * 2.5
+    assert cases.Case("causal", "fwd+bwd", "fp32", 4, 8, 8, 2048, 64).flops() == dense.flops() / 2 * 2.5
 
 
 def test_a_failing_provider_does_not_stop_the_rest(monkeypatch):
-    real = bench.providers
+    real = attention.providers
 
     def with_a_broken_one(*args):
         found = real(*args)
         found["broken"] = lambda q, k, v: 1 / 0
         return found
 
-    monkeypatch.setattr(bench, "providers", with_a_broken_one)
-    rows = bench.run_case(bench.Case("dense", "fwd", "fp32", 1, 2, 2, 64, 16), "cpu", True, 0.1, 0.01)
+    monkeypatch.setattr(attention, "providers", with_a_broken_one)
+    rows = attention.run_case(cases.Case("dense", "fwd", "fp32", 1, 2, 2, 64, 16), "cpu", True, 0.01)
     broken = next(r for r in rows if r["backend"] == "broken")
     assert broken["error"].startswith("ZeroDivisionError")
     assert all("ms" in r for r in rows if r["backend"] != "broken")
 
 
 def test_decode_and_varlen_rows_follow_the_schema():
-    from fastattn.bench_decode import decode_rows, varlen_rows
-
-    measure = lambda fn: bench.measure_ms(fn, "cpu", 0.01)  # noqa: E731
-    decode = decode_rows("cpu", True, measure, shapes=[(2, 300)])
-    varlen = varlen_rows("cpu", True, measure, seqs=[96])
+    decode = decode_rows("cpu", False, 0.01, shapes=[(2, 300)])
+    varlen = varlen_rows("cpu", False, 0.01, seqs=[96])
     assert {r["backend"] for r in decode} == {"fastattn.attention_with_kvcache", "fastattn.attention (unsplit)",
                                              "sdpa:default"}
     assert len(varlen) == 2 * 2 * 3  # fwd, fwd+bwd; causal or not; three providers
@@ -64,11 +64,11 @@ def test_decode_and_varlen_rows_follow_the_schema():
 
 
 def test_grid_sizes():
-    gpu = bench.grid("cuda", quick=False)
+    gpu = cases.grid("cuda", quick=False)
     assert all(c.batch * c.seq == 16384 and c.heads * c.head_dim == 2048 for c in gpu)
     assert {c.kind for c in gpu} >= {"dense", "causal", "padded", "heavy-padded", "causal+padded", "gqa"}
     assert {c.mode for c in gpu} == {"fwd", "fwd+bwd"} and {c.dtype for c in gpu} == {"bf16", "fp16"}
-    assert len(bench.grid("cpu", quick=True)) <= 6
+    assert len(cases.grid("cpu", quick=True)) <= 7
 
 
 def test_plot_and_json(tmp_path):
@@ -77,9 +77,30 @@ def test_plot_and_json(tmp_path):
     rows += [dict(backend="sdpa:default", mode="fwd+bwd", dtype="fp16", head_dim=128, kind="gqa", seq=4096, tflops=5.0),
              dict(backend="broken", mode="fwd", dtype="bf16", head_dim=64, kind="dense", seq=1024, error="x")]
     record = dict(device="test", rows=rows)
-    bench.plot(record, str(tmp_path / "plots.png"))  # lines where N varies, bars where it does not
+    report.plot(record, str(tmp_path / "plots.png"))  # lines where N varies, bars where it does not
     assert [p.name for p in tmp_path.iterdir()] == ["plots.png"]
     json.dumps(record)
+
+
+def test_no_row_passes_the_hardware_peak(monkeypatch, tmp_path):
+    """A tiny run end to end: every TFLOPS row of fp32 and bf16 gets its share of the hardware's
+    peak, at most 100%; the peak is at least what torch's own fp32 matmul reaches here."""
+    tiny = [cases.Case(k, m, dt, 2, 4, 4, 128, 64) for k, m, dt in
+            (("dense", "fwd", "fp32"), ("causal+padded", "fwd", "fp32"), ("dense", "fwd", "bf16"),
+             ("padded", "fwd+bwd", "fp32"))]
+    monkeypatch.setattr(run, "grid", lambda device, quick: tiny)
+    monkeypatch.setattr(run, "decode_rows", lambda device, quick, t: decode_rows(device, quick, t, shapes=[(2, 256)]))
+    monkeypatch.setattr(run, "varlen_rows", lambda device, quick, t: varlen_rows(device, quick, t, seqs=[128]))
+    monkeypatch.setattr(run, "module_rows", lambda *args: [])
+    record = run.run(quick=True, json_path=str(tmp_path / "record.json"), device="cpu", end_to_end=False)
+    timed = [r for r in record["rows"] + record["varlen"] if "tflops" in r]
+    assert len(timed) >= 4 * 2 + 2 * 3 and {r["dtype"] for r in timed} == {"fp32", "bf16"}
+    assert all(0 < r["pct_of_peak"] <= 100 for r in timed), [(r["case"], r["backend"], r["pct_of_peak"]) for r in timed]
+    assert json.loads((tmp_path / "record.json").read_text())["complete"]
+    peak = record["peaks"]["tflops"]
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    matmul = 2 * 1024**3 / timing.measure_ms(lambda: a @ b, "cpu", 0.2) / 1e9
+    assert matmul <= peak["fp32"] <= peak["bf16"], (matmul, peak)
 
 
 def test_gpu_check_script_is_valid_bash():

@@ -118,7 +118,7 @@ def test_every_isa_table_keeps_up_with_sdpa():
     once ran at scalar speed, 0.02x), and bf16 inputs on a table this CPU would pick for them are
     at least 0.7x converting them to fp32 (1.0-2.1x measured)."""
     from fastattn import _C
-    from fastattn.bench_isa import isa_rows
+    from fastattn.bench.isa import isa_rows
 
     best = _C.cpu_isas()[0]
     for row in isa_rows(n=512, min_run_time=0.1, cases=("dense", "dense bf16")):

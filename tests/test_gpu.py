@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastattn
-from fastattn import triton_tuning
+from fastattn.triton import tuning as triton_tuning
 from helpers import TOL, padding_mask, qkv, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -134,8 +134,10 @@ def test_unbatched_is_a_batch_of_one():
     out, w = ours(x, x, x, key_padding_mask=kpm, is_causal=True)
     batched, w_batched = ours(x[:, None], x[:, None], x[:, None], key_padding_mask=kpm[None], is_causal=True)
     assert out.shape == (L, E) and w.shape == (L, L)
-    torch.testing.assert_close(out, batched[:, 0], rtol=0, atol=0)
-    torch.testing.assert_close(w, w_batched[0], rtol=0, atol=0)
+    # Not bitwise: the two shapes take different GEMM blockings (28 of 384 elements differed by
+    # 4.5e-8 on an AMD EPYC).
+    torch.testing.assert_close(out, batched[:, 0])
+    torch.testing.assert_close(w, w_batched[0])
     assert torch.all(out[kpm] == 0) and torch.all(w[kpm] == 0)
     torch_out = ref(x, x, x, key_padding_mask=kpm, attn_mask=causal_kwargs("mask")["attn_mask"])[0]
     torch.testing.assert_close(out[~kpm], torch_out[~kpm], rtol=1e-5, atol=1e-6)
@@ -257,7 +259,7 @@ def test_compiles_to_one_fastattn_node():
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     out = compiled(x, kpm)
-    torch.testing.assert_close(out, f(x, kpm), rtol=0, atol=0)
+    torch.testing.assert_close(out, f(x, kpm))  # the graph's projections may decompose otherwise
     got = torch.autograd.grad(out.square().sum(), [x, *ours.parameters()])
     want = torch.autograd.grad(f(x, kpm).square().sum(), [x, *ours.parameters()])
     for g, w in zip(got, want):

@@ -80,13 +80,13 @@ def test_fused_path_packs_qkv_and_copies_nothing(batch_first, monkeypatch):
     pad[1, 15:] = True
     causal = nn.Transformer.generate_square_subsequent_mask(L)
     seen = {}
-    real = fastattn.mha.attention
+    real = fastattn.nn.multihead_attention.attention
 
     def spy(q, k, v, **kw):
         seen.update(kw, q_stride=q.stride())
         return real(q, k, v, **kw)
 
-    monkeypatch.setattr(fastattn.mha, "attention", spy)
+    monkeypatch.setattr(fastattn.nn.multihead_attention, "attention", spy)
     run = lambda: mha(x, x, x, key_padding_mask=pad, attn_mask=causal, need_weights=False)  # noqa: E731
     assert count_ops(run, "aten::").get("aten::linear") == 2  # packed in-proj + out-proj
     assert seen["attn_mask"] is None and seen["causal"] is True

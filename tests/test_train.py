@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from fastattn.train import PAD, ReverseTask, main, parse_args
+from fastattn.models.train import PAD, ReverseTask, main, parse_args
 
 FAST = ["--quiet", "--steps", "6", "--eval-every", "3", "--batch-size", "8", "--d-model", "32",
         "--heads", "2", "--layers", "1"]

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fastattn
+from fastattn.integrations import transformers as hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -25,13 +26,13 @@ def padded_ids(vocab, B, L, left=False, seed=0):
 
 def spy_on_kernel(monkeypatch):
     calls = []
-    real = fastattn.hf.attention
+    real = hf.attention
 
     def spy(q, k, v, **kw):
         calls.append(kw)
         return real(q, k, v, **kw)
 
-    monkeypatch.setattr(fastattn.hf, "attention", spy)
+    monkeypatch.setattr(hf, "attention", spy)
     return calls
 
 
@@ -124,25 +125,25 @@ def packed_and_padded(vocab, rows, flash_kwargs):
 
 def spy_on_varlen(monkeypatch):
     calls = []
-    real = fastattn.hf.attention_varlen
+    real = hf.attention_varlen
 
     def spy(q, k, v, *args, **kw):
         calls.append(dict(q=q, k=k, args=args, **kw))
         return real(q, k, v, *args, **kw)
 
-    monkeypatch.setattr(fastattn.hf, "attention_varlen", spy)
+    monkeypatch.setattr(hf, "attention_varlen", spy)
     return calls
 
 
 def count_calls(monkeypatch, name):
     calls = []
-    real = getattr(fastattn.hf, name)
+    real = getattr(hf, name)
 
     def spy(*args):
         calls.append(args)
         return real(*args)
 
-    monkeypatch.setattr(fastattn.hf, name, spy)
+    monkeypatch.setattr(hf, name, spy)
     return calls
 
 
@@ -192,7 +193,7 @@ def test_causal_lm_packed_training(tmp_path, monkeypatch, arch, rows, flash_kwar
     built = transformers.masking_utils.create_causal_mask(
         config=ours.config, inputs_embeds=torch.zeros(rows, 24 // rows, 32), attention_mask=None, cache=None,
         position_ids=packed["position_ids"])
-    assert isinstance(built, fastattn.hf.PackedSequences)  # no O(N^2) mask was built
+    assert isinstance(built, hf.PackedSequences)  # no O(N^2) mask was built
 
 
 @pytest.mark.parametrize("flash_kwargs", [False, True])
@@ -219,3 +220,112 @@ def test_packed_flash_kwargs_incomplete(tmp_path):
     del packed["max_length_q"], packed["max_length_k"]
     with pytest.raises(ValueError, match="got None for max_length_q, max_length_k"):
         ours(**packed)
+
+
+# Every keyword transformers' attention calls pass that changes the result is honoured or raises
+# (fastattn.integrations.transformers lists them; a survey of every family in transformers 5.24).
+class _Attention(torch.nn.Module):
+    is_causal = True
+
+
+def call_forward(module=None, S=6, mask=None, **kw):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, S, 8, generator=gen) for _ in range(3))
+    return hf.fastattn_attention_forward(module or _Attention(), q, k, v, mask, **kw)[0]
+
+
+@pytest.mark.parametrize("name", ["softcap", "s_aux", "sinks", "indices", "block_indices"])
+def test_unsupported_keywords_raise(name):
+    value = 30.0 if name == "softcap" else torch.zeros(4)
+    with pytest.raises(ValueError, match=rf"fastattn: {name} .* not supported"):
+        call_forward(**{name: value})
+    call_forward(**{name: None})  # unset: nothing to honour
+
+
+def test_sinks_on_the_module_raise_even_without_s_aux():
+    module = _Attention()
+    module.sinks = torch.nn.Parameter(torch.zeros(4))
+    with pytest.raises(ValueError, match="_Attention.sinks"):
+        call_forward(module)
+
+
+def test_unknown_keywords_raise_and_neutral_ones_change_nothing():
+    with pytest.raises(ValueError, match="unknown attention keyword temperature=0.5"):
+        call_forward(temperature=0.5)
+    with pytest.raises(ValueError, match="output_attentions=True"):
+        call_forward(output_attentions=True)
+    neutral = dict(use_cache=True, output_hidden_states=True, output_router_logits=True, num_items_in_batch=7,
+                   logits_to_keep=1, deterministic=True, encoder_hidden_states=None, output_attentions=False,
+                   position_ids=torch.arange(6)[None].expand(2, -1))
+    assert torch.equal(call_forward(**neutral), call_forward())
+
+
+def test_sliding_window_needs_its_mask():
+    with pytest.raises(ValueError, match="sliding_window=4 with 6 keys and no 4-D mask"):
+        call_forward(sliding_window=4)
+    assert torch.equal(call_forward(sliding_window=6), call_forward())  # a window wider than the keys
+    i = torch.arange(6)
+    window = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - 4)  # what transformers' mask holds
+    got = call_forward(sliding_window=4, mask=window[None, None].expand(2, 1, 6, 6))
+    torch.testing.assert_close(got, call_forward(mask=window[None, None].expand(2, 1, 6, 6)))
+
+
+def test_gpt_oss_sinks_raise(tmp_path):
+    config = transformers.GptOssConfig(vocab_size=101, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                       num_local_experts=2, num_experts_per_tok=1, sliding_window=4)
+    _, ours = load_both(transformers.GptOssForCausalLM, config, tmp_path)
+    ids, mask = padded_ids(101, 2, 9)
+    with pytest.raises(ValueError, match="s_aux .*attention sinks.* not supported"):
+        ours(input_ids=ids, attention_mask=mask)
+
+
+def test_gemma2_softcap_raises(tmp_path):
+    config = transformers.Gemma2Config(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4)
+    _, ours = load_both(transformers.Gemma2ForCausalLM, config, tmp_path)
+    ids, mask = padded_ids(101, 2, 9)
+    with pytest.raises(ValueError, match="softcap .*softcapping.* not supported"):
+        ours(input_ids=ids, attention_mask=mask)
+
+
+WINDOWED = {  # sliding windows of 4 over 13 tokens, some layers full: the window comes in the mask
+    "mistral": lambda: (transformers.MistralForCausalLM, transformers.MistralConfig(
+        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=4)),
+    "qwen2": lambda: (transformers.Qwen2ForCausalLM, transformers.Qwen2Config(
+        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    "gemma3": lambda: (transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig(
+        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=4, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention"])),
+}
+
+
+@pytest.mark.parametrize("arch", WINDOWED)
+def test_sliding_window_models_match_eager(tmp_path, arch):
+    model_cls, config = WINDOWED[arch]()
+    eager, ours = load_both(model_cls, config, tmp_path)
+    ids, mask = padded_ids(101, 3, 13)
+    valid = mask.bool()[..., None]
+    want = eager(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits * valid, want * valid,
+                               atol=1e-5, rtol=1e-4)
+    args = dict(input_ids=ids[:1, :6], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(**args), eager.generate(**args))  # past the window, from a cache
+
+
+def test_t5_position_bias_matches_eager(tmp_path):
+    config = transformers.T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, dropout_rate=0.0,
+                                   decoder_start_token_id=0, pad_token_id=0)
+    eager, ours = load_both(transformers.T5ForConditionalGeneration, config, tmp_path)
+    ids, mask = padded_ids(99, 3, 11)
+    labels = padded_ids(99, 3, 7, seed=1)[0]
+    with torch.no_grad():
+        want = eager(input_ids=ids, attention_mask=mask, labels=labels)
+        got = ours(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="position_bias .* needs its gradient"):  # the bias is learned
+        ours.train()(input_ids=ids, attention_mask=mask, labels=labels)

@@ -69,7 +69,7 @@ def test_fully_masked_rows_are_zero():
 
 def test_dropout_matches_reference_with_the_kernels_mask():
     from fastattn import ops, reference_attention
-    from fastattn.triton_attention import dropout_keep_mask
+    from fastattn.triton.attention import dropout_keep_mask
 
     torch.manual_seed(0)
     B, H, Nq, Nk, p, seed = 2, 2, 40, 50, 0.3, 77
@@ -139,14 +139,14 @@ def test_real_sizes_on_gpu(dtype, D, causal):
 
 def test_kernels_compile_for_sm90_without_spilling():
     """What an H100 would run, read without one: every kernel has spill-free configs at D = 64
-    and 128, and the forward's dots are wgmma (python -m fastattn.triton_report prints it all)."""
+    and 128, and the forward's dots are wgmma (python -m fastattn report prints it all)."""
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    result = subprocess.run([sys.executable, "-m", "fastattn.triton_report", "--check"],
+    result = subprocess.run([sys.executable, "-m", "fastattn", "report", "--check"],
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "_fwd_kernel" in result.stdout and "FAIL" not in result.stdout
@@ -155,7 +155,7 @@ def test_kernels_compile_for_sm90_without_spilling():
 def test_fp32_dots_follow_torchs_tf32_switch():
     """IEEE unless TF32 was opted into, through the new settings or the legacy ones (reading the
     legacy flag after the new settings were used raises in torch)."""
-    from fastattn.triton_attention import dot_precision
+    from fastattn.triton.attention import dot_precision
 
     matmul = torch.backends.cuda.matmul
     saved = matmul.fp32_precision

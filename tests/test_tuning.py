@@ -1,11 +1,11 @@
-"""Launch-configuration lookup (fastattn.triton_tuning), without a GPU: the benchmark is faked."""
+"""Launch-configuration lookup (fastattn.triton.tuning), without a GPU: the benchmark is faked."""
 import json
 
 import pytest
 import torch
 
 import fastattn
-from fastattn import triton_tuning as tuning
+from fastattn.triton import tuning
 
 
 @pytest.fixture
@@ -83,7 +83,7 @@ def test_key_ranges_computed_once_and_no_host_reads(monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's sweep; a GPU runs the real one")
 def test_sweep_runs_end_to_end(tmp_path, monkeypatch):
     """python -m fastattn tune, through the interpreter on tiny shapes: winners checked and written."""
-    from fastattn.tune import main
+    from fastattn.triton.tune import main
 
     monkeypatch.setenv("FASTATTN_TUNE", "0")  # main sets it; the monkeypatch restores it after
     assert main(["--json", str(tmp_path / "tuned.json")]) == 0

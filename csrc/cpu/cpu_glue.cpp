@@ -1,5 +1,8 @@
 // pybind11 entry points of the CPU kernels: tensors in, AttentionParams to the kernel.
-#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <chrono>
@@ -59,32 +62,47 @@ at::Tensor dropout_keep_mask(int64_t seed, int64_t B, int64_t H, int64_t Nq, int
   return keep;
 }
 
-// One thread's GFLOPS on the active table: its GEMM on the score tile's shape (M keys x K head
-// dims times K x N queries, in cache), and its FMA peak (fma_loop). Each is timed in 8 slices of
-// seconds / 8, the two taking turns, and its best slice counts: a shared machine only ever
-// slows a slice down, and taking turns exposes both to the same load.
-std::pair<double, double> cpu_micro_gflops(int64_t M, int64_t N, int64_t K, double seconds) {
-  const cpu::MicroKernels& mk = cpu::micro_kernels();
-  std::vector<float> A(M * K, 0.5f), B(K * N, 0.25f), C(M * N);
-  auto gflops = [slice = seconds / 8](auto call) {  // call() runs once and returns the flops it did
+// GFLOPS of call() (which runs once and returns the flops it did) in its best of 8 slices of
+// seconds / 8: a shared machine only ever slows a slice down.
+template <class Call>
+double best_gflops(Call call, double seconds) {
+  double best = 0;
+  for (int slice = 0; slice < 8; ++slice) {
     call();
     const auto start = std::chrono::steady_clock::now();
     double flops = 0, elapsed = 0;
-    while (elapsed < slice) {
+    while (elapsed < seconds / 8) {
       flops += call();
       elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     }
-    return flops / elapsed / 1e9;
-  };
+    best = std::max(best, flops / elapsed / 1e9);
+  }
+  return best;
+}
+
+// One thread's GFLOPS on the active table: its GEMM on the score tile's shape (M keys x K head
+// dims times K x N queries, in cache), and its FMA peak (fma_loop), timed in turns.
+std::pair<double, double> cpu_micro_gflops(int64_t M, int64_t N, int64_t K, double seconds) {
+  const cpu::MicroKernels& mk = cpu::micro_kernels();
+  std::vector<float> A(M * K, 0.5f), B(K * N, 0.25f), C(M * N);
   double gemm = 0, peak = 0;
-  for (int slice = 0; slice < 8; ++slice) {
-    gemm = std::max(gemm, gflops([&] {
+  for (int turn = 0; turn < 4; ++turn) {
+    gemm = std::max(gemm, best_gflops([&] {
       mk.gemm(M, N, K, A.data(), K, 1, B.data(), N, C.data(), N, false);
       return 2.0 * M * N * K;
-    }));
-    peak = std::max(peak, gflops([&] { return mk.fma_loop(1 << 14); }));
+    }, seconds / 4));
+    peak = std::max(peak, best_gflops([&] { return mk.fma_loop(1 << 14); }, seconds / 4));
   }
   return {gemm, peak};
+}
+
+// One thread's peak GFLOPS on the table of `isa`: fp32 FMAs, and its bf16 dot products (0 on a
+// table without them).
+std::pair<double, double> cpu_peak_gflops(const std::string& isa, double seconds) {
+  const cpu::MicroKernels& mk = cpu::table(isa);
+  const double fma = best_gflops([&] { return mk.fma_loop(1 << 14); }, seconds);
+  const double bf16 = mk.bf16_dot_loop ? best_gflops([&] { return mk.bf16_dot_loop(1 << 12); }, seconds) : 0.0;
+  return {fma, bf16};
 }
 
 std::vector<std::string> cpu_isas() {
@@ -110,6 +128,8 @@ void register_cpu(pybind11::module_& m) {
   m.def("cpu_isas", &cpu_isas, "micro-kernel ISAs this CPU runs, best first");
   m.def("cpu_micro_gflops", &cpu_micro_gflops, py::arg("M") = 128, py::arg("N") = 128, py::arg("K") = 64,
         py::arg("seconds") = 0.2, "(GEMM, FMA peak) GFLOPS of the active table, one thread");
+  m.def("cpu_peak_gflops", &cpu_peak_gflops, py::arg("isa"), py::arg("seconds") = 0.05,
+        "(fp32 FMA, bf16 dot product) peak GFLOPS of one thread on the table of isa (0: none)");
   m.def("cpu_isa", [] { return std::string(cpu::micro_kernels().isa); }, "the active CPU ISA");
   m.def("cpu_set_isa", [](const std::string& isa) { cpu::set_isa(isa); }, "force a CPU ISA");
 }

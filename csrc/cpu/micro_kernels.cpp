@@ -468,7 +468,7 @@ FA_INLINE double fma_loop_impl(int64_t n) {
                                        scale_cols_##NAME, softmax_grad_##NAME,                 \
                                        softmax_step_rows_##NAME, row_dots_##NAME,              \
                                        widen_bf16_##NAME, widen_f16_##NAME,                    \
-                                       nullptr, nullptr, nullptr, fma_loop_##NAME};
+                                       nullptr, nullptr, nullptr, fma_loop_##NAME, nullptr};
 
 FASTATTN_DEFINE_ISA(generic, , 4, 6, 8)  // 16-byte vectors: SSE2 on x86-64, NEON on aarch64
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -540,14 +540,30 @@ FASTATTN_BF16 void narrow_bf16_avx512(const float* x, int rows, int cols, int64_
   }
 }
 
-// The avx512 table with bf16 dot products.
-constexpr MicroKernels with_bf16_dots(const char* isa, decltype(MicroKernels::gemm_bf16) gemm_bf16) {
-  return {isa, gemm_avx512, softmax_step_avx512, exp2_shifted_avx512, scale_rows_avx512, scale_cols_avx512,
-          softmax_grad_avx512, softmax_step_rows_avx512, row_dots_avx512, widen_bf16_avx512, widen_f16_avx512,
-          gemm_bf16, pack_pairs_bf16_avx512, narrow_bf16_avx512, fma_loop_avx512};
+// fma_loop for vdpbf16ps: 12 independent chains, 64 flops each (16 lanes x 2 pairs x 2).
+FASTATTN_BF16 double bf16_dot_loop_avx512(int64_t n) {
+  constexpr int kChains = 12;
+  __m512 acc[kChains];
+  for (int i = 0; i < kChains; ++i) acc[i] = _mm512_set1_ps(static_cast<float>(i));
+  const __m512bh x = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-3f), _mm512_set1_ps(1e-3f));
+  for (int64_t it = 0; it < n; ++it)
+#pragma GCC unroll 12
+    for (int i = 0; i < kChains; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], x, x);
+  float sink = 0.f;
+  for (int i = 0; i < kChains; ++i) sink += _mm512_cvtss_f32(acc[i]);
+  asm volatile("" : : "g"(sink));
+  return 64.0 * kChains * static_cast<double>(n);
 }
 
-const MicroKernels kernels_avx512_bf16 = with_bf16_dots("avx512_bf16", gemm_bf16_avx512);
+// The avx512 table with bf16 dot products.
+constexpr MicroKernels with_bf16_dots(const char* isa, decltype(MicroKernels::gemm_bf16) gemm_bf16,
+                                      decltype(MicroKernels::bf16_dot_loop) bf16_dot_loop) {
+  return {isa, gemm_avx512, softmax_step_avx512, exp2_shifted_avx512, scale_rows_avx512, scale_cols_avx512,
+          softmax_grad_avx512, softmax_step_rows_avx512, row_dots_avx512, widen_bf16_avx512, widen_f16_avx512,
+          gemm_bf16, pack_pairs_bf16_avx512, narrow_bf16_avx512, fma_loop_avx512, bf16_dot_loop};
+}
+
+const MicroKernels kernels_avx512_bf16 = with_bf16_dots("avx512_bf16", gemm_bf16_avx512, bf16_dot_loop_avx512);
 
 // AMX (Sapphire Rapids on): tdpbf16ps multiplies a 16 x 32 bf16 tile by a 32 x 16 one into a
 // 16 x 16 fp32 tile, about 12x the fp32 FMA rate of a core (register-only loops on this Xeon: 2.2
@@ -617,7 +633,31 @@ FASTATTN_AMX void gemm_bf16_amx(int M, int N, int Kp, const uint32_t* A, int64_t
   _tile_release();  // no tile state left for the OS to save on a context switch
 }
 
-const MicroKernels kernels_amx_bf16 = with_bf16_dots("amx_bf16", gemm_bf16_amx);
+// fma_loop for AMX: four independent tile products on tiles already loaded, 16384 flops each
+// (16 x 16 x 32 x 2), nothing stored.
+FASTATTN_AMX double bf16_dot_loop_amx(int64_t n) {
+  static const TileConfig config;
+  alignas(64) static const uint32_t ones[16 * 16] = {};
+  _tile_loadconfig(&config);
+  _tile_zero(0);  // tile numbers are immediates
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_loadd(4, ones, 64);
+  _tile_loadd(5, ones, 64);
+  _tile_loadd(6, ones, 64);
+  _tile_loadd(7, ones, 64);
+  for (int64_t it = 0; it < n; ++it) {
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_release();
+  return 4 * 16384.0 * static_cast<double>(n);
+}
+
+const MicroKernels kernels_amx_bf16 = with_bf16_dots("amx_bf16", gemm_bf16_amx, bf16_dot_loop_amx);
 
 // Linux hands out AMX tile state only to a process that asks for it (arch_prctl, kernel 5.16+).
 // Asked once, when the tables are first listed; a process granted it must give signal handlers
@@ -701,14 +741,16 @@ const MicroKernels& micro_kernels() {
   return *active;
 }
 
-void set_isa(const std::string& isa) {
+const MicroKernels& table(const std::string& isa) {
   if (table_for(isa) == nullptr || !cpu_has(isa)) {
     std::string have;
     for (const char* const* name = supported_isas(); *name != nullptr; ++name)
       have += std::string(have.empty() ? "" : ", ") + *name;
     throw std::invalid_argument("CPU ISA '" + isa + "' is not available on this CPU; available: " + have);
   }
-  active = table_for(isa);
+  return *table_for(isa);
 }
+
+void set_isa(const std::string& isa) { active = &table(isa); }
 
 }  // namespace fastattn::cpu

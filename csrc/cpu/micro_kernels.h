@@ -52,6 +52,9 @@ struct MicroKernels {
   // The FMA-peak micro-benchmark: n rounds of 12 independent vector multiply-adds; returns the
   // flops done (2 per lane each).
   double (*fma_loop)(int64_t n);
+  // The same for gemm_bf16's instruction (vdpbf16ps chains, or AMX tile products on registers);
+  // nullptr on tables without bf16 dot products.
+  double (*bf16_dot_loop)(int64_t n);
 };
 
 // The active table: the best this CPU supports, unless FASTATTN_CPU_ISA=amx_bf16|avx512_bf16|avx512|avx2|generic
@@ -60,5 +63,7 @@ const MicroKernels& micro_kernels();
 void set_isa(const std::string& isa);  // throws std::invalid_argument if this CPU lacks it
 // Every table this CPU can run, best first, nullptr-terminated.
 const char* const* supported_isas();
+// The table of `isa`, which this CPU must run (else std::invalid_argument).
+const MicroKernels& table(const std::string& isa);
 
 }  // namespace fastattn::cpu

@@ -1,4 +1,4 @@
-"""Backend `triton`: the Triton flash-attention kernels (fastattn/triton_attention.py).
+"""Backend `triton`: the Triton flash-attention kernels (fastattn/triton/attention.py).
 
 Runs on CUDA tensors; with TRITON_INTERPRET=1 also on CPU tensors through Triton's
 interpreter, which is how CI checks the kernels. The interpreter is for testing only, so
@@ -17,7 +17,7 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"  # read once, like Trit
 
 
 def _kernels():
-    from .. import triton_attention
+    from ..triton import attention as triton_attention
 
     return triton_attention
 
@@ -54,7 +54,7 @@ class TritonBackend(Backend):
         return out, lse
 
     def decode(self, q, k_cache, v_cache, seqlens, causal, scale):
-        from .. import triton_decode
+        from ..triton import decode as triton_decode
 
         out, lse = empty_out(q), empty_lse(q)
         triton_decode.decode(q, k_cache, v_cache, seqlens, out, lse, causal, scale)

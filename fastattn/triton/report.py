@@ -1,7 +1,7 @@
 """Compile the Triton kernels for a GPU without one, and read what the hardware would run:
 registers, spills, shared memory and (on sm_90) whether the dots became wgmma.
 
-    python -m fastattn.triton_report [--arch 90] [--dtypes bf16,fp32] [--check]
+    python -m fastattn report [--arch 90] [--dtypes bf16,fp32] [--check]
 
 --check exits 1 if, for some kernel, dtype and head dim, every candidate spills registers to
 local memory (fp32: exceeds shared memory), or if on sm_90 a 16-bit kernel does not use wgmma.
@@ -71,14 +71,14 @@ SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes a block m
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastattn.triton_report")
+    parser = argparse.ArgumentParser(prog="python -m fastattn report")
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--head-dims", default="64,128")
     parser.add_argument("--dtypes", default="bf16", help="e.g. bf16,fp32 (fp32: IEEE dots, minutes to compile)")
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
-    from fastattn import triton_attention as ta, triton_decode
-    from fastattn.triton_tuning import CANDIDATES, fits
+    from fastattn.triton import attention as ta, decode as triton_decode
+    from fastattn.triton.tuning import CANDIDATES, fits
 
     kernels = {"_fwd_kernel": CANDIDATES["fwd"], "_bwd_dkdv_kernel": CANDIDATES["dkdv"],
                "_bwd_dq_kernel": CANDIDATES["dq"]}

@@ -28,7 +28,6 @@ TORCH_LEVEL = {"amx_bf16": ("avx512", "AVX512_E4", "AVX512_CORE_AMX"),
 
 CASES = ("dense", "causal", "padded", "causal+padded", "dense fwd+bwd", "dense bf16", "padded bf16",
          "dense fwd+bwd bf16")
-QUICK_CASES = ("dense", "padded", "dense bf16", "padded bf16")
 
 
 def measure(n: int, min_run_time: float, cases=CASES) -> dict:
@@ -39,7 +38,8 @@ def measure(n: int, min_run_time: float, cases=CASES) -> dict:
 
     import fastattn
     from fastattn import _C
-    from fastattn.bench import Case, paired_ms
+    from fastattn.bench.cases import Case
+    from fastattn.bench.timing import paired_ms
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(4, n, 8, 64).transpose(1, 2).requires_grad_() for _ in range(3))
@@ -81,14 +81,14 @@ def measure(n: int, min_run_time: float, cases=CASES) -> dict:
 
 def isa_rows(n: int = 1024, min_run_time: float = 0.3, cases=CASES) -> list[dict]:
     """One row per (ISA, case): fastattn ÷ SDPA at that ISA level, each ISA in its own process."""
-    from . import _C
+    from .. import _C
 
     rows = []
     for isa in _C.cpu_isas():
         aten, mkl, onednn = TORCH_LEVEL[isa]
         env = dict(os.environ, FASTATTN_CPU_ISA=isa, ATEN_CPU_CAPABILITY=aten, MKL_ENABLE_INSTRUCTIONS=mkl,
                    ONEDNN_MAX_CPU_ISA=onednn)
-        code = f"import json, fastattn.bench_isa as b; print(json.dumps(b.measure({n}, {min_run_time}, {tuple(cases)!r})))"
+        code = f"import json, fastattn.bench.isa as b; print(json.dumps(b.measure({n}, {min_run_time}, {tuple(cases)!r})))"
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"the {isa} measurement failed:\n{done.stderr[-2000:]}")

@@ -5,7 +5,7 @@ buckets* of Nq and Nk (powers of two), so sequences of every length in a bucket 
 compile and one tuning. In order:
   1. decoding shapes (Nq <= 16) take a rule: 16-query tiles, no tuning;
   2. this machine's cache (~/.cache/fastattn, or $FASTATTN_CACHE_DIR) and the defaults shipped in
-     fastattn/tuned/sm<arch>.json (written by `python -m fastattn tune`), exact key first, then
+     fastattn/triton/tuned/sm<arch>.json (written by `python -m fastattn tune`), exact key first, then
      the shipped entry of the nearest length bucket: one compile per kernel, no tuning;
   3. else a short tuning over CANDIDATES, remembered in this machine's cache (FASTATTN_TUNE=0
      takes the first candidate instead).
@@ -26,7 +26,7 @@ import torch
 Config = tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, num_warps, num_stages
 
 # What a run-time tuning tries, per kernel, best first (the H200 sweep's usual winners): configs
-# that compile for sm_90 without spilling at D = 64 and 128 (python -m fastattn.triton_report) and
+# that compile for sm_90 without spilling at D = 64 and 128 (python -m fastattn report) and
 # give right results there (test_gpu). dK/dV at (32, 128, 8 warps) gave wrong dK at D = 128 in
 # 16 bits on an H200 (triton 3.6): left out.
 CANDIDATES: dict[str, list[Config]] = {

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .models import ATTENTION, Packed, Transformer, TransformerLM
+from .transformer import ATTENTION, Packed, Transformer, TransformerLM
 
 PAD, SOS, EOS = 0, 1, 2
 SAMPLE_TEXT = (

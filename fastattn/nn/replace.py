@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .api import attention
-from .masks import padding_from_keep
-from .mha import MultiHeadAttention
+from ..api import attention
+from ..masks import padding_from_keep
+from .multihead_attention import MultiHeadAttention
 
 
 class TransformerEncoderLayer(nn.TransformerEncoderLayer):

@@ -1,7 +1,7 @@
-"""`python -m fastattn tune`: sweep the Triton kernels' launch configurations (fastattn.triton_tuning.
+"""`python -m fastattn tune`: sweep the Triton kernels' launch configurations (fastattn.triton.tuning.
 SWEEP) over the benchmark's shapes, check each winner against float64, and write the winners per
 (kernel, dtype, head dim, mask kind, length bucket) as the defaults the kernels load
-(fastattn/tuned/sm<arch>.json), so that a first call compiles one configuration per kernel.
+(fastattn/triton/tuned/sm<arch>.json), so that a first call compiles one configuration per kernel.
 
 Compiling dominates a sweep: worker processes compile every configuration first (Triton's disk
 cache keeps the binaries), then one process times them. Results are written after every case,
@@ -50,8 +50,9 @@ class Problem:
     """A case's tensors and the launch of each kernel, bf16 (fp16 shares the configurations)."""
 
     def __init__(self, case: Case, device: str, seed: int = 0):
-        from . import bench, triton_attention as ta
-        from .masks import key_ranges
+        from . import attention as ta
+        from ..bench.cases import Case as BenchCase
+        from ..masks import key_ranges
 
         gen = torch.Generator(device=device).manual_seed(seed)
         D, N = case.head_dim, case.seq
@@ -60,7 +61,7 @@ class Problem:
         self.q, self.k, self.v, self.dout = (rand(B, N, H, D).transpose(1, 2) for _ in range(4))
         kpm = ranges = None
         if "padded" in case.kind:  # the benchmark's lengths: spread over [N/4, N]
-            lengths = torch.tensor(bench.Case("padded", "fwd", "bf16", B, H, H, N, D).lengths(), device=device)
+            lengths = torch.tensor(BenchCase("padded", "fwd", "bf16", B, H, H, N, D).lengths(), device=device)
             kpm = torch.arange(N, device=device)[None, :] >= lengths[:, None]
             ranges = key_ranges(kpm)
         self.masks = ta.MaskArgs(self.q, kpm, ranges, None)
@@ -82,14 +83,14 @@ class Problem:
 
 
 def _configs(kernel: str, D: int):
-    from .triton_tuning import INTERPRETER_CONFIG, SWEEP, fits
+    from .tuning import INTERPRETER_CONFIG, SWEEP, fits
 
     return [c for c in SWEEP[kernel] if fits(c, D)] if GPU else [INTERPRETER_CONFIG, (16, 32, 4, 1)]
 
 
 def _compile(case: Case, kernel: str, configs) -> int:
     """Worker: compile (and run once) each configuration; Triton's disk cache keeps them."""
-    from .triton_tuning import TUNER
+    from .tuning import TUNER
 
     problem, done = Problem(case, "cuda"), 0
     problem.forward()  # the backward reads the forward's lse
@@ -114,7 +115,7 @@ def precompile(group: list[Case], workers: int) -> int:
 
 def sweep_case(case: Case, kernel: str, device: str, log) -> dict:
     """ms of every configuration of one kernel; the other kernels keep their current choice."""
-    from .triton_tuning import TUNER, time_ms
+    from .tuning import TUNER, time_ms
 
     problem, timings = Problem(case, device), {}
     problem.forward()
@@ -131,8 +132,8 @@ def sweep_case(case: Case, kernel: str, device: str, log) -> dict:
 def check(case: Case, winners: dict, device: str) -> float:
     """Worst relative error of the winners against float64, on a small problem of the case's kind
     with lengths off the tile grid, over the bf16 bounds: out 1e-2, gradients 4e-2. <= 1 passes."""
-    from .reference import reference_attention
-    from .triton_tuning import TUNER
+    from ..reference import reference_attention
+    from .tuning import TUNER
 
     small = Case(case.head_dim, case.kind, 300 if GPU else 40, 600 if GPU else 80, 2 * case.head_dim)
     p = Problem(small, device, seed=1)
@@ -149,7 +150,7 @@ def check(case: Case, winners: dict, device: str) -> float:
 
 
 def main(argv=None) -> int:
-    from . import triton_tuning as tuning
+    from . import tuning
 
     parser = argparse.ArgumentParser(prog="python -m fastattn tune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="where to write the winners (default: the package's defaults for this GPU)")

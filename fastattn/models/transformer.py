@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .api import attention as fused_attention
-from .kvcache import attention_with_kvcache
-from .masks import sdpa_mask_from_padding
-from .mha import MultiHeadAttention
-from .varlen import attention_varlen, unpad
+from ..api import attention as fused_attention
+from ..kvcache import attention_with_kvcache
+from ..masks import sdpa_mask_from_padding
+from ..nn import MultiHeadAttention
+from ..varlen import attention_varlen, unpad
 
 ATTENTION = ("fastattn", "torch")
 

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_attention import INTERPRETING, LOG2E, _mma, block_d, dot_precision
+from .attention import INTERPRETING, LOG2E, _mma, block_d, dot_precision
 
 
 @triton.jit

@@ -21,11 +21,57 @@ import math
 
 import torch
 
-from .api import attention
-from .masks import hidden_from_attend, padding_from_keep
-from .varlen import attention_varlen
+from ..api import attention
+from ..masks import hidden_from_attend, padding_from_keep
+from ..varlen import attention_varlen
 
 _VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+# The keywords transformers' attention calls pass, from a survey of every model family in
+# transformers 5.24. Honoured: dropout, scaling, is_causal, position_bias, the varlen kwargs and
+# position_ids (packing), sliding_window (through the mask it comes with, checked). These change
+# the result and are not supported yet, so each raises when set:
+_UNSUPPORTED = {
+    "softcap": "logit softcapping (Gemma 2)",
+    "s_aux": "learnable attention sinks (gpt-oss and others)",
+    "sinks": "per-token attention sinks",
+    "indices": "sparse attention's top-k key indices (DeepSeek V3.2 and others)",
+    "block_indices": "sparse attention's block selection (MiniMax M3)",
+}
+# These leave the attention's result alone (what the model returns, its cache, its loss):
+_NEUTRAL = frozenset({"output_hidden_states", "output_router_logits", "use_cache", "num_items_in_batch", "seq_idx",
+                      "encoder_hidden_states", "logits_to_keep", "deterministic", "kernel_options", "cache_position",
+                      "position_ids", "position_bias", "sliding_window", "output_attentions", *_VARLEN_KWARGS})
+
+
+def _check_keywords(module, kwargs: dict) -> None:
+    """Raises for a keyword that would change the result and that fastattn cannot honour: one it
+    does not support, or one it does not know, unless None."""
+    for name, value in kwargs.items():
+        if name in _UNSUPPORTED and value is not None:
+            raise ValueError(f"fastattn: {name} ({_UNSUPPORTED[name]}) is not supported, got {name}="
+                             f"{_describe(value)}; use attn_implementation='eager'")
+        if name not in _UNSUPPORTED and name not in _NEUTRAL and value is not None:
+            raise ValueError(f"fastattn: unknown attention keyword {name}={_describe(value)}, which may change "
+                             f"the result; use attn_implementation='eager'")
+    if kwargs.get("s_aux") is None and isinstance(getattr(module, "sinks", None), torch.Tensor):
+        raise ValueError(f"fastattn: {type(module).__name__}.sinks ({_UNSUPPORTED['s_aux']}) is not supported; "
+                         f"use attn_implementation='eager'")
+    if kwargs.get("output_attentions"):
+        raise ValueError("fastattn: output_attentions=True, but fastattn computes no attention weights; "
+                         "use attn_implementation='eager'")
+
+
+def _describe(value) -> str:
+    return f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+
+
+def _check_window(window, mask, longest: int) -> None:
+    """A sliding window reaches fastattn only inside the 4-D mask that transformers builds with
+    it; where none came (or a padding mask), keys beyond the window must not exist."""
+    if window is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4) and longest > window:
+        raise ValueError(f"fastattn: sliding_window={window} with {longest} keys and no 4-D mask to apply it; "
+                         f"use attn_implementation='eager'")
 
 
 def _varlen_from_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -125,14 +171,15 @@ def fastattn_attention_forward(module: torch.nn.Module, query, key, value, atten
                                dropout: float = 0.0, scaling: float | None = None,
                                is_causal: bool | None = None, **kwargs):
     """transformers' attention-function signature: query (B, H, L, D), key and value
-    (B, Hkv, S, D). Returns ((B, L, H, D), None): no attention weights, as with sdpa."""
-    if kwargs.get("softcap") is not None:
-        raise ValueError("fastattn: softcap is not supported; use attn_implementation='eager'")
+    (B, Hkv, S, D). Returns ((B, L, H, D), None): no attention weights, as with sdpa. Every other
+    keyword is honoured, known to leave the result alone, or raises (_check_keywords)."""
+    _check_keywords(module, kwargs)
     B, H, L, D = query.shape
     S = key.shape[2]
     causal = (module.is_causal if is_causal is None else is_causal) if hasattr(module, "is_causal") \
         else bool(is_causal)
     varlen = _varlen_args(query, key, attention_mask, causal, kwargs)
+    _check_window(kwargs.get("sliding_window"), attention_mask, S if varlen is None else int(varlen[3]))
     if varlen is not None:  # (B, heads, N, D) -> (B * N, heads, D): views when B == 1
         q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], D) for t in (query, key, value))
         out = attention_varlen(q, k, v, *varlen, causal=causal, scale=scaling, dropout_p=dropout)
@@ -147,6 +194,9 @@ def fastattn_attention_forward(module: torch.nn.Module, query, key, value, atten
         key, value = key[:, :, :L], value[:, :, :L]
         padding = None if padding is None else padding[:, :L]
     position_bias = kwargs.get("position_bias")
+    if position_bias is not None and position_bias.requires_grad and torch.is_grad_enabled():
+        raise ValueError("fastattn: position_bias (T5's learned relative attention bias) needs its gradient, which "
+                         "fastattn does not compute; train with attn_implementation='eager' (inference works)")
     if position_bias is not None:  # T5-style bias: one float mask carrying everything
         hidden = torch.zeros(L, key.shape[2], dtype=torch.bool, device=query.device)
         if causal:

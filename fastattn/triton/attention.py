@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from . import triton_tuning as tuning
+from . import tuning
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -403,7 +403,7 @@ def block_d(D: int) -> int:
 
 
 def _launch(kernel, name: str, grid, args, flags: dict, nq: int, nk: int, dtype: torch.dtype):
-    """Launches `kernel` with the configuration fastattn.triton_tuning picks for this call;
+    """Launches `kernel` with the configuration fastattn.triton.tuning picks for this call;
     grid(BLOCK_M, BLOCK_N) -> the launch grid."""
     def run(config):
         m, n, warps, stages = config

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .api import attention
-from .masks import attend_from_hidden, padding_from_float, padding_from_keep
-from .reference import attention_probabilities
-from .varlen import attention_varlen, pad, unpad
+from ..api import attention
+from ..masks import attend_from_hidden, padding_from_float, padding_from_keep
+from ..reference import attention_probabilities
+from ..varlen import attention_varlen, pad, unpad
 
 
 def _only_zero_or_neginf(mask: Tensor) -> bool:

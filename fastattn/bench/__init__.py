@@ -1,0 +1,5 @@
+"""`python -m fastattn bench`: fastattn against what a user would call instead, side by side in
+one process. cases (the grid's shapes and FLOPs), timing (medians, turns, the hardware's peaks),
+attention (the grid: every backend and peer on a case), decode and packed (KV-cache decoding and
+varlen batches), isa (the CPU kernel per ISA table, a process each), models (modules and whole
+models), report (tables, charts, the README's markdown), run (all of it, with its progress)."""
