@@ -15,7 +15,8 @@ from .timing import compare_to, median_of, paired_ms, timed_rows
 
 def module_rows(device: str, quick: bool, min_run_time: float) -> list[dict]:
     """nn.MultiheadAttention (eval, need_weights=False) against fastattn.MultiHeadAttention
-    sharing its weights (from_torch): the fused path, packed QKV projection, no copies."""
+    sharing its weights (from_torch): the fused path, packed QKV projection, no copies. GPU: B 8,
+    N 2048, E 1024; CPU: B 4, N 2048 (quick: 1024), E 512."""
     rows = []
     B, N, E, H = (8, 2048, 1024, 16) if device == "cuda" else (4, 1024 if quick else 2048, 512, 8)
     for padded in (False, True):

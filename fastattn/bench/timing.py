@@ -57,7 +57,8 @@ def time_providers(fns: dict, device: str, min_run_time: float, warm: bool = Fal
         except Exception as e:  # a failing provider must not stop the rest
             results[name] = error_text(e)
     try:
-        results.update(zip(live, paired_ms(list(live.values()), min_run_time, warm=True)))
+        if live:
+            results.update(zip(live, paired_ms(list(live.values()), min_run_time, warm=True)))
     except Exception:
         for name, fn in live.items():
             try:
@@ -67,30 +68,41 @@ def time_providers(fns: dict, device: str, min_run_time: float, warm: bool = Fal
     return {name: results[name] for name in fns}
 
 
-def peaks(device: str, dtypes: list[str]) -> dict:
-    """The hardware's measured peaks, which no row can pass: "tflops" per dtype, and a large
-    copy's GB/s. GPU: a large matmul in each dtype. CPU: one thread's best on the FMA-peak
-    micro-benchmark times the threads torch uses (torch's own matmul is not the limit: on AMD it
-    ran at a third of it), and for bf16 the best of that and of the bf16 dot products (AMX
-    tiles, vdpbf16ps) of the tables this CPU runs. Per thread, so a phase in which the machine
-    shares one core between two threads can only lower the rows, never the peak."""
+def peaks(device: str, dtypes: list[str], before: dict | None = None) -> dict:
+    """The hardware's measured peaks: "tflops" per dtype of `dtypes`, and a large copy's GB/s;
+    with `before` (an earlier measurement in the same run), the higher of the two per dtype.
+    GPU: the best of large matmuls (8192 and 16384) in each dtype. CPU: one thread's best on the
+    FMA-peak micro-benchmark times the threads torch uses (torch's own matmul is not the limit:
+    on AMD it ran at a third of it), and for bf16 the best of that and of the bf16 dot products
+    (AMX tiles, vdpbf16ps) of the tables this CPU runs. Per thread, so a phase in which the
+    machine shares one core between two threads can only lower the rows, never the peak."""
     if device == "cuda":
-        tflops, source = {}, "matmul 8192^3"
+        tflops = {}
         for name in dtypes:
-            a, b = (torch.randn(8192, 8192, device=device, dtype=DTYPES[name]) for _ in range(2))
-            tflops[name] = 2 * 8192**3 / measure_ms(lambda: a @ b, device, 0.5) / 1e9
-            del a, b
+            for n in (8192, 16384):
+                a, b = (torch.randn(n, n, device=device, dtype=DTYPES[name]) for _ in range(2))
+                tflops[name] = max(tflops.get(name, 0.0), 2 * n**3 / measure_ms(lambda: a @ b, device, 0.5) / 1e9)
+                del a, b
+        per_thread, source = None, "the best of matmuls of 8192 and 16384"
     else:
         from .. import _C
 
         threads = torch.get_num_threads()
-        best = [max(rates) for rates in zip(*(_C.cpu_peak_gflops(isa) for isa in _C.cpu_isas()))]
-        tflops = {"fp32": best[0] * threads / 1e3, "bf16": max(best) * threads / 1e3}
-        source = f"FMA micro-benchmark, {best[0]:.0f} GFLOPS/thread fp32, {max(best):.0f} bf16, x {threads} threads"
+        fp32, bf16 = (max(rates) for rates in zip(*(_C.cpu_peak_gflops(isa) for isa in _C.cpu_isas())))
+        per_thread = {"fp32": fp32, "bf16": max(fp32, bf16)}
+        if before:
+            per_thread = {d: max(g, before["per_thread_gflops"][d]) for d, g in per_thread.items()}
+        tflops = {d: g * threads / 1e3 for d, g in per_thread.items() if d in dtypes}
+        source = (f"FMA micro-benchmark: {per_thread['fp32']:.0f} GFLOPS per thread fp32, {per_thread['bf16']:.0f} "
+                  f"bf16, x {threads} threads")
+    if before and device == "cuda":
+        tflops = {d: max(t, before["tflops"][d]) for d, t in tflops.items()}
     x = torch.empty(256 * 2**20 // 4 if device == "cuda" else 64 * 2**20 // 4, device=device)
     y = torch.empty_like(x)
     copy_gbps = 2 * x.numel() * 4 / measure_ms(lambda: y.copy_(x), device, 0.3) / 1e6
-    return {"tflops": tflops, "source": source, "copy_gbps": copy_gbps}
+    if before:
+        copy_gbps = max(copy_gbps, before["copy_gbps"])
+    return {"tflops": tflops, "per_thread_gflops": per_thread, "source": source, "copy_gbps": copy_gbps}
 
 
 def add_peak_shares(rows: list[dict], peak: dict) -> None:

@@ -41,7 +41,8 @@ _UNSUPPORTED = {
 # These leave the attention's result alone (what the model returns, its cache, its loss):
 _NEUTRAL = frozenset({"output_hidden_states", "output_router_logits", "use_cache", "num_items_in_batch", "seq_idx",
                       "encoder_hidden_states", "logits_to_keep", "deterministic", "kernel_options", "cache_position",
-                      "position_ids", "position_bias", "sliding_window", "output_attentions", *_VARLEN_KWARGS})
+                      "position_ids", "position_bias", "sliding_window", "output_attentions", "cache",
+                      "past_key_values", *_VARLEN_KWARGS})
 
 
 def _check_keywords(module, kwargs: dict) -> None:
@@ -179,7 +180,12 @@ def fastattn_attention_forward(module: torch.nn.Module, query, key, value, atten
     causal = (module.is_causal if is_causal is None else is_causal) if hasattr(module, "is_causal") \
         else bool(is_causal)
     varlen = _varlen_args(query, key, attention_mask, causal, kwargs)
-    _check_window(kwargs.get("sliding_window"), attention_mask, S if varlen is None else int(varlen[3]))
+    if (window := kwargs.get("sliding_window")) is not None:
+        _check_window(window, attention_mask, S if varlen is None else int(varlen[3]))
+    position_bias = kwargs.get("position_bias")
+    if varlen is not None and position_bias is not None:
+        raise ValueError("fastattn: position_bias with packed sequences (cu_seq_lens_q/k or packed position_ids) "
+                         "is not supported; use attn_implementation='eager'")
     if varlen is not None:  # (B, heads, N, D) -> (B * N, heads, D): views when B == 1
         q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], D) for t in (query, key, value))
         out = attention_varlen(q, k, v, *varlen, causal=causal, scale=scaling, dropout_p=dropout)
@@ -193,10 +199,7 @@ def fastattn_attention_forward(module: torch.nn.Module, query, key, value, atten
     if causal and S > L:  # an empty static cache at prefill: keys past L are unused slots
         key, value = key[:, :, :L], value[:, :, :L]
         padding = None if padding is None else padding[:, :L]
-    position_bias = kwargs.get("position_bias")
-    if position_bias is not None and position_bias.requires_grad and torch.is_grad_enabled():
-        raise ValueError("fastattn: position_bias (T5's learned relative attention bias) needs its gradient, which "
-                         "fastattn does not compute; train with attn_implementation='eager' (inference works)")
+    learned_bias = position_bias is not None and position_bias.grad_fn is not None and torch.is_grad_enabled()
     if position_bias is not None:  # T5-style bias: one float mask carrying everything
         hidden = torch.zeros(L, key.shape[2], dtype=torch.bool, device=query.device)
         if causal:
@@ -204,10 +207,28 @@ def fastattn_attention_forward(module: torch.nn.Module, query, key, value, atten
         if attn is not None:
             hidden = hidden | (hidden_from_attend(attn) if attn.dtype == torch.bool else attn == -math.inf)
         bias = position_bias if attn is None or attn.dtype == torch.bool else position_bias + attn
-        attn, causal = bias.masked_fill(hidden, -math.inf), False
+        attn, causal = bias.detach().masked_fill(hidden, -math.inf), False
     out = attention(query, key, value, key_padding_mask=padding, attn_mask=attn, causal=causal,
                     scale=scaling, dropout_p=dropout)
+    if learned_bias:  # a gradient would be owed to the bias: refuse it when one is asked for
+        out = _NoBiasGradient.apply(out, position_bias)
     return out.transpose(1, 2), None
+
+
+class _NoBiasGradient(torch.autograd.Function):
+    """Identity on the attention output, whose backward raises: fastattn computes no gradient
+    for a float mask, and a learned position_bias (T5's relative attention bias, computed from
+    an embedding) would silently stop learning. A bias with no history (a constant, or the zeros
+    T5 makes for gradient checkpointing) passes, as does any forward without a backward."""
+
+    @staticmethod
+    def forward(ctx, out, bias):
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise ValueError("fastattn: position_bias (T5's learned relative attention bias) needs its gradient, which "
+                         "fastattn does not compute; train with attn_implementation='eager' (inference works)")
 
 
 def register_transformers(name: str = "fastattn") -> None:
