@@ -1,14 +1,88 @@
-// fastattn._C: one pybind11 module; each backend's glue registers its entry points.
-#include <pybind11/pybind11.h>
+// fastattn._C: importing it registers the fastattn:: ops (ops.cpp); this pybind11 module adds
+// the CPU helpers, the CUDA entry points, and the bridge to the backends written in Python.
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include "ops.h"
 
 namespace fastattn {
 void register_cpu(pybind11::module_& m);
 #ifdef FASTATTN_WITH_CUDA
 void register_cuda(pybind11::module_& m);
 #endif
+
+namespace {
+namespace py = pybind11;
+
+// fastattn.ops.python_backends(): (forward, backward, kvcache), each taking the op's arguments.
+// Looked up at the first call that needs it; the functions live as long as the interpreter.
+const py::tuple& python_backends() {
+  static py::tuple* backends = [] {
+    auto* t = new py::tuple(py::module_::import("fastattn.ops").attr("python_backends")());
+    return t;
+  }();
+  return *backends;
+}
+
+py::object mask_args(const MaskTensors& m) {
+  return py::make_tuple(m.key_padding, m.key_ranges, m.attn_mask, m.cu_seqlens_q, m.cu_seqlens_k, m.max_seqlen_q,
+                        m.max_seqlen_k);
+}
+}  // namespace
+
+TensorPair python_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const MaskTensors& masks,
+                          const CallArgs& args, std::string_view backend) {
+  py::gil_scoped_acquire gil;
+  return python_backends()[0](q, k, v, mask_args(masks), args.causal, args.scale, args.dropout_p, args.seed,
+                              std::string(backend))
+      .cast<TensorPair>();
+}
+
+TensorTriple python_backward(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
+                             const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                             const MaskTensors& masks, const CallArgs& args, std::string_view backend) {
+  py::gil_scoped_acquire gil;
+  return python_backends()[1](dout, dlse, q, k, v, out, lse, mask_args(masks), args.causal, args.scale,
+                              args.dropout_p, args.seed, std::string(backend))
+      .cast<TensorTriple>();
+}
+
+TensorPair python_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
+                          const std::optional<at::Tensor>& v_new, bool causal, double scale, std::string_view backend) {
+  py::gil_scoped_acquire gil;
+  return python_backends()[2](q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, std::string(backend))
+      .cast<TensorPair>();
+}
+
 }  // namespace fastattn
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using OptTensor = std::optional<at::Tensor>;
+  m.def(
+      "attention_forward",
+      [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& key_padding,
+         const OptTensor& key_ranges, const OptTensor& attn_mask, const OptTensor& cu_seqlens_q,
+         const OptTensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale,
+         double dropout_p, int64_t seed, const std::string& backend) {
+        return fastattn::call_forward(q, k, v, key_padding, key_ranges, attn_mask, cu_seqlens_q, cu_seqlens_k,
+                                      max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, seed, backend);
+      },
+      "fastattn::attention_forward through the dispatcher, in one call");
+  m.def(
+      "attention_kvcache",
+      [](const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+         const OptTensor& k_new, const OptTensor& v_new, bool causal, double scale, const std::string& backend) {
+        return fastattn::call_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, backend);
+      },
+      "fastattn::attention_kvcache through the dispatcher, in one call");
+  pybind11::class_<fastattn::MaskTensors>(m, "MaskTensors")
+      .def(pybind11::init<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
+                          std::optional<at::Tensor>, std::optional<at::Tensor>, int64_t, int64_t>(),
+           pybind11::arg("key_ranges") = pybind11::none(), pybind11::arg("key_padding") = pybind11::none(),
+           pybind11::arg("attn_mask") = pybind11::none(), pybind11::arg("cu_seqlens_q") = pybind11::none(),
+           pybind11::arg("cu_seqlens_k") = pybind11::none(), pybind11::arg("max_seqlen_q") = 0,
+           pybind11::arg("max_seqlen_k") = 0);
   fastattn::register_cpu(m);
 #ifdef FASTATTN_WITH_CUDA
   fastattn::register_cuda(m);

@@ -6,9 +6,9 @@ import math
 import torch
 from torch import Tensor
 
-from . import ops
+from . import _C, ops
 from .backends import Problem, select_backend
-from .masks import key_ranges
+from .masks import key_ranges as key_ranges_by_torch_ops
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -32,6 +32,14 @@ def check_tensors(tensors: list[tuple[str, Tensor]], layout: str) -> None:
 
 
 def _check_qkv(query, key, value) -> None:
+    # The common case in a few comparisons; anything else goes through every check, which names it.
+    if (isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)
+            and query.dtype in _DTYPES and query.dtype == key.dtype == value.dtype
+            and query.device == key.device == value.device):
+        qs, ks = query.shape, key.shape
+        if (len(qs) == 4 and len(ks) == 4 and ks == value.shape and ks[0] == qs[0] and ks[3] == qs[3]
+                and ks[1] and qs[1] % ks[1] == 0):
+            return
     check_tensors([("query", query), ("key", key), ("value", value)], "(B, H, N, D)")
     B, H, _, D = query.shape
     if key.shape[0] != B or value.shape[0] != B:
@@ -93,6 +101,19 @@ def _tile_aligned(t: Tensor) -> bool:
     return strides_ok and (torch.compiler.is_compiling() or t.data_ptr() % 16 == 0)
 
 
+def aligned(device: str, *tensors: Tensor) -> bool:
+    """_tile_aligned for all, where a backend asks (the cuda one, on a GPU); True elsewhere."""
+    return device != "cuda" or all(_tile_aligned(t) for t in tensors)
+
+
+def key_ranges(mask: Tensor) -> Tensor:
+    """The padding mask's kernel form (fastattn.masks.key_ranges): one C++ pass over a CPU mask,
+    torch ops on a GPU (no host sync) and wherever torch.compile traces."""
+    if mask.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _C.key_ranges(mask)
+    return key_ranges_by_torch_ops(mask)
+
+
 def attention(
     query: Tensor,
     key: Tensor,
@@ -122,20 +143,11 @@ def attention(
     D = query.shape[-1]
     scale = check_scalars(causal, scale, dropout_p, backend, D)
 
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    aligned = all(_tile_aligned(t) for t in (query, key, value))
-    problem = Problem(
-        device=query.device.type,
-        dtype=query.dtype,
-        head_dim=D,
-        mask_kind=None if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "float"),
-        key_padding=key_padding_mask is not None,
-        causal=causal,
-        dropout=dropout_p > 0.0,
-        needs_grad=needs_grad,
-        aligned=aligned,
-    )
-    chosen = select_backend(backend, problem)
+    device = query.device.type
+    needs_grad = (query.requires_grad or key.requires_grad or value.requires_grad) and torch.is_grad_enabled()
+    mask_kind = None if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "float")
+    chosen = select_backend(backend, Problem(device, query.dtype, D, mask_kind, key_padding_mask is not None, causal,
+                                             dropout_p > 0.0, needs_grad, aligned(device, query, key, value)))
     ranges = None if key_padding_mask is None else key_ranges(key_padding_mask)
     out, lse = ops.attention_forward(query, key, value, key_padding_mask, ranges, attn_mask, None, None, 0, 0,
                                      causal, float(scale), float(dropout_p), dropout_seed(dropout_p), chosen.name)
@@ -151,13 +163,14 @@ def check_scalars(causal, scale, dropout_p, backend, head_dim: int) -> float:
     """Validates the arguments every entry point shares; returns the scale to use."""
     if head_dim < 1:
         raise ValueError(f"query: expected a head dim (the last dim) of at least 1, got {head_dim}")
-    if not isinstance(causal, bool):
+    if causal is not True and causal is not False:
         raise TypeError(f"causal: expected bool, got {type(causal).__name__}")
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale: expected a finite float, got {scale!r}")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+    if dropout_p != 0.0 and (not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
-    if not isinstance(backend, str):
+    if type(backend) is not str:
         raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
     return float(scale)

@@ -1,93 +1,83 @@
-"""The torch.library custom ops: every attention call is one `fastattn::attention_forward`
-node (and one `fastattn::attention_backward` in the backward), whatever the backend.
+"""The fastattn:: ops: every attention call is one `fastattn::attention_forward` node (and one
+`fastattn::attention_backward` in the backward), whatever the backend; decoding is one
+`fastattn::attention_kvcache`. They are defined in C++ (csrc/ops.cpp: schemas, the kernel, the
+autograd formula), which runs the `cpu` backend itself and the backends written in Python
+through python_backends() below. This module adds their fake implementations for torch.compile.
 
 Packed (varlen) calls go through the same ops: q, k, v are (1, H, total, D) views of the packed
 tensors, and cu_seqlens_q/k with the longest lengths say where each sequence lies."""
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
+try:
+    from . import _C  # registers the ops
+except ImportError as e:
+    raise ImportError(f"fastattn's C++ extension fastattn._C is not built ({e}): `pip install --no-build-isolation "
+                      f"-e .` or `make setup` builds it") from e
 from .backends import REGISTRY, Masks
 from .backends.base import empty_lse, empty_out
 
-
-@torch.library.custom_op("fastattn::attention_forward", mutates_args=())
-def attention_forward(
-    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, key_ranges: Tensor | None,
-    attn_mask: Tensor | None, cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None,
-    max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float, dropout_p: float, seed: int,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    masks = Masks(key_padding_mask, key_ranges, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return REGISTRY[backend].forward(q, k, v, masks, causal, scale, dropout_p, seed)
+_forward_op = torch.ops.fastattn.attention_forward.default
+_kvcache_op = torch.ops.fastattn.attention_kvcache.default
+attention_backward = torch.ops.fastattn.attention_backward.default
 
 
-@attention_forward.register_fake
-def _(q, k, v, key_padding_mask, key_ranges, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-      max_seqlen_k, causal, scale, dropout_p, seed, backend):
+def _in_one_call(*tensors) -> bool:
+    """Whether a call may go straight into the dispatcher (_C: one C++ call, every dispatch key on
+    the way) rather than through torch.ops, whose argument parsing costs more than a small call's
+    kernel: not while torch.compile traces (it must see torch.ops), nor where __torch_function__
+    (a tensor subclass, a mode) has a say."""
+    return not torch._C._has_torch_function_variadic(*tensors) and not torch.compiler.is_compiling()
+
+
+def attention_forward(q, k, v, key_padding_mask, key_ranges, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                      max_seqlen_k, causal, scale, dropout_p, seed, backend):
+    op = _C.attention_forward if _in_one_call(q, k, v) else _forward_op
+    return op(q, k, v, key_padding_mask, key_ranges, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+              max_seqlen_k, causal, scale, dropout_p, seed, backend)
+
+
+def attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, backend):
+    op = _C.attention_kvcache if _in_one_call(q, k_cache, v_cache) else _kvcache_op
+    return op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, backend)
+
+
+@torch.library.register_fake("fastattn::attention_forward")
+def _(q, k, v, *masks_and_args):
     return empty_out(q), empty_lse(q)
 
 
-@torch.library.custom_op("fastattn::attention_backward", mutates_args=())
-def attention_backward(
-    dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    key_padding_mask: Tensor | None, key_ranges: Tensor | None, attn_mask: Tensor | None,
-    cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
-    causal: bool, scale: float, dropout_p: float, seed: int, backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    masks = Masks(key_padding_mask, key_ranges, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return REGISTRY[backend].backward(dout, dlse, q, k, v, out, lse, masks, causal, scale,
-                                      dropout_p, seed)
+@torch.library.register_fake("fastattn::attention_backward")
+def _(dout, dlse, q, k, v, *masks_and_args):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
-@attention_backward.register_fake
-def _(dout, dlse, q, k, v, out, lse, *masks_and_args):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), \
-        torch.empty_like(k, memory_format=torch.contiguous_format), \
-        torch.empty_like(v, memory_format=torch.contiguous_format)
-
-
-_MASK_ARGS = 7  # key_padding_mask ... max_seqlen_k
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v = inputs[:3]
-    masks, args = inputs[3:3 + _MASK_ARGS], inputs[3 + _MASK_ARGS:]
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, *masks[:5])
-    ctx.lengths = masks[5:]
-    ctx.args = args
-
-
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, *masks = ctx.saved_tensors
-    dq, dk, dv = attention_backward(dout, dlse, q, k, v, out, lse, *masks, *ctx.lengths, *ctx.args)
-    return dq, dk, dv, *(None,) * (_MASK_ARGS + 5)
-
-
-torch.library.register_autograd("fastattn::attention_forward", _backward,
-                                setup_context=_setup_context)
-
-
-@torch.library.custom_op("fastattn::attention_kvcache", mutates_args=("k_cache", "v_cache"))
-def attention_kvcache(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k_new: Tensor | None,
-    v_new: Tensor | None, causal: bool, scale: float, backend: str,
-) -> tuple[Tensor, Tensor]:
-    """Writes k_new/v_new (B, Hkv, Nnew, D) into the caches at rows cache_seqlens[b] + t, then
-    attends q to the first cache_seqlens[b] + Nnew keys of each row. No host sync."""
-    seqlens = cache_seqlens
-    if k_new is not None:
-        B, Hkv, Nnew, D = k_new.shape
-        rows = cache_seqlens.long()[:, None] + torch.arange(Nnew, device=q.device)  # (B, Nnew)
-        index = rows[:, None, :, None].expand(B, Hkv, Nnew, D)
-        k_cache.scatter_(2, index, k_new)
-        v_cache.scatter_(2, index, v_new)
-        seqlens = cache_seqlens + Nnew
-    return REGISTRY[backend].decode(q, k_cache, v_cache, seqlens.contiguous(), causal, scale)
-
-
-@attention_kvcache.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, backend):
+@torch.library.register_fake("fastattn::attention_kvcache")
+def _(q, k_cache, v_cache, *args):
     return empty_out(q), empty_lse(q)
+
+
+def python_backends():
+    """What the op's C++ kernel calls for a backend it does not run itself: (forward, backward,
+    kvcache), each with the op's arguments, the masks as one tuple in Masks' order."""
+    def forward(q, k, v, masks, causal, scale, dropout_p, seed, backend):
+        return REGISTRY[backend].forward(q, k, v, Masks(*masks), causal, scale, dropout_p, seed)
+
+    def backward(dout, dlse, q, k, v, out, lse, masks, causal, scale, dropout_p, seed, backend):
+        return REGISTRY[backend].backward(dout, dlse, q, k, v, out, lse, Masks(*masks), causal, scale, dropout_p, seed)
+
+    def kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, backend):
+        """Writes k_new/v_new (B, Hkv, Nnew, D) into the caches at rows cache_seqlens[b] + t, then
+        attends q to the first cache_seqlens[b] + Nnew keys of each row. No host sync."""
+        seqlens = cache_seqlens
+        if k_new is not None:
+            B, Hkv, Nnew, D = k_new.shape
+            rows = cache_seqlens.long()[:, None] + torch.arange(Nnew, device=q.device)  # (B, Nnew)
+            index = rows[:, None, :, None].expand(B, Hkv, Nnew, D)
+            k_cache.scatter_(2, index, k_new)
+            v_cache.scatter_(2, index, v_new)
+            seqlens = cache_seqlens + Nnew
+        return REGISTRY[backend].decode(q, k_cache, v_cache, seqlens.contiguous(), causal, scale)
+
+    return forward, backward, kvcache

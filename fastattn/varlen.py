@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .api import _tile_aligned, check_scalars, check_tensors, dropout_seed
+from .api import aligned, check_scalars, check_tensors, dropout_seed
 from .backends import Problem, select_backend
 
 
@@ -80,7 +80,7 @@ def attention_varlen(
         device=q.device.type, dtype=q.dtype, head_dim=q.shape[-1], mask_kind=None, key_padding=False,
         causal=causal, dropout=dropout_p > 0.0,
         needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
-        aligned=all(_tile_aligned(t) for t in (q4, k4, v4)), varlen=True,
+        aligned=aligned(q.device.type, q4, k4, v4), varlen=True,
     )
     chosen = select_backend(backend, problem)
     out, lse = ops.attention_forward(q4, k4, v4, None, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,

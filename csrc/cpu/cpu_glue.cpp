@@ -1,53 +1,148 @@
-// pybind11 entry points of the CPU kernels: tensors in, AttentionParams to the kernel.
+// The CPU kernels behind the ops (ops.h): tensors in, AttentionParams to the kernel, outputs
+// allocated here; and the CPU helpers Python calls through pybind11 (registered at the end).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
 #include <utility>
+#include <vector>
 
-#include "../params_from_tensors.h"
 #include "../dropout_hash.h"
+#include "../ops.h"
 #include "flash_cpu.h"
 #include "micro_kernels.h"
 
 namespace fastattn {
+
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  static const bool poison = [] {
+    const char* env = std::getenv("FASTATTN_POISON");
+    return env != nullptr && std::strcmp(env, "1") == 0;
+  }();
+  at::Tensor t = at::empty(sizes, options);
+  return poison ? t.fill_(std::numeric_limits<double>::quiet_NaN()) : t;
+}
+
+at::Tensor new_output(const at::Tensor& like, std::optional<at::ScalarType> dtype) {
+  // like's dimensions from outermost (largest stride) in, ties by position: a q sliced out of a
+  // (B, N, 3, H, D) projection gets an out that reshapes back to (B, N, H * D) with no copy.
+  const int64_t n = like.dim();
+  std::array<int64_t, 8> order{};
+  TORCH_CHECK(n <= 8, "new_output takes up to 8 dims");
+  for (int64_t d = 0; d < n; ++d) order[d] = d;
+  std::stable_sort(order.begin(), order.begin() + n,
+                   [&](int64_t a, int64_t b) { return like.stride(a) > like.stride(b); });
+  std::array<int64_t, 8> sizes{}, inverse{};
+  bool in_order = true;
+  for (int64_t i = 0; i < n; ++i) sizes[i] = like.size(order[i]), inverse[order[i]] = i, in_order &= order[i] == i;
+  at::Tensor t = new_output(at::IntArrayRef(sizes.data(), n), like.options().dtype(dtype.value_or(like.scalar_type())));
+  return in_order ? t : t.permute(at::IntArrayRef(inverse.data(), n));
+}
+
 namespace {
 
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
 }
 
-void cpu_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-                 at::Tensor& lse, const MaskTensors& masks, bool causal, double scale,
-                 double dropout_p, int64_t seed) {
-  check_cpu(q, "q");
-  cpu::forward(make_params(q, k, v, out, lse, masks, causal, scale, dropout_p, seed));
+at::Tensor new_lse(const at::Tensor& q) {
+  return new_output({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
 }
 
-void cpu_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                  const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                  const std::optional<at::Tensor>& dlse, const MaskTensors& masks, bool causal,
-                  double scale, double dropout_p, int64_t seed, at::Tensor& dq, at::Tensor& dk,
-                  at::Tensor& dv) {
-  check_cpu(q, "q");
-  cpu::backward(make_bwd_params(dout, q, k, v, out, lse, dlse, masks, causal, scale, dropout_p,
-                                seed, dq, dk, dv));
+// Per-query-head fp32 gradients (B, H, N, D) -> the inputs' dtype, dK/dV summed over each GQA group.
+at::Tensor finish_kv_grad(const at::Tensor& g, const at::Tensor& like) {
+  const int64_t B = g.size(0), H = g.size(1), Hkv = like.size(1);
+  at::Tensor summed = H == Hkv ? g : g.view({B, Hkv, H / Hkv, g.size(2), g.size(3)}).sum(2);
+  return summed.to(like.scalar_type());
 }
 
-void cpu_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, at::Tensor& out,
-                at::Tensor& lse, const at::Tensor& seqused_k, bool causal, double scale) {
+}  // namespace
+
+TensorPair cpu_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const MaskTensors& masks,
+                       const CallArgs& args) {
   check_cpu(q, "q");
+  at::Tensor out = new_output(q), lse = new_lse(q);
+  cpu::forward(make_params(q, k, v, out, lse, masks, args.causal, args.scale, args.dropout_p, args.seed));
+  return {out, lse};
+}
+
+TensorTriple cpu_backward(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
+                          const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                          const MaskTensors& masks, const CallArgs& args) {
+  check_cpu(q, "q");
+  const auto f32 = q.options().dtype(at::kFloat);
+  const int64_t B = q.size(0), H = q.size(1), Nk = k.size(2), D = q.size(3);
+  at::Tensor dq = new_output({B, H, q.size(2), D}, f32), dk = new_output({B, H, Nk, D}, f32),
+             dv = new_output({B, H, Nk, D}, f32);
+  std::optional<at::Tensor> dlse32;
+  if (dlse) dlse32 = dlse->to(at::kFloat).contiguous();
+  cpu::backward(make_bwd_params(dout, q, k, v, out, lse, dlse32, masks, args.causal, args.scale, args.dropout_p,
+                                args.seed, dq, dk, dv));
+  return {dq.to(q.scalar_type()), finish_kv_grad(dk, k), finish_kv_grad(dv, v)};
+}
+
+TensorPair cpu_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                       const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
+                       const std::optional<at::Tensor>& v_new, bool causal, double scale) {
+  check_cpu(q, "q");
+  const int64_t B = q.size(0), Nmax = k_cache.size(2), Nnew = k_new ? k_new->size(2) : 0;
+  TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B &&
+                  cache_seqlens.is_cpu(),
+              "cache_seqlens must be a CPU (B,) int32 tensor");
+  const at::Tensor lengths = cache_seqlens.contiguous();
+  const int32_t* n = lengths.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK_VALUE(n[b] >= 0 && n[b] <= Nmax - Nnew, "cache_seqlens: expected entries in [0, Nmax - Nnew] = [0, ",
+                      Nmax - Nnew, "], got ", lengths);
+  at::Tensor seqused = lengths;
+  if (k_new) {  // append, then attend to the first cache_seqlens[b] + Nnew rows
+    seqused = at::empty({B}, lengths.options());
+    for (int64_t b = 0; b < B; ++b) {
+      k_cache.select(0, b).narrow(1, n[b], Nnew).copy_(k_new->select(0, b));
+      v_cache.select(0, b).narrow(1, n[b], Nnew).copy_(v_new->select(0, b));
+      seqused.data_ptr<int32_t>()[b] = n[b] + static_cast<int32_t>(Nnew);
+    }
+  }
+  at::Tensor out = new_output(q), lse = new_lse(q);
   AttentionParams p = make_params(q, k_cache, v_cache, out, lse, MaskTensors{}, causal, scale, 0.0, 0);
-  TORCH_CHECK(seqused_k.scalar_type() == at::kInt && seqused_k.dim() == 1 && seqused_k.size(0) == q.size(0) &&
-                  seqused_k.is_contiguous() && seqused_k.is_cpu(),
-              "seqused_k must be a contiguous CPU (B,) int32 tensor");
-  TORCH_CHECK(seqused_k.ge(0).all().item<bool>() && seqused_k.le(k_cache.size(2)).all().item<bool>(),
-              "seqused_k entries must lie in [0, ", k_cache.size(2), "]");
-  p.seqused_k = seqused_k.data_ptr<int32_t>();
+  p.seqused_k = seqused.data_ptr<int32_t>();
   cpu::decode(p);
+  return {out, lse};
+}
+
+namespace {
+
+// The padding mask's kernel form (fastattn.masks.key_ranges) in one pass: per batch row its
+// first valid key, one past its last (begin >= end: none), and whether padding lies between.
+at::Tensor key_ranges(const at::Tensor& padding) {
+  TORCH_CHECK(padding.is_cpu() && padding.scalar_type() == at::kBool && padding.dim() == 2,
+              "key_ranges takes a CPU (B, Nk) bool tensor");
+  const int64_t B = padding.size(0), Nk = padding.size(1), sb = padding.stride(0), sk = padding.stride(1);
+  at::Tensor ranges = at::empty({3, B}, padding.options().dtype(at::kInt));
+  const bool* pad = padding.data_ptr<bool>();
+  int32_t* r = ranges.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t begin = Nk, end = 0, valid = 0;
+    for (int64_t j = 0; j < Nk; ++j)
+      if (!pad[b * sb + j * sk]) {
+        begin = std::min(begin, j);
+        end = j + 1;
+        ++valid;
+      }
+    r[b] = static_cast<int32_t>(begin);
+    r[B + b] = static_cast<int32_t>(end);
+    r[2 * B + b] = valid < end - begin;
+  }
+  return ranges;
 }
 
 // The keep mask the kernels draw for `seed`, materialised (for tests), (B, H, Nq, Nk) bool.
@@ -115,15 +210,7 @@ std::vector<std::string> cpu_isas() {
 
 void register_cpu(pybind11::module_& m) {
   namespace py = pybind11;
-  py::class_<MaskTensors>(m, "MaskTensors")
-      .def(py::init<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
-                    std::optional<at::Tensor>, std::optional<at::Tensor>, int64_t, int64_t>(),
-           py::arg("key_ranges") = py::none(), py::arg("key_padding") = py::none(),
-           py::arg("attn_mask") = py::none(), py::arg("cu_seqlens_q") = py::none(),
-           py::arg("cu_seqlens_k") = py::none(), py::arg("max_seqlen_q") = 0, py::arg("max_seqlen_k") = 0);
-  m.def("cpu_forward", &cpu_forward, "fused attention forward on the CPU (writes out, lse)");
-  m.def("cpu_backward", &cpu_backward, "fused attention backward on the CPU (writes dq, dk, dv)");
-  m.def("cpu_decode", &cpu_decode, "attention of a few queries against a KV cache on the CPU (writes out, lse)");
+  m.def("key_ranges", &key_ranges, "the (3, B) int32 kernel form of a CPU (B, Nk) padding mask, in one pass");
   m.def("dropout_keep_mask", &dropout_keep_mask, "the kernels' dropout keep mask, materialised");
   m.def("cpu_isas", &cpu_isas, "micro-kernel ISAs this CPU runs, best first");
   m.def("cpu_micro_gflops", &cpu_micro_gflops, py::arg("M") = 128, py::arg("N") = 128, py::arg("K") = 64,

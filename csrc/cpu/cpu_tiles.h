@@ -105,14 +105,15 @@ void pack_transposed(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t
 }
 
 // A key or value tile as the micro-kernels read it: rows of `ld` floats with unit column
-// stride. float32 rows that already have that layout are used in place; others are packed.
+// stride. float32 rows that already have that layout are used in place; others are packed
+// (into a buffer allocated at the first such load: small calls with in-place rows need none).
 template <typename T>
 struct RowTile {
   std::vector<float> buf;
   const float* data = nullptr;
-  int64_t ld = 0;
+  int64_t ld = 0, capacity;
 
-  RowTile(int64_t rows, int64_t ld_packed) : buf(rows * ld_packed) {}
+  RowTile(int64_t rows, int64_t ld_packed) : capacity(rows * ld_packed) {}
 
   void load(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols, int64_t ld_packed) {
     if constexpr (std::is_same_v<T, float>) {
@@ -122,6 +123,7 @@ struct RowTile {
         return;
       }
     }
+    if (buf.empty()) buf.resize(capacity);  // pack_rows writes every element it reads back
     pack_rows(src, rs, cs, rows, cols, ld_packed, buf.data());
     data = buf.data();
     ld = ld_packed;

@@ -40,13 +40,14 @@ struct TileMasker {
   const AttentionParams& p;
   const SeqInfo& seq;
   int64_t b, h;
+  int64_t ld = kBlockQ;  // the tile's row length (its queries)
 
   void apply(float* s, int64_t j0, int nk, int64_t i0, int mq) const {
     if (p.mask_kind != MaskKind::kNone) {
       const int64_t* st = p.mask_stride;
       const int64_t base = b * st[0] + h * st[1] + i0 * st[2] + j0 * st[3];
       for (int j = 0; j < nk; ++j) {
-        float* row = s + j * kBlockQ;
+        float* row = s + j * ld;
         const int64_t at = base + j * st[3];
         if (p.mask_kind == MaskKind::kFloat) {
           const float* m = static_cast<const float*>(p.mask) + at;
@@ -61,12 +62,12 @@ struct TileMasker {
     if (p.key_padding != nullptr && p.kv_holes[b]) {
       const bool* pad = p.key_padding + b * p.kpm_stride[0];
       for (int j = 0; j < nk; ++j)
-        if (pad[(j0 + j) * p.kpm_stride[1]]) std::fill(s + j * kBlockQ, s + j * kBlockQ + mq, kNegInf);
+        if (pad[(j0 + j) * p.kpm_stride[1]]) std::fill(s + j * ld, s + j * ld + mq, kNegInf);
     }
     if (p.causal && j0 + nk - 1 > i0) {  // only tiles crossing the diagonal
       for (int j = 0; j < nk; ++j) {
         const int64_t hidden = std::min<int64_t>(mq, j0 + j - i0);  // queries i < key j
-        if (hidden > 0) std::fill(s + j * kBlockQ, s + j * kBlockQ + hidden, kNegInf);
+        if (hidden > 0) std::fill(s + j * ld, s + j * ld + hidden, kNegInf);
       }
     }
   }
@@ -82,7 +83,7 @@ struct TileMasker {
       for (int i = 0; i < mq; ++i) {
         const uint64_t index = (row0 + i) * seq.k_len + j0 + j;
         const float f = dropout_keep(seed, index, p.dropout_p) ? inv_keep : 0.f;
-        if (out != nullptr) out[j * kBlockQ + i] = f; else s[j * kBlockQ + i] *= f;
+        if (out != nullptr) out[j * ld + i] = f; else s[j * ld + i] *= f;
       }
   }
 };
@@ -138,13 +139,23 @@ struct KVRows {
   int64_t ldv2 = 0;
 };
 
+// A query tile's buffers, ldq columns wide (queries): kBlockQ, or fewer for a short call. One
+// set per thread, kept from call to call (no allocation on the hot path of small calls); every
+// element is written before it is read, within a tile.
 struct ForwardBuffers {
   std::vector<float> qt, s, acc, m, l, alpha;  // acc: O [queries][Dp], or O^T [Dp][queries] (bf16 dots)
   std::vector<uint32_t> qt2, pt2;              // Q^T and P^T in bf16 pairs, for bf16 dot products
-  ForwardBuffers(int64_t Dp, int64_t Dk, bool bf16_dots)
-      : qt(Dp * kBlockQ), s((bf16_dots ? kBf16BlockK : kBlockK) * kBlockQ), acc(kBlockQ * Dp), m(kBlockQ),
-        l(kBlockQ), alpha(kBlockQ),
-        qt2(bf16_dots ? Dk / 2 * kBlockQ : 0), pt2(bf16_dots ? kBf16BlockK / 2 * kBlockQ : 0) {}
+
+  static ForwardBuffers& of_this_thread(int64_t Dp, int64_t Dk, bool bf16_dots, int64_t ldq) {
+    thread_local ForwardBuffers buf;
+    for (auto [v, n] : {std::pair{&buf.qt, Dp * ldq}, std::pair{&buf.s, (bf16_dots ? kBf16BlockK : kBlockK) * ldq},
+                        std::pair{&buf.acc, ldq * Dp}, std::pair{&buf.m, ldq}, std::pair{&buf.l, ldq},
+                        std::pair{&buf.alpha, ldq}})
+      v->resize(n);
+    buf.qt2.resize(bf16_dots ? Dk / 2 * ldq : 0);
+    buf.pt2.resize(bf16_dots ? kBf16BlockK / 2 * ldq : 0);
+    return buf;
+  }
 };
 
 // n rows of keys and values, converted and packed once, in the layout the dot products read.
@@ -184,6 +195,8 @@ void forward_impl(const AttentionParams& p) {
   const int64_t B = p.batch, H = p.heads, Hkv = p.kv_heads, Nq = p.q_len, D = p.head_dim;  // Nq: the longest
   const int64_t Dp = round_up(D, 16), Dk = round_up(D, kBf16Depth), group = H / Hkv;
   const int64_t q_blocks = (Nq + kBlockQ - 1) / kBlockQ;
+  // A score tile's columns: kBlockQ queries, or all of a short call's (no work on empty columns).
+  const int64_t ldq = std::min<int64_t>(kBlockQ, round_up(std::max<int64_t>(Nq, 1), 16));
   const float qk_scale = p.scale * kLog2e;  // exp(x) = exp2(x * log2 e): fold it into q
   const bool bf16_dots = std::is_same_v<T, c10::BFloat16> && mk.gemm_bf16 != nullptr;
   const T* q = static_cast<const T*>(p.q);
@@ -199,16 +212,17 @@ void forward_impl(const AttentionParams& p) {
     const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, seq.q_len - i0));
     KeyRange keys{seq.key_begin, seq.key_end};
     if (p.causal) keys.end = std::min(keys.end, i0 + mq);
-    const TileMasker masker{p, seq, b, h};
+    const TileMasker masker{p, seq, b, h, ldq};
     std::fill(buf.m.begin(), buf.m.end(), kNegInf);
     std::fill(buf.l.begin(), buf.l.end(), 0.f);
     std::fill(buf.acc.begin(), buf.acc.end(), 0.f);
     const T* qh = q + b * qs[0] + h * qs[1] + (seq.q_off + i0) * qs[2];
     if (keys.begin < keys.end) {
-      pack_transposed(qh, qs[2], qs[3], mq, D, kBlockQ, buf.qt.data(), qk_scale);
+      pack_transposed(qh, qs[2], qs[3], mq, D, ldq, buf.qt.data(), qk_scale);
+      std::fill(buf.qt.begin() + D * ldq, buf.qt.end(), 0.f);  // head dims D..Dp: the GEMM sums over Dp
       if (bf16_dots) {  // Q^T in pairs along the head dim, zero past D: [Dk / 2][queries]
-        mk.pack_pairs_bf16(buf.qt.data(), static_cast<int>(D), kBlockQ, kBlockQ, buf.qt2.data(), kBlockQ);
-        std::fill(buf.qt2.begin() + (D + 1) / 2 * kBlockQ, buf.qt2.end(), 0u);
+        mk.pack_pairs_bf16(buf.qt.data(), static_cast<int>(D), ldq, ldq, buf.qt2.data(), ldq);
+        std::fill(buf.qt2.begin() + (D + 1) / 2 * ldq, buf.qt2.end(), 0u);
       }
     }
     const int64_t block_k = bf16_dots ? kBf16BlockK : kBlockK;
@@ -216,27 +230,27 @@ void forward_impl(const AttentionParams& p) {
       const int nk = static_cast<int>(std::min<int64_t>(block_k, keys.end - j0));
       const KVRows rows = kv(j0, nk);
       if (bf16_dots)  // whole 16-key blocks: the keys past nk are zero padding or are ignored
-        mk.gemm_bf16(round_up(nk, 16), kBlockQ, Dk / 2, rows.k2, Dk / 2, buf.qt2.data(), kBlockQ, buf.s.data(),
-                     kBlockQ, false);
+        mk.gemm_bf16(round_up(nk, 16), ldq, Dk / 2, rows.k2, Dk / 2, buf.qt2.data(), ldq, buf.s.data(),
+                     ldq, false);
       else
-        mk.gemm(nk, kBlockQ, Dp, rows.k, rows.ldk, 1, buf.qt.data(), kBlockQ, buf.s.data(), kBlockQ, false);
+        mk.gemm(nk, ldq, Dp, rows.k, rows.ldk, 1, buf.qt.data(), ldq, buf.s.data(), ldq, false);
       masker.apply(buf.s.data(), j0, nk, i0, mq);
-      mk.softmax_step(buf.s.data(), nk, mq, kBlockQ, buf.m.data(), buf.l.data(), buf.alpha.data());
+      mk.softmax_step(buf.s.data(), nk, mq, ldq, buf.m.data(), buf.l.data(), buf.alpha.data());
       if (p.dropout_p > 0.f) masker.dropout(buf.s.data(), j0, nk, i0, mq);
       if (bf16_dots) {  // P^T in pairs of keys, zero past nk up to whole 32-key blocks: [keys / 2][queries]
         const int kp = static_cast<int>(round_up(nk, 32) / 2);
-        mk.pack_pairs_bf16(buf.s.data(), nk, kBlockQ, kBlockQ, buf.pt2.data(), kBlockQ);
-        std::fill(buf.pt2.begin() + (nk + 1) / 2 * kBlockQ, buf.pt2.begin() + kp * kBlockQ, 0u);
-        mk.scale_cols(buf.acc.data(), Dp, mq, kBlockQ, buf.alpha.data());
-        mk.gemm_bf16(Dp, kBlockQ, kp, rows.v2, rows.ldv2, buf.pt2.data(), kBlockQ, buf.acc.data(), kBlockQ, true);
+        mk.pack_pairs_bf16(buf.s.data(), nk, ldq, ldq, buf.pt2.data(), ldq);
+        std::fill(buf.pt2.begin() + (nk + 1) / 2 * ldq, buf.pt2.begin() + kp * ldq, 0u);
+        mk.scale_cols(buf.acc.data(), Dp, mq, ldq, buf.alpha.data());
+        mk.gemm_bf16(Dp, ldq, kp, rows.v2, rows.ldv2, buf.pt2.data(), ldq, buf.acc.data(), ldq, true);
       } else {
         mk.scale_rows(buf.acc.data(), mq, Dp, Dp, buf.alpha.data());
-        mk.gemm(mq, Dp, nk, buf.s.data(), 1, kBlockQ, rows.v, rows.ldv, buf.acc.data(), Dp, true);
+        mk.gemm(mq, Dp, nk, buf.s.data(), 1, ldq, rows.v, rows.ldv, buf.acc.data(), Dp, true);
       }
     }
     T* o = out + b * os[0] + h * os[1] + (seq.q_off + i0) * os[2];
     float* lse = seq.lse(p, b, h) + i0;
-    const int64_t acc_i = bf16_dots ? 1 : Dp, acc_d = bf16_dots ? kBlockQ : 1;  // O^T or O
+    const int64_t acc_i = bf16_dots ? 1 : Dp, acc_d = bf16_dots ? ldq : 1;  // O^T or O
     for (int i = 0; i < mq; ++i) {
       const bool seen = buf.l[i] > 0.f;  // false: no visible key, the row is zero
       const float inv_l = seen ? 1.f / buf.l[i] : 0.f;
@@ -252,7 +266,7 @@ void forward_impl(const AttentionParams& p) {
     // strides) and then serve all its query heads and tiles.
     parallel_dynamic(B * Hkv, [&](const auto& next) {
       const FlushDenormals ftz;
-      ForwardBuffers buf(Dp, Dk, bf16_dots);
+      ForwardBuffers& buf = ForwardBuffers::of_this_thread(Dp, Dk, bf16_dots, ldq);
       PackedKV packed;
       for (int64_t item = next(); item >= 0; item = next()) {
         const int64_t b = item / Hkv, hk = item % Hkv;
@@ -273,7 +287,7 @@ void forward_impl(const AttentionParams& p) {
   // causality they cost most.
   parallel_dynamic(B * H * q_blocks, [&](const auto& next) {
     const FlushDenormals ftz;
-    ForwardBuffers buf(Dp, Dk, bf16_dots);
+    ForwardBuffers& buf = ForwardBuffers::of_this_thread(Dp, Dk, bf16_dots, ldq);
     RowTile<T> kt(bf16_dots ? 0 : kBlockK, Dp), vt(bf16_dots ? 0 : kBlockK, Dp);  // fp32 tiles
     PackedKV tile;
     for (int64_t item = next(); item >= 0; item = next()) {

@@ -30,7 +30,19 @@ def _reasons(backend: Backend, problem: Problem) -> list[str]:
     return [f"unavailable: {why}"] if why is not None else backend.reasons(problem)
 
 
+_CHOSEN: dict[tuple[str, Problem], Backend] = {}
+
+
 def select_backend(name: str, problem: Problem) -> Backend:
+    """The backend `name` if it can take the problem, or for "auto" the first that can; a
+    NoBackendError says why each declined. The registry is fixed once built: answers are kept."""
+    chosen = _CHOSEN.get((name, problem))
+    if chosen is None:
+        chosen = _CHOSEN[name, problem] = _select(name, problem)
+    return chosen
+
+
+def _select(name: str, problem: Problem) -> Backend:
     if name != "auto" and name not in REGISTRY:
         raise ValueError(f"backend: expected 'auto' or one of {list(REGISTRY)}, got {name!r}")
     candidates = list(REGISTRY.values()) if name == "auto" else [REGISTRY[name]]

@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import math
 import os
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 
-@dataclass(frozen=True)
-class Problem:
-    """The facts about one attention call that decide which backend can take it."""
+class Problem(NamedTuple):
+    """The facts about one attention call that decide which backend can take it (a tuple: cheap
+    to make and to hash, so dispatch is a dictionary lookup after the first call of a kind)."""
 
     device: str  # device type: "cpu", "cuda"
     dtype: torch.dtype
@@ -57,12 +57,14 @@ class Masks:
         return self.cu_seqlens_q is not None
 
 
-class Backend(ABC):
+class Backend:
     """A fused attention implementation. Subclasses set name and caps and implement
-    forward/backward; `probe` says why the backend cannot run on this machine."""
+    forward/backward (and decode where caps say so), unless `native`: the op's C++ kernel runs
+    them itself. `probe` says why the backend cannot run on this machine."""
 
     name: str
     caps: Capabilities
+    native: bool = False
 
     def __init__(self) -> None:
         # Probed once, when the registry is built at import: dispatch then reads a constant, so
@@ -98,15 +100,15 @@ class Backend(ABC):
             why.append("KV-cache decoding not supported")
         return why
 
-    @abstractmethod
     def forward(self, q, k, v, masks: Masks, causal: bool, scale: float, dropout_p: float,
                 seed: int) -> tuple[Tensor, Tensor]:
         """(out, lse): out from empty_out(q), lse from empty_lse(q)."""
+        raise NotImplementedError(f"backend {self.name} has no Python forward")
 
-    @abstractmethod
     def backward(self, dout, dlse, q, k, v, out, lse, masks: Masks, causal: bool, scale: float,
                  dropout_p: float, seed: int) -> tuple[Tensor, Tensor, Tensor]:
         """(dq, dk, dv), contiguous, in the inputs' dtypes; dlse may be None."""
+        raise NotImplementedError(f"backend {self.name} has no Python backward")
 
     def decode(self, q, k_cache, v_cache, seqlens, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
         """(out, lse) of q (B, H, Nq, D) against the first seqlens[b] (int32) keys of each cache

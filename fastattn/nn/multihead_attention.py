@@ -157,8 +157,13 @@ class MultiHeadAttention(nn.MultiheadAttention):
         """The default path: the padded batch through the fused kernel. Returns the output in the
         input's layout and, if asked, the weights (B, H, L, S)."""
         seq_dim = 1 if self.batch_first else 0
-        q, k, v = self._project(query, key, value, packed, kv_packed)  # input layout, (..., E)
         masks = self._masks(key_padding_mask, attn_mask, is_causal, B, L, S, query.device)
+        if packed and self.bias_k is None and not self.add_zero_attn:  # the QKV GEMM's heads, in two views
+            qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
+            qkv = qkv.view(*qkv.shape[:2], 3, self.num_heads, self.head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4) if self.batch_first else qkv.permute(2, 1, 3, 0, 4)
+            return self._attend_heads(q, k, v, masks, need_weights, B, L)
+        q, k, v = self._project(query, key, value, packed, kv_packed)  # input layout, (..., E)
         one_key = (B, 1, self.embed_dim) if self.batch_first else (1, B, self.embed_dim)
         if self.bias_k is not None:  # a learned key/value appended to every sequence
             k = torch.cat([k, self.bias_k.expand(one_key)], dim=seq_dim)
@@ -170,6 +175,10 @@ class MultiHeadAttention(nn.MultiheadAttention):
             masks.append_keys(k.shape[seq_dim] - S, L, S)
 
         q, k, v = (self._heads(t) for t in (q, k, v))  # (B, H, N, D) views, no copies
+        return self._attend_heads(q, k, v, masks, need_weights, B, L)
+
+    def _attend_heads(self, q, k, v, masks: _Masks, need_weights, B, L) -> tuple[Tensor, Tensor | None]:
+        """The fused kernel on (B, H, N, D) views of the projections; the output projection."""
         out = attention(q, k, v, key_padding_mask=masks.padding, attn_mask=masks.attn,
                         causal=masks.causal, dropout_p=self.dropout if self.training else 0.0,
                         backend=self.backend)  # (B, H, L, D), laid out like q
@@ -179,7 +188,7 @@ class MultiHeadAttention(nn.MultiheadAttention):
         weights = None
         if need_weights:  # exact weights from a separate, unfused computation
             weights = attention_probabilities(q, k, masks.padding, masks.attn, masks.causal)[0]
-            weights = weights.to(query.dtype)
+            weights = weights.to(q.dtype)
         return out, weights
 
     def _attend_valid_tokens(self, x, key_padding_mask, attn_mask, is_causal, need_weights, B, L
@@ -297,6 +306,9 @@ class MultiHeadAttention(nn.MultiheadAttention):
         """torch's masks (bool True = hidden, float added) in the kernel's terms. Padding and
         causal masks become a (B, S) padding mask and a flag, never a (B*H, L, S) tensor."""
         masks = _Masks(device)
+        if key_padding_mask is None and attn_mask is None:
+            masks.causal = is_causal
+            return masks
         inspect = not torch.compiler.is_compiling()  # value checks would break the graph
         if key_padding_mask is not None:
             if key_padding_mask.dtype == torch.bool:

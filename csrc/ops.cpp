@@ -1,0 +1,190 @@
+// The fastattn:: ops: their schemas, the kernel that runs a call on the backend it names (the CPU
+// kernels natively, the Python backends through fastattn.ops), and the autograd formula. A call
+// is one dispatcher op from Python's front door to the kernel: no Python on the CPU path.
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+namespace fastattn {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+MaskTensors mask_tensors(const OptTensor& key_padding, const OptTensor& key_ranges, const OptTensor& attn_mask,
+                         const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k, const c10::SymInt& max_seqlen_q,
+                         const c10::SymInt& max_seqlen_k) {
+  return MaskTensors{key_ranges,   key_padding,  attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q.expect_int(),
+                     max_seqlen_k.expect_int()};
+}
+
+TensorPair forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& key_padding,
+                   const OptTensor& key_ranges, const OptTensor& attn_mask, const OptTensor& cu_seqlens_q,
+                   const OptTensor& cu_seqlens_k, c10::SymInt max_seqlen_q, c10::SymInt max_seqlen_k, bool causal,
+                   double scale, double dropout_p, c10::SymInt seed, c10::string_view backend) {
+  const MaskTensors masks =
+      mask_tensors(key_padding, key_ranges, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  const CallArgs args{causal, scale, dropout_p, seed.expect_int()};
+  if (backend == "cpu") return cpu_forward(q, k, v, masks, args);
+  return python_forward(q, k, v, masks, args, backend);
+}
+
+TensorTriple backward(const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q, const at::Tensor& k,
+                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const OptTensor& key_padding,
+                      const OptTensor& key_ranges, const OptTensor& attn_mask, const OptTensor& cu_seqlens_q,
+                      const OptTensor& cu_seqlens_k, c10::SymInt max_seqlen_q, c10::SymInt max_seqlen_k, bool causal,
+                      double scale, double dropout_p, c10::SymInt seed, c10::string_view backend) {
+  const MaskTensors masks =
+      mask_tensors(key_padding, key_ranges, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  const CallArgs args{causal, scale, dropout_p, seed.expect_int()};
+  if (backend == "cpu") return cpu_backward(dout, dlse, q, k, v, out, lse, masks, args);
+  return python_backward(dout, dlse, q, k, v, out, lse, masks, args, backend);
+}
+
+TensorPair kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                   const at::Tensor& cache_seqlens, const OptTensor& k_new, const OptTensor& v_new, bool causal,
+                   double scale, c10::string_view backend) {
+  if (backend == "cpu") return cpu_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale);
+  return python_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, backend);
+}
+
+}  // namespace
+
+TensorPair call_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& key_padding,
+                        const OptTensor& key_ranges, const OptTensor& attn_mask, const OptTensor& cu_seqlens_q,
+                        const OptTensor& cu_seqlens_k, c10::SymInt max_seqlen_q, c10::SymInt max_seqlen_k, bool causal,
+                        double scale, double dropout_p, c10::SymInt seed, c10::string_view backend) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastattn::attention_forward", "")
+                             .typed<decltype(fastattn::forward)>();
+  return op.call(q, k, v, key_padding, key_ranges, attn_mask, cu_seqlens_q, cu_seqlens_k, std::move(max_seqlen_q),
+                 std::move(max_seqlen_k), causal, scale, dropout_p, std::move(seed), backend);
+}
+
+TensorTriple call_backward(const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q, const at::Tensor& k,
+                           const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                           const OptTensor& key_padding, const OptTensor& key_ranges, const OptTensor& attn_mask,
+                           const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k, c10::SymInt max_seqlen_q,
+                           c10::SymInt max_seqlen_k, bool causal, double scale, double dropout_p, c10::SymInt seed,
+                           c10::string_view backend) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastattn::attention_backward", "")
+                             .typed<decltype(fastattn::backward)>();
+  return op.call(dout, dlse, q, k, v, out, lse, key_padding, key_ranges, attn_mask, cu_seqlens_q, cu_seqlens_k,
+                 std::move(max_seqlen_q), std::move(max_seqlen_k), causal, scale, dropout_p, std::move(seed),
+                 backend);
+}
+
+TensorPair call_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        const at::Tensor& cache_seqlens, const OptTensor& k_new, const OptTensor& v_new, bool causal,
+                        double scale, c10::string_view backend) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastattn::attention_kvcache", "")
+                             .typed<decltype(fastattn::kvcache)>();
+  return op.call(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, backend);
+}
+
+namespace {
+
+// The forward's autograd: saves what the backward op reads (no work redone) and hands it the
+// incoming gradients of out and lse (either may be absent).
+class Attention : public torch::autograd::Function<Attention> {
+ public:
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+      const OptTensor& key_padding, const OptTensor& key_ranges, const OptTensor& attn_mask,
+      const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k, c10::SymInt max_seqlen_q,
+      c10::SymInt max_seqlen_k, bool causal, double scale, double dropout_p, c10::SymInt seed,
+      c10::string_view backend) {
+    ctx->set_materialize_grads(false);
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [out, lse] = call_forward(q, k, v, key_padding, key_ranges, attn_mask, cu_seqlens_q, cu_seqlens_k,
+                                   max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, seed, backend);
+    const auto or_undefined = [](const OptTensor& t) { return t.value_or(at::Tensor()); };
+    ctx->save_for_backward({q, k, v, out, lse, or_undefined(key_padding), or_undefined(key_ranges),
+                            or_undefined(attn_mask), or_undefined(cu_seqlens_q), or_undefined(cu_seqlens_k)});
+    ctx->saved_data["max_seqlen_q"] = max_seqlen_q;
+    ctx->saved_data["max_seqlen_k"] = max_seqlen_k;
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["backend"] = std::string(backend);
+    return {out, lse};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto optional = [](const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; };
+    const at::Tensor& out = saved[3];
+    const at::Tensor dout = grads[0].defined() ? grads[0] : at::zeros_like(out);
+    const std::string backend = ctx->saved_data["backend"].toStringRef();
+    auto [dq, dk, dv] =
+        call_backward(dout, optional(grads[1]), saved[0], saved[1], saved[2], out, saved[4], optional(saved[5]),
+                optional(saved[6]), optional(saved[7]), optional(saved[8]), optional(saved[9]),
+                ctx->saved_data["max_seqlen_q"].toSymInt(), ctx->saved_data["max_seqlen_k"].toSymInt(),
+                ctx->saved_data["causal"].toBool(), ctx->saved_data["scale"].toDouble(),
+                ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["seed"].toSymInt(), backend);
+    torch::autograd::variable_list result(15);  // one per forward argument: q, k, v, then none
+    result[0] = dq;
+    result[1] = dk;
+    result[2] = dv;
+    return result;
+  }
+};
+
+TensorPair forward_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const OptTensor& key_padding, const OptTensor& key_ranges, const OptTensor& attn_mask,
+                            const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k, c10::SymInt max_seqlen_q,
+                            c10::SymInt max_seqlen_k, bool causal, double scale, double dropout_p, c10::SymInt seed,
+                            c10::string_view backend) {
+  auto outputs = Attention::apply(q, k, v, key_padding, key_ranges, attn_mask, cu_seqlens_q, cu_seqlens_k,
+                                  max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, seed, backend);
+  return {outputs[0], outputs[1]};
+}
+
+}  // namespace
+}  // namespace fastattn
+
+TORCH_LIBRARY(fastattn, m) {
+  m.set_python_module("fastattn.ops");  // the fake (meta) implementations live there
+  m.def(
+      "attention_forward(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? key_ranges, "
+      "Tensor? attn_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, "
+      "bool causal, float scale, float dropout_p, SymInt seed, str backend) -> (Tensor, Tensor)");
+  m.def(
+      "attention_backward(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? key_padding_mask, Tensor? key_ranges, Tensor? attn_mask, Tensor? cu_seqlens_q, "
+      "Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, bool causal, float scale, "
+      "float dropout_p, SymInt seed, str backend) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "attention_kvcache(Tensor q, Tensor(a1!) k_cache, Tensor(a2!) v_cache, Tensor cache_seqlens, "
+      "Tensor? k_new, Tensor? v_new, bool causal, float scale, str backend) -> (Tensor, Tensor)");
+}
+
+// One kernel for every device: the backend named in the call decides (dispatch chose it outside
+// anything torch.compile traces).
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("attention_forward", &fastattn::forward);
+  m.impl("attention_backward", &fastattn::backward);
+  m.impl("attention_kvcache", &fastattn::kvcache);
+}
+
+TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
+  m.impl("attention_forward", &fastattn::forward);
+  m.impl("attention_backward", &fastattn::backward);
+  m.impl("attention_kvcache", &fastattn::kvcache);
+}
+
+TORCH_LIBRARY_IMPL(fastattn, Autograd, m) {
+  m.impl("attention_forward", &fastattn::forward_autograd);
+  // The backward has no double backward; decoding is forward only (its front door says so).
+  m.impl("attention_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("attention_kvcache", torch::autograd::autogradNotImplementedFallback());
+}
+
+TORCH_LIBRARY_IMPL(fastattn, ADInplaceOrView, m) {
+  m.impl("attention_kvcache", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
+}

@@ -1,0 +1,73 @@
+// The fastattn:: ops' kernels, as the op layer (ops.cpp) calls them: the CPU kernels natively
+// (cpu/cpu_glue.cpp), every other backend through Python (module.cpp holds the bridge).
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/core/SymInt.h>
+#include <c10/util/string_view.h>
+
+#include <string_view>
+#include <tuple>
+
+#include "params_from_tensors.h"
+
+namespace fastattn {
+
+using TensorPair = std::tuple<at::Tensor, at::Tensor>;
+using TensorTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// Every call's scalars after the tensors (the op schemas' causal ... seed).
+struct CallArgs {
+  bool causal;
+  double scale;
+  double dropout_p;
+  int64_t seed;
+};
+
+// The CPU kernels, allocating their outputs: out in q's dimension order, lse (B, H, Nq) fp32;
+// gradients contiguous in the inputs' dtypes, dK/dV summed over each GQA group.
+TensorPair cpu_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const MaskTensors& masks,
+                       const CallArgs& args);
+TensorTriple cpu_backward(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
+                          const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                          const MaskTensors& masks, const CallArgs& args);
+// Writes k_new/v_new into the caches at rows cache_seqlens[b]..., then attends (flash-decoding).
+TensorPair cpu_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                       const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
+                       const std::optional<at::Tensor>& v_new, bool causal, double scale);
+
+// The backends written in Python (reference, triton; cuda for now), as fastattn.ops registers
+// them: each takes the op's own arguments and the GIL.
+TensorPair python_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const MaskTensors& masks,
+                          const CallArgs& args, std::string_view backend);
+TensorTriple python_backward(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
+                             const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                             const MaskTensors& masks, const CallArgs& args, std::string_view backend);
+TensorPair python_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
+                          const std::optional<at::Tensor>& v_new, bool causal, double scale, std::string_view backend);
+
+// The ops through the dispatcher, every key on the way (autograd, Python modes, the kernel):
+// for the autograd formula, and for Python's front door, which reaches them in one call
+// (module.cpp) where torch.ops' argument parsing would cost more than a small call's kernel.
+TensorPair call_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const std::optional<at::Tensor>& key_padding, const std::optional<at::Tensor>& key_ranges,
+                        const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& cu_seqlens_q,
+                        const std::optional<at::Tensor>& cu_seqlens_k, c10::SymInt max_seqlen_q, c10::SymInt max_seqlen_k,
+                        bool causal, double scale, double dropout_p, c10::SymInt seed, c10::string_view backend);
+TensorTriple call_backward(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
+                           const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                           const std::optional<at::Tensor>& key_padding, const std::optional<at::Tensor>& key_ranges,
+                           const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& cu_seqlens_q,
+                           const std::optional<at::Tensor>& cu_seqlens_k, c10::SymInt max_seqlen_q,
+                           c10::SymInt max_seqlen_k, bool causal, double scale, double dropout_p, c10::SymInt seed,
+                           c10::string_view backend);
+TensorPair call_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
+                        const std::optional<at::Tensor>& v_new, bool causal, double scale, c10::string_view backend);
+
+// A new kernel output shaped and laid out like `like` (its dimension order), or of `sizes`
+// (contiguous); NaN-filled when FASTATTN_POISON=1, so an element a kernel forgets to write fails.
+at::Tensor new_output(const at::Tensor& like, std::optional<at::ScalarType> dtype = std::nullopt);
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+}  // namespace fastattn
