@@ -130,3 +130,78 @@ def test_every_candidate_config_is_right(kernel, D, monkeypatch):
             check_against_reference(*cuda_inputs(2, 4, 2, 200, 300, D), "triton", key_padding_mask=kpm, causal=True)
         except AssertionError as e:
             raise AssertionError(f"{kernel} {config}: {e}") from e
+
+
+def test_cuda_graph_replays_attention_and_decoding():
+    """A small call's host path matters less when replayed from a CUDA graph: the forward (padding,
+    causal), forward and backward, and a decoding step (appending to the cache) captured once and
+    replayed on new inputs copied in, against the same calls run eagerly."""
+    torch.manual_seed(0)
+    q, k, v = (t.detach().requires_grad_() for t in cuda_inputs(2, 4, 2, 48, 64, 64))
+    kpm = padding_mask("random", 2, 64).cuda()
+    dout = torch.randn_like(q)
+    k_cache, v_cache = (torch.randn(2, 2, 256, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    lengths = torch.tensor([10, 200], dtype=torch.int32, device="cuda")
+    q1, k1, v1 = (torch.randn(2, h, 1, 64, device="cuda", dtype=torch.bfloat16) for h in (4, 2, 2))
+
+    def step():
+        out = fastattn.attention(q, k, v, key_padding_mask=kpm, causal=True)
+        out.backward(dout)
+        with torch.no_grad():
+            dec = fastattn.attention_with_kvcache(q1, k_cache, v_cache, lengths, k_new=k1, v_new=v1)
+        return out.detach(), dec
+
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):  # warm-up (compiles, tunes) off the capturing stream
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    for t in (q, k, v):
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for t in (q, k, v, q1, k1, v1, dout):  # new inputs into the captured buffers
+        with torch.no_grad():
+            t.copy_(torch.randn_like(t))
+    for t in (q, k, v):
+        t.grad.zero_()
+    cache_before = k_cache.clone(), v_cache.clone()
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = [t.clone() for t in (*outs, q.grad, k.grad, v.grad)]
+    k_cache.copy_(cache_before[0]), v_cache.copy_(cache_before[1])
+    for t in (q, k, v):
+        t.grad = None
+    eager = [*step(), q.grad, k.grad, v.grad]
+    for name, got, want in zip(("out", "decode", "dq", "dk", "dv"), replayed, eager):
+        assert rel_err(got, want) < TOL[torch.bfloat16], name
+
+
+def test_reduce_overhead_compiles_the_decode_step():
+    """torch.compile(mode="reduce-overhead") on the notes' model's decoding step (every layer
+    over its KV cache): the same tokens as eager generation."""
+    from fastattn.models import TransformerLM
+    from fastattn.models.transformer import KVCache, greedy
+
+    torch.manual_seed(0)
+    model = TransformerLM(50, d_model=64, num_heads=4, num_layers=2, dim_feedforward=128, dropout=0.0,
+                          max_len=64).cuda().eval()
+    prompt = torch.randint(3, 50, (2, 5), device="cuda")
+    want = model.generate(prompt, max_new_tokens=10)
+
+    def layers(h, caches):
+        for layer, cache in zip(model.layers, caches):
+            h = layer.step(h, cache)
+        return h
+
+    compiled = torch.compile(layers, mode="reduce-overhead")
+    caches = [KVCache(prompt.shape[1] + 10) for _ in model.layers]
+    out, new, start = prompt, prompt, 0
+    with torch.no_grad():
+        for _ in range(10):
+            h = model.embed(new, start=start)
+            h = layers(h, caches) if start == 0 else compiled(h, caches)  # the prompt eagerly, then steps
+            start += new.shape[1]
+            new = greedy(model.generator(h[:, -1:]), model.config.pad_id)
+            out = torch.cat([out, new], dim=1)
+    assert torch.equal(out, want)

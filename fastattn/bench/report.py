@@ -96,6 +96,7 @@ def print_tables(record: dict) -> None:
             table.add_row(r["isa"], r["torch_level"], r["case"], f"{r['fastattn_ms']:.1f}", *sdpa, vs_fp32, f"{r['gemm_gflops']:.0f}",
                           f"{100 * r['gemm_gflops'] / r['fma_peak_gflops']:.0f}%")
         console.print(table)
+    print_calls(record, console)
     print_decode_and_packed(record, console)
     if record.get("modules"):
         table = Table(title="nn.MultiheadAttention end to end (eval, need_weights=False, self-attention)")
@@ -118,6 +119,30 @@ def print_tables(record: dict) -> None:
             infer = f"{r['infer_ms']:.0f}" if "infer_ms" in r else ""
             table.add_row(r["batch"], r["model"], infer, f"{r['train_ms']:.0f}", f"{r['train_tokens_per_s']:.0f}")
         console.print(table)
+
+
+def print_calls(record: dict, console) -> None:
+    from rich.table import Table
+
+    if not record.get("calls"):
+        return
+    gpu = any("host_us" in r for r in record["calls"])
+    table = Table(title="small calls: µs per call, back to back, best round (fastattn ÷ peer: lower is better)"
+                  + ("; host: the profiler's CPU time in the op; graph: replayed from a CUDA graph" if gpu else ""))
+    cols = ["case", "fastattn µs", "peer", "peer µs", "fastattn ÷ peer"]
+    cols += ["host µs (fastattn / peer)", "graph µs (fastattn / peer)"] if gpu else []
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("case", "peer") else "right")
+    for r in record["calls"]:
+        if "us" not in r:
+            table.add_row(r["case"], "—", r["best_peer"], "", r.get("error", ""), style="dim")
+            continue
+        extra = []
+        if gpu:
+            extra = [f"{r.get('host_us', float('nan')):.1f} / {r.get('peer_host_us', float('nan')):.1f}",
+                     f"{r.get('graph_us', float('nan')):.1f} / {r.get('peer_graph_us', float('nan')):.1f}"]
+        table.add_row(r["case"], f"{r['us']:.1f}", r["best_peer"], f"{r['peer_us']:.1f}", f"{r['ratio']:.2f}×", *extra)
+    console.print(table)
 
 
 def print_decode_and_packed(record: dict, console) -> None:

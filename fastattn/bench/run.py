@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .attention import run_case
+from .calls import call_rows
 from .cases import grid
 from .decode import decode_rows
 from .models import encoder_rows, model_rows, module_rows
@@ -21,12 +22,13 @@ from .timing import add_peak_shares, peaks
 
 
 def steps(record: dict, device: str, quick: bool, min_run_time: float, end_to_end: bool) -> list:
-    """(label, fn) in the order they run: decoding and packed rows first, then the attention grid,
+    """(label, fn) in the order they run: small calls, decoding and packed rows first, then the attention grid,
     the per-ISA table (CPU, full run), the modules and the whole models. Each fn adds its rows."""
     def add(key, rows_of):
         return lambda: record.setdefault(key, []).extend(rows_of())
 
-    todo = [("decoding", add("decode", lambda: decode_rows(device, quick, min_run_time))),
+    todo = [("small calls", add("calls", lambda: call_rows(device, quick))),
+            ("decoding", add("decode", lambda: decode_rows(device, quick, min_run_time))),
             ("packed sequences", add("varlen", lambda: varlen_rows(device, quick, min_run_time)))]
     todo += [(case.label, add("rows", lambda case=case: run_case(case, device, quick, min_run_time)))
              for case in grid(device, quick)]
@@ -55,7 +57,7 @@ def run(quick: bool = False, json_path: str | None = None, plot_path: str | None
         record["gpu_tests"] = dict(passed=passed, failed=failed, skipped=skipped)
     dtypes = sorted({case.dtype for case in grid(device, quick)} | {"fp32" if device == "cpu" else "bf16"})  # + packed
     record["peaks"] = peaks(device, dtypes)
-    record.update(rows=[], decode=[], varlen=[], modules=[], end_to_end=[], complete=False)
+    record.update(rows=[], calls=[], decode=[], varlen=[], modules=[], end_to_end=[], complete=False)
 
     def save():
         if json_path:
