@@ -6,7 +6,6 @@
 #include "ops.h"
 
 namespace fastattn {
-void register_cpu(pybind11::module_& m);
 #ifdef FASTATTN_WITH_CUDA
 void register_cuda(pybind11::module_& m);
 #endif
@@ -83,7 +82,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("attn_mask") = pybind11::none(), pybind11::arg("cu_seqlens_q") = pybind11::none(),
            pybind11::arg("cu_seqlens_k") = pybind11::none(), pybind11::arg("max_seqlen_q") = 0,
            pybind11::arg("max_seqlen_k") = 0);
-  fastattn::register_cpu(m);
+  namespace py = pybind11;
+  m.def("key_ranges", &fastattn::key_ranges, "the (3, B) int32 kernel form of a CPU (B, Nk) padding mask, in one pass");
+  m.def("dropout_keep_mask", &fastattn::dropout_keep_mask, "the kernels' dropout keep mask, materialised");
+  m.def("cpu_isas", &fastattn::cpu_isas, "micro-kernel ISAs this CPU runs, best first");
+  m.def("cpu_isa", &fastattn::cpu_isa, "the active CPU ISA");
+  m.def("cpu_set_isa", &fastattn::cpu_set_isa, "force a CPU ISA");
+  m.def("cpu_micro_gflops", &fastattn::cpu_micro_gflops, py::arg("M") = 128, py::arg("N") = 128, py::arg("K") = 64,
+        py::arg("seconds") = 0.2, "(GEMM, FMA peak) GFLOPS of the active table, one thread");
+  m.def("cpu_peak_gflops", &fastattn::cpu_peak_gflops, py::arg("isa"), py::arg("seconds") = 0.05,
+        "(fp32 FMA, bf16 dot product) peak GFLOPS of one thread on the table of isa (0: none)");
 #ifdef FASTATTN_WITH_CUDA
   fastattn::register_cuda(m);
 #endif

@@ -5,8 +5,11 @@
 #include <c10/core/SymInt.h>
 #include <c10/util/string_view.h>
 
+#include <string>
 #include <string_view>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "params_from_tensors.h"
 
@@ -64,6 +67,17 @@ TensorTriple call_backward(const at::Tensor& dout, const std::optional<at::Tenso
 TensorPair call_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
                         const std::optional<at::Tensor>& v_new, bool causal, double scale, c10::string_view backend);
+
+// The CPU helpers Python calls (fastattn._C): the padding mask's kernel form of a CPU mask, in
+// one pass; the kernels' dropout keep mask, materialised (tests); the micro-kernel tables (the
+// ISAs this CPU runs, the active one, forcing one) and their GEMM and peak rates, one thread.
+at::Tensor key_ranges(const at::Tensor& padding);
+at::Tensor dropout_keep_mask(int64_t seed, int64_t B, int64_t H, int64_t Nq, int64_t Nk, double p);
+std::vector<std::string> cpu_isas();
+std::string cpu_isa();
+void cpu_set_isa(const std::string& isa);
+std::pair<double, double> cpu_micro_gflops(int64_t M, int64_t N, int64_t K, double seconds);
+std::pair<double, double> cpu_peak_gflops(const std::string& isa, double seconds);
 
 // A new kernel output shaped and laid out like `like` (its dimension order), or of `sizes`
 // (contiguous); NaN-filled when FASTATTN_POISON=1, so an element a kernel forgets to write fails.

@@ -1,9 +1,7 @@
 // The CPU kernels behind the ops (ops.h): tensors in, AttentionParams to the kernel, outputs
-// allocated here; and the CPU helpers Python calls through pybind11 (registered at the end).
+// allocated here; and the CPU helpers Python calls (module.cpp binds them).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <pybind11/stl.h>
-#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <array>
@@ -119,8 +117,6 @@ TensorPair cpu_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at:
   return {out, lse};
 }
 
-namespace {
-
 // The padding mask's kernel form (fastattn.masks.key_ranges) in one pass: per batch row its
 // first valid key, one past its last (begin >= end: none), and whether padding lies between.
 at::Tensor key_ranges(const at::Tensor& padding) {
@@ -157,6 +153,8 @@ at::Tensor dropout_keep_mask(int64_t seed, int64_t B, int64_t H, int64_t Nq, int
   return keep;
 }
 
+namespace {
+
 // GFLOPS of call() (which runs once and returns the flops it did) in its best of 8 slices of
 // seconds / 8: a shared machine only ever slows a slice down.
 template <class Call>
@@ -174,6 +172,8 @@ double best_gflops(Call call, double seconds) {
   }
   return best;
 }
+
+}  // namespace
 
 // One thread's GFLOPS on the active table: its GEMM on the score tile's shape (M keys x K head
 // dims times K x N queries, in cache), and its FMA peak (fma_loop), timed in turns.
@@ -206,19 +206,8 @@ std::vector<std::string> cpu_isas() {
   return names;
 }
 
-}  // namespace
+std::string cpu_isa() { return cpu::micro_kernels().isa; }
 
-void register_cpu(pybind11::module_& m) {
-  namespace py = pybind11;
-  m.def("key_ranges", &key_ranges, "the (3, B) int32 kernel form of a CPU (B, Nk) padding mask, in one pass");
-  m.def("dropout_keep_mask", &dropout_keep_mask, "the kernels' dropout keep mask, materialised");
-  m.def("cpu_isas", &cpu_isas, "micro-kernel ISAs this CPU runs, best first");
-  m.def("cpu_micro_gflops", &cpu_micro_gflops, py::arg("M") = 128, py::arg("N") = 128, py::arg("K") = 64,
-        py::arg("seconds") = 0.2, "(GEMM, FMA peak) GFLOPS of the active table, one thread");
-  m.def("cpu_peak_gflops", &cpu_peak_gflops, py::arg("isa"), py::arg("seconds") = 0.05,
-        "(fp32 FMA, bf16 dot product) peak GFLOPS of one thread on the table of isa (0: none)");
-  m.def("cpu_isa", [] { return std::string(cpu::micro_kernels().isa); }, "the active CPU ISA");
-  m.def("cpu_set_isa", [](const std::string& isa) { cpu::set_isa(isa); }, "force a CPU ISA");
-}
+void cpu_set_isa(const std::string& isa) { cpu::set_isa(isa); }
 
 }  // namespace fastattn
