@@ -13,14 +13,14 @@ void register_cuda(pybind11::module_& m);
 namespace {
 namespace py = pybind11;
 
-// fastattn.ops.python_backends(): (forward, backward, kvcache), each taking the op's arguments.
-// Looked up at the first call that needs it; the functions live as long as the interpreter.
-const py::tuple& python_backends() {
-  static py::tuple* backends = [] {
-    auto* t = new py::tuple(py::module_::import("fastattn.ops").attr("python_backends")());
-    return t;
-  }();
-  return *backends;
+// (forward, backward, kvcache) of the backends written in Python, which fastattn.ops registers
+// at import (set_python_backends) with the GIL held; read with the GIL held. Never freed: the
+// functions live as long as the interpreter.
+py::tuple* python_backends = nullptr;
+
+const py::tuple& backends() {
+  TORCH_CHECK(python_backends != nullptr, "fastattn.ops has not registered the Python backends: import fastattn");
+  return *python_backends;
 }
 
 py::object mask_args(const MaskTensors& m) {
@@ -32,7 +32,7 @@ py::object mask_args(const MaskTensors& m) {
 TensorPair python_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const MaskTensors& masks,
                           const CallArgs& args, std::string_view backend) {
   py::gil_scoped_acquire gil;
-  return python_backends()[0](q, k, v, mask_args(masks), args.causal, args.scale, args.dropout_p, args.seed,
+  return backends()[0](q, k, v, mask_args(masks), args.causal, args.scale, args.dropout_p, args.seed,
                               std::string(backend))
       .cast<TensorPair>();
 }
@@ -41,7 +41,7 @@ TensorTriple python_backward(const at::Tensor& dout, const std::optional<at::Ten
                              const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                              const MaskTensors& masks, const CallArgs& args, std::string_view backend) {
   py::gil_scoped_acquire gil;
-  return python_backends()[1](dout, dlse, q, k, v, out, lse, mask_args(masks), args.causal, args.scale,
+  return backends()[1](dout, dlse, q, k, v, out, lse, mask_args(masks), args.causal, args.scale,
                               args.dropout_p, args.seed, std::string(backend))
       .cast<TensorTriple>();
 }
@@ -50,7 +50,7 @@ TensorPair python_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const 
                           const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
                           const std::optional<at::Tensor>& v_new, bool causal, double scale, std::string_view backend) {
   py::gil_scoped_acquire gil;
-  return python_backends()[2](q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, std::string(backend))
+  return backends()[2](q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, std::string(backend))
       .cast<TensorPair>();
 }
 
@@ -58,6 +58,13 @@ TensorPair python_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using OptTensor = std::optional<at::Tensor>;
+  m.def(
+      "set_python_backends",
+      [](py::object forward, py::object backward, py::object kvcache) {
+        delete fastattn::python_backends;
+        fastattn::python_backends = new py::tuple(py::make_tuple(forward, backward, kvcache));
+      },
+      "what the ops call for a backend written in Python: (forward, backward, kvcache)");
   m.def(
       "attention_forward",
       [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& key_padding,
@@ -67,14 +74,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return fastattn::call_forward(q, k, v, key_padding, key_ranges, attn_mask, cu_seqlens_q, cu_seqlens_k,
                                       max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, seed, backend);
       },
-      "fastattn::attention_forward through the dispatcher, in one call");
+      "fastattn::attention_forward through the dispatcher, in one call", py::call_guard<py::gil_scoped_release>());
   m.def(
       "attention_kvcache",
       [](const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
          const OptTensor& k_new, const OptTensor& v_new, bool causal, double scale, const std::string& backend) {
         return fastattn::call_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, backend);
       },
-      "fastattn::attention_kvcache through the dispatcher, in one call");
+      "fastattn::attention_kvcache through the dispatcher, in one call", py::call_guard<py::gil_scoped_release>());
   pybind11::class_<fastattn::MaskTensors>(m, "MaskTensors")
       .def(pybind11::init<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
                           std::optional<at::Tensor>, std::optional<at::Tensor>, int64_t, int64_t>(),

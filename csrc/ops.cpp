@@ -140,9 +140,34 @@ TensorPair forward_autograd(const at::Tensor& q, const at::Tensor& k, const at::
                             const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k, c10::SymInt max_seqlen_q,
                             c10::SymInt max_seqlen_k, bool causal, double scale, double dropout_p, c10::SymInt seed,
                             c10::string_view backend) {
+  if (!at::GradMode::is_enabled() || !(q.requires_grad() || k.requires_grad() || v.requires_grad())) {
+    at::AutoDispatchBelowADInplaceOrView below;  // nothing to differentiate: no graph node to build
+    return call_forward(q, k, v, key_padding, key_ranges, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                        max_seqlen_k, causal, scale, dropout_p, seed, backend);
+  }
   auto outputs = Attention::apply(q, k, v, key_padding, key_ranges, attn_mask, cu_seqlens_q, cu_seqlens_k,
                                   max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, seed, backend);
   return {outputs[0], outputs[1]};
+}
+
+// Decoding: forward only, and the caches change in place, which their version counters must say
+// (autograd's saved-tensor checks and torch.compile's guards read them): the returned tensors are
+// fresh, so no fallback would bump them.
+TensorPair kvcache_bumping_versions(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                    const at::Tensor& cache_seqlens, const OptTensor& k_new, const OptTensor& v_new,
+                                    bool causal, double scale, c10::string_view backend) {
+  const auto wants_grad = [](const OptTensor& t) { return t.has_value() && t->requires_grad(); };
+  TORCH_CHECK(!at::GradMode::is_enabled() || !(q.requires_grad() || k_cache.requires_grad() || v_cache.requires_grad() ||
+                                                wants_grad(k_new) || wants_grad(v_new)),
+              "fastattn::attention_kvcache is forward only: call it under torch.no_grad() or on detached tensors");
+  TensorPair result;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    result = call_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, backend);
+  }
+  torch::autograd::impl::bump_version(k_cache);
+  torch::autograd::impl::bump_version(v_cache);
+  return result;
 }
 
 }  // namespace
@@ -180,11 +205,10 @@ TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
 
 TORCH_LIBRARY_IMPL(fastattn, Autograd, m) {
   m.impl("attention_forward", &fastattn::forward_autograd);
-  // The backward has no double backward; decoding is forward only (its front door says so).
-  m.impl("attention_backward", torch::autograd::autogradNotImplementedFallback());
-  m.impl("attention_kvcache", torch::autograd::autogradNotImplementedFallback());
+  m.impl("attention_backward", torch::autograd::autogradNotImplementedFallback());  // no double backward
+  m.impl("attention_kvcache", &fastattn::kvcache_bumping_versions);
 }
 
 TORCH_LIBRARY_IMPL(fastattn, ADInplaceOrView, m) {
-  m.impl("attention_kvcache", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
+  m.impl("attention_kvcache", &fastattn::kvcache_bumping_versions);
 }

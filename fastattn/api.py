@@ -1,4 +1,4 @@
-"""fastattn.attention: validate once, normalise masks once, dispatch, call the custom op."""
+"""fastattn.attention: validate once, normalise masks once, dispatch, call the op."""
 from __future__ import annotations
 
 import math
@@ -107,9 +107,11 @@ def aligned(device: str, *tensors: Tensor) -> bool:
 
 
 def key_ranges(mask: Tensor) -> Tensor:
-    """The padding mask's kernel form (fastattn.masks.key_ranges): one C++ pass over a CPU mask,
-    torch ops on a GPU (no host sync) and wherever torch.compile traces."""
-    if mask.device.type == "cpu" and not torch.compiler.is_compiling():
+    """The padding mask's kernel form (fastattn.masks.key_ranges): one C++ pass over a plain CPU
+    mask; torch ops on a GPU (no host sync), wherever torch.compile traces, and wherever a
+    dispatch mode or a tensor subclass must see them (fake tensors hold no data to read)."""
+    if (type(mask) is Tensor and mask.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch._C._len_torch_dispatch_stack()):
         return _C.key_ranges(mask)
     return key_ranges_by_torch_ops(mask)
 
@@ -169,8 +171,8 @@ def check_scalars(causal, scale, dropout_p, backend, head_dim: int) -> float:
         scale = 1.0 / math.sqrt(head_dim)
     elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale: expected a finite float, got {scale!r}")
-    if dropout_p != 0.0 and (not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0):
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
-    if type(backend) is not str:
+    if not isinstance(backend, str):
         raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
     return float(scale)

@@ -1,6 +1,6 @@
 """Decoding with a KV cache, as FlashAttention's flash_attn_with_kvcache: append the new keys
 and values to a preallocated cache in place and attend a few new queries to the valid prefix,
-all in one custom op with no host sync (CUDA-graph friendly)."""
+all in one op with no host sync (CUDA-graph friendly)."""
 from __future__ import annotations
 
 import torch
@@ -22,7 +22,7 @@ def _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> None:
     if k_cache.shape != v_cache.shape or k_cache.shape[0] != B or k_cache.shape[3] != D:
         raise ValueError(f"k_cache/v_cache: expected equal shapes (B, Hkv, Nmax, D) = ({B}, Hkv, Nmax, {D}), "
                          f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    Hkv, Nmax = k_cache.shape[1:3]
+    Hkv = k_cache.shape[1]
     if Hkv == 0 or H % Hkv:
         raise ValueError(f"k_cache: expected a head count dividing q's {H} heads, got {Hkv}")
     if (k_new is None) != (v_new is None):
@@ -34,7 +34,10 @@ def _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> None:
         raise TypeError(f"cache_seqlens: expected a ({B},) int32 tensor, got {cache_seqlens!r:.80}")
     if cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens: expected device {q.device}, got {cache_seqlens.device}")
-    room = Nmax - (0 if k_new is None else k_new.shape[2])
+
+
+def _check_lengths(cache_seqlens, room: int) -> None:
+    """Every row's valid keys and the new ones fit the cache (the C++ kernel checks this itself)."""
     ok = ((cache_seqlens >= 0) & (cache_seqlens <= room)).all()
     if cache_seqlens.is_cuda or torch.compiler.is_compiling():
         torch._assert_async(ok, "cache_seqlens: entries must lie in [0, Nmax - Nnew]")
@@ -71,5 +74,7 @@ def attention_with_kvcache(
     problem = Problem(device=q.device.type, dtype=q.dtype, head_dim=q.shape[-1], mask_kind=None,
                       key_padding=False, causal=causal, dropout=False, needs_grad=False, decode=True)
     chosen = select_backend(backend, problem)
+    if chosen.name != "cpu":
+        _check_lengths(cache_seqlens, k_cache.shape[2] - (0 if k_new is None else k_new.shape[2]))
     out, lse = ops.attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, chosen.name)
     return (out, lse) if return_lse else out

@@ -2,7 +2,8 @@
 `fastattn::attention_backward` in the backward), whatever the backend; decoding is one
 `fastattn::attention_kvcache`. They are defined in C++ (csrc/ops.cpp: schemas, the kernel, the
 autograd formula), which runs the `cpu` backend itself and the backends written in Python
-through python_backends() below. This module adds their fake implementations for torch.compile.
+through python_backends() below, registered at import. This module adds their fake
+implementations for torch.compile.
 
 Packed (varlen) calls go through the same ops: q, k, v are (1, H, total, D) views of the packed
 tensors, and cu_seqlens_q/k with the longest lengths say where each sequence lies."""
@@ -20,7 +21,6 @@ from .backends.base import empty_lse, empty_out
 
 _forward_op = torch.ops.fastattn.attention_forward.default
 _kvcache_op = torch.ops.fastattn.attention_kvcache.default
-attention_backward = torch.ops.fastattn.attention_backward.default
 
 
 def _in_one_call(*tensors) -> bool:
@@ -33,13 +33,14 @@ def _in_one_call(*tensors) -> bool:
 
 def attention_forward(q, k, v, key_padding_mask, key_ranges, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                       max_seqlen_k, causal, scale, dropout_p, seed, backend):
-    op = _C.attention_forward if _in_one_call(q, k, v) else _forward_op
+    op = _C.attention_forward if _in_one_call(q, k, v, key_padding_mask, key_ranges, attn_mask, cu_seqlens_q,
+                                              cu_seqlens_k) else _forward_op
     return op(q, k, v, key_padding_mask, key_ranges, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
               max_seqlen_k, causal, scale, dropout_p, seed, backend)
 
 
 def attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, backend):
-    op = _C.attention_kvcache if _in_one_call(q, k_cache, v_cache) else _kvcache_op
+    op = _C.attention_kvcache if _in_one_call(q, k_cache, v_cache, cache_seqlens, k_new, v_new) else _kvcache_op
     return op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, backend)
 
 
@@ -81,3 +82,6 @@ def python_backends():
         return REGISTRY[backend].decode(q, k_cache, v_cache, seqlens.contiguous(), causal, scale)
 
     return forward, backward, kvcache
+
+
+_C.set_python_backends(*python_backends())

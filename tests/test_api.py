@@ -149,3 +149,63 @@ def test_dropout_is_unbiased():
     q, k, v = (t.detach() for t in qkv(1, 1, 1, 8, 64, 16))
     mean = torch.stack([fastattn.attention(q, k, v, dropout_p=0.5) for _ in range(400)]).mean(0)
     assert rel_err(mean, fastattn.attention(q, k, v)) < 0.1
+
+
+def test_compiled_calls_do_not_recompile_as_dispatch_learns():
+    """Eager calls of other kinds between compiled ones change nothing torch.compile guards on."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    f = torch.compile(lambda q: fastattn.attention(q, q, q, causal=True), backend=counter, fullgraph=True)
+    q = torch.randn(1, 2, 8, 16)
+    f(q)
+    f(q)
+    fastattn.attention(q, q, q)  # new kinds of call, eagerly
+    fastattn.attention(q.double(), q.double(), q.double())
+    f(q)
+    assert counter.frame_count == 1
+
+
+def test_padding_mask_under_fake_tensors_and_tracing():
+    """The padding mask's C++ fast path steps aside where no data exists (fake tensors) or where
+    the mask's ops must be seen (make_fx)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with FakeTensorMode():
+        q, kpm = torch.randn(2, 2, 8, 16), torch.zeros(2, 8, dtype=torch.bool)
+        assert fastattn.attention(q, q, q, key_padding_mask=kpm).shape == (2, 2, 8, 16)
+    q, kpm = torch.randn(2, 2, 8, 16), torch.arange(8)[None, :] >= torch.tensor([[8], [5]])
+    graph = make_fx(lambda q, m: fastattn.attention(q, q, q, key_padding_mask=m))(q, kpm)
+    torch.testing.assert_close(graph(q, kpm), fastattn.attention(q, q, q, key_padding_mask=kpm))
+
+
+def test_torch_function_modes_see_the_op():
+    """With a __torch_function__ mode active the call goes through torch.ops, which the mode sees."""
+    from torch.overrides import TorchFunctionMode
+
+    class Seen(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.funcs = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.funcs.append(func)
+            return func(*args, **(kwargs or {}))
+
+    q = torch.randn(1, 2, 8, 16)
+    with Seen() as mode:
+        fastattn.attention(q, q, q)
+    assert torch.ops.fastattn.attention_forward.default in mode.funcs
+
+
+def test_scalar_arguments_keep_their_checks():
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="dropout_p: expected a float"):
+        fastattn.attention(q, q, q, dropout_p=torch.tensor(0.0))
+
+    class Name(str):
+        pass
+
+    assert fastattn.attention(q, q, q, backend=Name("cpu")).shape == q.shape  # a str subclass is a str

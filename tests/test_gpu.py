@@ -152,6 +152,7 @@ def test_cuda_graph_replays_attention_and_decoding():
         return out.detach(), dec
 
     side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())  # the inputs are written on the default stream
     with torch.cuda.stream(side):  # warm-up (compiles, tunes) off the capturing stream
         step()
     torch.cuda.current_stream().wait_stream(side)
@@ -179,7 +180,10 @@ def test_cuda_graph_replays_attention_and_decoding():
 
 def test_reduce_overhead_compiles_the_decode_step():
     """torch.compile(mode="reduce-overhead") on the notes' model's decoding step (every layer
-    over its KV cache): the same tokens as eager generation."""
+    over its KV cache): the same tokens as eager generation, with CUDA graphs (the caches marked
+    static, as a serving loop would) and none skipped."""
+    from torch._dynamo.utils import counters
+
     from fastattn.models import TransformerLM
     from fastattn.models.transformer import KVCache, greedy
 
@@ -200,8 +204,15 @@ def test_reduce_overhead_compiles_the_decode_step():
     with torch.no_grad():
         for _ in range(10):
             h = model.embed(new, start=start)
-            h = layers(h, caches) if start == 0 else compiled(h, caches)  # the prompt eagerly, then steps
+            if start == 0:  # the prompt eagerly, then each step compiled
+                h = layers(h, caches)
+                for cache in caches:
+                    for t in (cache.k, cache.v, cache.seqlens):
+                        torch._dynamo.mark_static_address(t)
+            else:
+                h = compiled(h, caches)
             start += new.shape[1]
             new = greedy(model.generator(h[:, -1:]), model.config.pad_id)
             out = torch.cat([out, new], dim=1)
     assert torch.equal(out, want)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])

@@ -103,3 +103,28 @@ def test_bad_input(change, error, words):
     with pytest.raises(error, match=words):
         attention_with_kvcache(args.pop("q"), args.pop("k_cache"), args.pop("v_cache"), args.pop("cache_seqlens"),
                                **args)
+
+
+def test_the_op_checks_what_the_front_door_would():
+    """fastattn::attention_kvcache is public: called directly, bad new keys raise, not crash."""
+    q, k_cache, v_cache = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 10, 16), torch.randn(1, 2, 10, 16)
+    lengths = torch.tensor([3], dtype=torch.int32)
+    op = torch.ops.fastattn.attention_kvcache.default
+    with pytest.raises(RuntimeError, match="k_new and v_new come together"):
+        op(q, k_cache, v_cache, lengths, torch.randn(1, 2, 1, 16), None, True, 0.1, "cpu")
+    with pytest.raises(RuntimeError, match=r"v_new must be \(B, Hkv, Nnew, D\)"):
+        op(q, k_cache, v_cache, lengths, torch.randn(1, 2, 1, 16), torch.randn(1, 1, 1, 16), True, 0.1, "cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_writing_the_cache_bumps_its_version(backend):
+    """The caches change in place, so autograd's saved-tensor check still catches a stale use."""
+    q, k_cache, v_cache = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 10, 16), torch.randn(1, 2, 10, 16)
+    new = dict(k_new=torch.randn(1, 2, 1, 16), v_new=torch.randn(1, 2, 1, 16))
+    w = torch.randn(1, 2, 10, 16, requires_grad=True)
+    y = (w * k_cache).sum()  # saves k_cache
+    before = k_cache._version, v_cache._version
+    attention_with_kvcache(q, k_cache, v_cache, torch.tensor([3], dtype=torch.int32), backend=backend, **new)
+    assert k_cache._version > before[0] and v_cache._version > before[1]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()

@@ -96,11 +96,25 @@ TensorPair cpu_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at:
   TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B &&
                   cache_seqlens.is_cpu(),
               "cache_seqlens must be a CPU (B,) int32 tensor");
+  TORCH_CHECK(k_new.has_value() == v_new.has_value(), "k_new and v_new come together");
+  for (const auto& [name, t] : {std::pair{"k_new", k_new}, std::pair{"v_new", v_new}})
+    if (t) {
+      TORCH_CHECK(t->dim() == 4 && t->size(0) == B && t->size(1) == k_cache.size(1) && t->size(3) == k_cache.size(3) &&
+                      t->size(2) == Nnew,
+                  name, " must be (B, Hkv, Nnew, D) = (", B, ", ", k_cache.size(1), ", ", Nnew, ", ", k_cache.size(3),
+                  "), got ", t->sizes());
+      TORCH_CHECK(t->scalar_type() == k_cache.scalar_type() && t->device() == k_cache.device(), name,
+                  " must have the caches' dtype and device");
+    }
   const at::Tensor lengths = cache_seqlens.contiguous();
   const int32_t* n = lengths.data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK_VALUE(n[b] >= 0 && n[b] <= Nmax - Nnew, "cache_seqlens: expected entries in [0, Nmax - Nnew] = [0, ",
-                      Nmax - Nnew, "], got ", lengths);
+    if (n[b] < 0 || n[b] > Nmax - Nnew) {
+      std::string got;
+      for (int64_t i = 0; i < B; ++i) got += (i ? ", " : "") + std::to_string(n[i]);
+      TORCH_CHECK_VALUE(false, "cache_seqlens: expected entries in [0, Nmax - Nnew] = [0, ", Nmax - Nnew, "], got [",
+                        got, "]");
+    }
   at::Tensor seqused = lengths;
   if (k_new) {  // append, then attend to the first cache_seqlens[b] + Nnew rows
     seqused = at::empty({B}, lengths.options());

@@ -1,6 +1,8 @@
 """The backend registry and dispatch: the first capable backend in priority order wins."""
 from __future__ import annotations
 
+import torch
+
 from .base import Backend, Capabilities, Masks, Problem
 from .cpu import CpuBackend
 from .cuda import CudaBackend
@@ -36,6 +38,8 @@ _CHOSEN: dict[tuple[str, Problem], Backend] = {}
 def select_backend(name: str, problem: Problem) -> Backend:
     """The backend `name` if it can take the problem, or for "auto" the first that can; a
     NoBackendError says why each declined. The registry is fixed once built: answers are kept."""
+    if torch.compiler.is_compiling():  # traced: a lookup in a changing dict would guard on it
+        return _select(name, problem)
     chosen = _CHOSEN.get((name, problem))
     if chosen is None:
         chosen = _CHOSEN[name, problem] = _select(name, problem)

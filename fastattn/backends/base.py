@@ -59,12 +59,11 @@ class Masks:
 
 class Backend:
     """A fused attention implementation. Subclasses set name and caps and implement
-    forward/backward (and decode where caps say so), unless `native`: the op's C++ kernel runs
-    them itself. `probe` says why the backend cannot run on this machine."""
+    forward/backward (and decode where caps say so), except `cpu`, which the op's C++ kernel
+    runs itself. `probe` says why the backend cannot run on this machine."""
 
     name: str
     caps: Capabilities
-    native: bool = False
 
     def __init__(self) -> None:
         # Probed once, when the registry is built at import: dispatch then reads a constant, so
@@ -127,8 +126,9 @@ def new_buffer(like: Tensor, *shape: int, dtype: torch.dtype | None = None) -> T
 def empty_out(q: Tensor) -> Tensor:
     """The output buffer, (B, H, Nq, D) laid out in q's dimension order (as empty_like does for
     dense tensors, but also for q sliced out of a packed projection): a module that made q by
-    viewing its (B, N, E) or (N, B, E) projection reshapes the output back with no copy.
-    Fake and real kernels both allocate through here."""
+    viewing its (B, N, E) or (N, B, E) projection reshapes the output back with no copy. The
+    fakes and the Python backends allocate through here; the C++ kernels by the same rule
+    (csrc/cpu/cpu_glue.cpp, new_output)."""
     order = sorted(range(4), key=lambda d: (-q.stride(d), d))  # outermost dimension first
     buf = new_buffer(q, *(q.shape[d] for d in order))
     return buf.permute(*sorted(range(4), key=order.__getitem__))

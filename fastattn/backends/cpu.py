@@ -9,7 +9,6 @@ from .base import Backend, Capabilities
 
 class CpuBackend(Backend):
     name = "cpu"
-    native = True
     caps = Capabilities(
         devices=frozenset({"cpu"}),
         dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),

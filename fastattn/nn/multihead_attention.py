@@ -162,7 +162,7 @@ class MultiHeadAttention(nn.MultiheadAttention):
             qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
             qkv = qkv.view(*qkv.shape[:2], 3, self.num_heads, self.head_dim)
             q, k, v = qkv.permute(2, 0, 3, 1, 4) if self.batch_first else qkv.permute(2, 1, 3, 0, 4)
-            return self._attend_heads(q, k, v, masks, need_weights, B, L)
+            return self._attend_heads(q, k, v, masks, need_weights, query.dtype)
         q, k, v = self._project(query, key, value, packed, kv_packed)  # input layout, (..., E)
         one_key = (B, 1, self.embed_dim) if self.batch_first else (1, B, self.embed_dim)
         if self.bias_k is not None:  # a learned key/value appended to every sequence
@@ -175,9 +175,9 @@ class MultiHeadAttention(nn.MultiheadAttention):
             masks.append_keys(k.shape[seq_dim] - S, L, S)
 
         q, k, v = (self._heads(t) for t in (q, k, v))  # (B, H, N, D) views, no copies
-        return self._attend_heads(q, k, v, masks, need_weights, B, L)
+        return self._attend_heads(q, k, v, masks, need_weights, query.dtype)
 
-    def _attend_heads(self, q, k, v, masks: _Masks, need_weights, B, L) -> tuple[Tensor, Tensor | None]:
+    def _attend_heads(self, q, k, v, masks: _Masks, need_weights, dtype) -> tuple[Tensor, Tensor | None]:
         """The fused kernel on (B, H, N, D) views of the projections; the output projection."""
         out = attention(q, k, v, key_padding_mask=masks.padding, attn_mask=masks.attn,
                         causal=masks.causal, dropout_p=self.dropout if self.training else 0.0,
@@ -188,7 +188,7 @@ class MultiHeadAttention(nn.MultiheadAttention):
         weights = None
         if need_weights:  # exact weights from a separate, unfused computation
             weights = attention_probabilities(q, k, masks.padding, masks.attn, masks.causal)[0]
-            weights = weights.to(q.dtype)
+            weights = weights.to(dtype)  # the input's (q's under autocast)
         return out, weights
 
     def _attend_valid_tokens(self, x, key_padding_mask, attn_mask, is_causal, need_weights, B, L
@@ -307,7 +307,7 @@ class MultiHeadAttention(nn.MultiheadAttention):
         causal masks become a (B, S) padding mask and a flag, never a (B*H, L, S) tensor."""
         masks = _Masks(device)
         if key_padding_mask is None and attn_mask is None:
-            masks.causal = is_causal
+            masks.causal = bool(is_causal)
             return masks
         inspect = not torch.compiler.is_compiling()  # value checks would break the graph
         if key_padding_mask is not None:
