@@ -14,8 +14,8 @@ namespace {
 namespace py = pybind11;
 
 // (forward, backward, kvcache) of the backends written in Python, which fastattn.ops registers
-// at import (set_python_backends) with the GIL held; read with the GIL held. Never freed: the
-// functions live as long as the interpreter.
+// at import (set_python_backends) with the GIL held; read with the GIL held. Replaced only by a
+// later registration, never freed at exit (the interpreter may be gone by then).
 py::tuple* python_backends = nullptr;
 
 const py::tuple& backends() {
@@ -33,7 +33,7 @@ TensorPair python_forward(const at::Tensor& q, const at::Tensor& k, const at::Te
                           const CallArgs& args, std::string_view backend) {
   py::gil_scoped_acquire gil;
   return backends()[0](q, k, v, mask_args(masks), args.causal, args.scale, args.dropout_p, args.seed,
-                              std::string(backend))
+                       std::string(backend))
       .cast<TensorPair>();
 }
 
@@ -42,7 +42,7 @@ TensorTriple python_backward(const at::Tensor& dout, const std::optional<at::Ten
                              const MaskTensors& masks, const CallArgs& args, std::string_view backend) {
   py::gil_scoped_acquire gil;
   return backends()[1](dout, dlse, q, k, v, out, lse, mask_args(masks), args.causal, args.scale,
-                              args.dropout_p, args.seed, std::string(backend))
+                       args.dropout_p, args.seed, std::string(backend))
       .cast<TensorTriple>();
 }
 
