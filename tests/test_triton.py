@@ -50,6 +50,22 @@ def test_masks(kind, lengths):
                             attn_mask=attn, causal=causal, tol=TOL[torch.float32])
 
 
+def test_rows_of_d_with_a_stride_and_an_expanded_gradient():
+    """The kernels read rows of D contiguously: other layouts are copied first (q with D as its
+    outer dim; the gradient of out.sum(), whose strides are all 0)."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 16, 33, device=DEVICE).transpose(-1, -2).requires_grad_()
+    k, v = (torch.randn(2, 2, 45, 16, device=DEVICE, requires_grad=True) for _ in range(2))
+    assert q.stride(-1) != 1
+    check_against_reference(q, k, v, "triton", causal=True, tol=TOL[torch.float32])
+    q.grad = k.grad = v.grad = None
+    fastattn.attention(q, k, v, backend="triton").sum().backward()
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    fastattn.reference_attention(*leaves)[0].sum().backward()
+    for got, want in zip((q, k, v), leaves):
+        assert rel_err(got.grad, want.grad) < TOL[torch.float32]
+
+
 def test_transposed_inputs_and_bf16_padding():
     torch.manual_seed(0)
     q, k, v = inputs(2, 4, 2, 70, 45, 64, dtype=torch.bfloat16, transposed=True)

@@ -48,6 +48,8 @@ class TritonBackend(Backend):
         return []
 
     def forward(self, q, k, v, masks, causal, scale, dropout_p, seed):
+        rows = _kernels().rows_contiguous
+        q, k, v = rows(q), rows(k), rows(v)
         out, lse = empty_out(q), empty_lse(q)
         _kernels().forward(q, k, v, out, lse, _mask_args(q, masks), causal, scale, dropout_p, seed,
                            (masks.max_seqlen_q, masks.max_seqlen_k))
@@ -56,11 +58,14 @@ class TritonBackend(Backend):
     def decode(self, q, k_cache, v_cache, seqlens, causal, scale):
         from ..triton import decode as triton_decode
 
+        q = _kernels().rows_contiguous(q)
         out, lse = empty_out(q), empty_lse(q)
         triton_decode.decode(q, k_cache, v_cache, seqlens, out, lse, causal, scale)
         return out, lse
 
     def backward(self, dout, dlse, q, k, v, out, lse, masks, causal, scale, dropout_p, seed):
+        rows = _kernels().rows_contiguous
+        dout, q, k, v, out = rows(dout), rows(q), rows(k), rows(v), rows(out)
         B, H, Nq, D = q.shape
         Hkv, Nk = k.shape[1], k.shape[2]
         dq = new_buffer(q, B, H, Nq, D)

@@ -11,8 +11,10 @@ a scattered padding mask or an attn_mask is applied on every visited tile.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -20,10 +22,14 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from . import tuning
+from .launch import Launcher
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+# Integer arguments that are not worth a compile of their own (see fastattn.triton.launch): they
+# follow the specialized strides in every kernel's arguments.
+UNSPECIALIZED = ["B", "H", "Hkv", "Nq", "Nk", "group", "seed", "num_splits"]
 
 
 # --------------------------------------------------------------------------- masks of one tile
@@ -38,7 +44,7 @@ def _mma(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, holes, Nq, Nk, kpm_row, stride_kpn, mask_bh,
+def _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, holes, Nq, Nk, kpm_row, mask_bh,
                stride_mm, stride_mn, BOUNDS: tl.constexpr, CAUSAL: tl.constexpr,
                HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr):
     """s (BLOCK_M, BLOCK_N) in log2 units -> with -inf where a query may not see a key."""
@@ -52,7 +58,7 @@ def _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, holes, Nq, Nk, kpm_row, stride_k
         s = tl.where(m != 0, s, float("-inf"))
     if HAS_KPM:  # key padding, True = ignore: tested key by key only in rows with holes
         if holes != 0:
-            pad = tl.load(kpm_row + offs_n * stride_kpn, mask=offs_n < Nk, other=1)
+            pad = tl.load(kpm_row + offs_n, mask=offs_n < Nk, other=1)
             s = tl.where(pad[None, :] == 0, s, float("-inf"))
     if BOUNDS:  # the valid key range, and causality, on the tiles that straddle them
         keep = (offs_n[None, :] >= kv_lo) & (offs_n[None, :] < kv_hi)
@@ -119,18 +125,17 @@ def _tile_ranges(start_m, kv_lo, kv_hi, Nk, CAUSAL: tl.constexpr, BLOCK_M: tl.co
 
 # --------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-               offs_m, offs_d, start, end, kv_lo, kv_hi, holes, Nq, Nk, D, qk_scale, kpm_row, stride_kpn,
-               mask_bh, stride_mm, stride_mn, seed, bh, dropout_p,
-               BOUNDS: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, start, end,
+               kv_lo, kv_hi, holes, Nq, Nk, qk_scale, kpm_row, mask_bh, stride_mm, stride_mn, seed, bh,
+               dropout_p, D: tl.constexpr, BOUNDS: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
                BLOCK_N: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
         s = _mma(q, tl.trans(k), PREC) * qk_scale
-        s = _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, holes, Nq, Nk, kpm_row, stride_kpn, mask_bh,
+        s = _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, holes, Nq, Nk, kpm_row, mask_bh,
                        stride_mm, stride_mn, BOUNDS, CAUSAL, HAS_KPM, MASK_KIND)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet stays 0
@@ -140,21 +145,20 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, Nk, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
         acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, PREC)
         m_i = m_new
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _fwd_kernel(Q, K, V, O, LSE, KV_RANGES, KPM, MASK, CU_Q, CU_K,
-                stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
-                stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm, stride_mn, stride_lb, stride_lh,
-                B, H, Nq, Nk, D, group, qk_scale, dropout_p, seed,
-                HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, VARLEN: tl.constexpr,
-                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                stride_ob, stride_oh, stride_om, stride_kpb, stride_mb, stride_mh, stride_mm, stride_mn,
+                stride_lb, stride_lh, B, H, Nq, Nk, group, seed, qk_scale, dropout_p,
+                D: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, VARLEN: tl.constexpr,
+                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m, bh = _tile_and_row(Nq, BLOCK_M)
     b, h = bh // H, bh % H
     hk = h // group  # GQA: the kv head this query head reads
@@ -165,7 +169,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KV_RANGES, KPM, MASK, CU_Q, CU_K,
     offs_d = tl.arange(0, BLOCK_D)
     kv_lo, kv_hi, holes = _key_range(KV_RANGES, b, B, Nk, HAS_KPM)
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + (q_off + offs_m[:, None]) * stride_qm + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + b * stride_qb + h * stride_qh + (q_off + offs_m[:, None]) * stride_qm + offs_d[None, :],
                 mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D), other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh + k_off * stride_kn
     v_base = V + b * stride_vb + hk * stride_vh + k_off * stride_vn
@@ -177,34 +181,32 @@ def _fwd_kernel(Q, K, V, O, LSE, KV_RANGES, KPM, MASK, CU_Q, CU_K,
 
     t_lo, head_end, i_lo, i_hi, t_hi = _tile_ranges(start_m, kv_lo, kv_hi, Nk, CAUSAL, BLOCK_M, BLOCK_N)
     # Range and causal masks only where a tile straddles them; interior tiles skip that work.
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
-                               stride_vd, offs_m, offs_d, t_lo, head_end, kv_lo, kv_hi, holes, Nq, Nk, D,
-                               qk_scale, kpm_row, stride_kpn, mask_bh, stride_mm, stride_mn, seed,
-                               bh, dropout_p, True, CAUSAL, HAS_KPM, MASK_KIND, DROPOUT, PREC, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
-                               stride_vd, offs_m, offs_d, i_lo, i_hi, kv_lo, kv_hi, holes, Nq, Nk, D,
-                               qk_scale, kpm_row, stride_kpn, mask_bh, stride_mm, stride_mn, seed,
-                               bh, dropout_p, False, CAUSAL, HAS_KPM, MASK_KIND, DROPOUT, PREC, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
-                               stride_vd, offs_m, offs_d, tl.maximum(i_hi, head_end), t_hi, kv_lo,
-                               kv_hi, holes, Nq, Nk, D, qk_scale, kpm_row, stride_kpn, mask_bh, stride_mm,
-                               stride_mn, seed, bh, dropout_p, True, CAUSAL, HAS_KPM, MASK_KIND,
-                               DROPOUT, PREC, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, t_lo,
+                               head_end, kv_lo, kv_hi, holes, Nq, Nk, qk_scale, kpm_row, mask_bh, stride_mm,
+                               stride_mn, seed, bh, dropout_p, D, True, CAUSAL, HAS_KPM, MASK_KIND, DROPOUT,
+                               PREC, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, i_lo,
+                               i_hi, kv_lo, kv_hi, holes, Nq, Nk, qk_scale, kpm_row, mask_bh, stride_mm,
+                               stride_mn, seed, bh, dropout_p, D, False, CAUSAL, HAS_KPM, MASK_KIND, DROPOUT,
+                               PREC, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                               tl.maximum(i_hi, head_end), t_hi, kv_lo, kv_hi, holes, Nq, Nk, qk_scale, kpm_row,
+                               mask_bh, stride_mm, stride_mn, seed, bh, dropout_p, D, True, CAUSAL, HAS_KPM,
+                               MASK_KIND, DROPOUT, PREC, BLOCK_N)
 
     seen = l_i > 0.0  # False: the row sees no key: zeros and lse = -inf
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    tl.store(O + b * stride_ob + h * stride_oh + (q_off + offs_m[:, None]) * stride_om + offs_d[None, :] * stride_od,
+    tl.store(O + b * stride_ob + h * stride_oh + (q_off + offs_m[:, None]) * stride_om + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D))
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     tl.store(LSE + b * stride_lb + h * stride_lh + q_off + offs_m, lse, mask=offs_m < Nq)
 
 
 # --------------------------------------------------------------------------- backward
-@triton.jit
-def _bwd_preprocess(O, DO, DLSE, DELTA, CU_Q, stride_ob, stride_oh, stride_om, stride_od,
-                    stride_dob, stride_doh, stride_dom, stride_dod, stride_lb, stride_lh, H, Nq, D,
-                    HAS_DLSE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
+@triton.jit(do_not_specialize=UNSPECIALIZED)
+def _bwd_preprocess(O, DO, DLSE, DELTA, CU_Q, stride_ob, stride_oh, stride_om, stride_dob, stride_doh,
+                    stride_dom, stride_lb, stride_lh, H, Nq, D: tl.constexpr, HAS_DLSE: tl.constexpr,
+                    VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(dO * O) - dlse: the softmax-backward offset of each query row. Rows with
     the layout of lse; dlse shares it."""
     start_m, bh = _tile_and_row(Nq, BLOCK_M)
@@ -214,8 +216,8 @@ def _bwd_preprocess(O, DO, DLSE, DELTA, CU_Q, stride_ob, stride_oh, stride_om, s
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < Nq) & (offs_d[None, :] < D)
     rows = q_off + offs_m[:, None]
-    o = tl.load(O + b * stride_ob + h * stride_oh + rows * stride_om + offs_d[None, :] * stride_od, mask=ok, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dom + offs_d[None, :] * stride_dod, mask=ok, other=0.0)
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows * stride_om + offs_d[None, :], mask=ok, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dom + offs_d[None, :], mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     at = b * stride_lb + h * stride_lh + q_off + offs_m
     if HAS_DLSE:
@@ -223,19 +225,19 @@ def _bwd_preprocess(O, DO, DLSE, DELTA, CU_Q, stride_ob, stride_oh, stride_om, s
     tl.store(DELTA + at, delta, mask=offs_m < Nq)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_RANGES, KPM, MASK, CU_Q, CU_K,
-                     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                     stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
-                     stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm, stride_mn, stride_lb, stride_lh,
-                     stride_gb, stride_gh, B, H, Hkv, Nq, Nk, D, group, qk_scale, sm_scale, dropout_p, seed,
-                     HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, VARLEN: tl.constexpr,
-                     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                     stride_vn, stride_dob, stride_doh, stride_dom, stride_kpb, stride_mb, stride_mh, stride_mm,
+                     stride_mn, stride_lb, stride_lh, stride_gb, stride_gh, B, H, Nq, Nk, group, seed, qk_scale,
+                     sm_scale, dropout_p, D: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
+                     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one key tile of one kv head: the sum over the query heads of its GQA group
     and over every query tile that can see it. No atomics: deterministic. DK and DV are
     (B, Hkv, Nk, D) with rows of D, batch and head strides stride_gb, stride_gh."""
     start_n, bhk = _tile_and_row(Nk, BLOCK_N)
+    Hkv = H // group
     b, hk = bhk // Hkv, (bhk % Hkv).to(tl.int64)  # 64-bit: hk * stride_gh passes 2^31 in a long packed batch
     q_off, Nq, k_off, Nk = _seq_info(CU_Q, CU_K, b, Nq, Nk, VARLEN)
     if start_n >= Nk:  # past a packed sequence's keys
@@ -247,8 +249,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_RANGES, KPM, MASK, CU_Q
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if (start_n + BLOCK_N > kv_lo) & (start_n < kv_hi):  # else no query sees these keys
-        k = tl.load(K + b * stride_kb + hk * stride_kh + (k_off + offs_n[:, None]) * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
-        v = tl.load(V + b * stride_vb + hk * stride_vh + (k_off + offs_n[:, None]) * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
+        k = tl.load(K + b * stride_kb + hk * stride_kh + (k_off + offs_n[:, None]) * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(V + b * stride_vb + hk * stride_vh + (k_off + offs_n[:, None]) * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
         first_m = 0
         if CAUSAL:
             first_m = (start_n // BLOCK_M) * BLOCK_M  # queries before start_n see none of these keys
@@ -263,12 +265,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_RANGES, KPM, MASK, CU_Q
             for start_m in range(first_m, Nq, BLOCK_M):
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 q_ok = (offs_m[:, None] < Nq) & (offs_d[None, :] < D)
-                q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_ok, other=0.0)
-                do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=q_ok, other=0.0)
+                q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_ok, other=0.0)
+                do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_ok, other=0.0)
                 lse2 = tl.load(LSE + lse_row + offs_m, mask=offs_m < Nq, other=0.0) * 1.4426950408889634
                 delta = tl.load(DELTA + lse_row + offs_m, mask=offs_m < Nq, other=0.0)
                 s = _mma(q, tl.trans(k), PREC) * qk_scale
-                s = _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, holes, Nq, Nk, kpm_row, stride_kpn, mask_bh,
+                s = _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, holes, Nq, Nk, kpm_row, mask_bh,
                                stride_mm, stride_mn, True, CAUSAL, HAS_KPM, MASK_KIND)
                 # lse = -inf (a row with no key) has only -inf scores: p = 0 there.
                 p = tl.math.exp2(s - tl.where(lse2 == float("-inf"), 0.0, lse2)[:, None])
@@ -286,15 +288,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_RANGES, KPM, MASK, CU_Q
     tl.store(DV + at, dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_RANGES, KPM, MASK, CU_Q, CU_K,
-                   stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                   stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
-                   stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm, stride_mn, stride_lb, stride_lh,
-                   stride_gb, stride_gh, B, H, Nq, Nk, D, group, qk_scale, sm_scale, dropout_p, seed,
-                   HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, VARLEN: tl.constexpr,
-                   CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                   stride_vn, stride_dob, stride_doh, stride_dom, stride_kpb, stride_mb, stride_mh, stride_mm,
+                   stride_mn, stride_lb, stride_lh, stride_gb, stride_gh, B, H, Nq, Nk, group, seed, qk_scale,
+                   sm_scale, dropout_p, D: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
+                   VARLEN: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query tile: the key tiles the forward visited, probabilities recomputed. DQ
     is (B, H, Nq, D) with rows of D, batch and head strides stride_gb, stride_gh."""
     start_m, bh = _tile_and_row(Nq, BLOCK_M)
@@ -308,8 +309,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_RANGES, KPM, MASK, CU_Q, CU_K
     q_ok = (offs_m[:, None] < Nq) & (offs_d[None, :] < D)
     kv_lo, kv_hi, holes = _key_range(KV_RANGES, b, B, Nk, HAS_KPM)
     rows = q_off + offs_m[:, None]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows * stride_qm + offs_d[None, :] * stride_qd, mask=q_ok, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dom + offs_d[None, :] * stride_dod, mask=q_ok, other=0.0)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows * stride_qm + offs_d[None, :], mask=q_ok, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dom + offs_d[None, :], mask=q_ok, other=0.0)
     lse_at = b * stride_lb + h * stride_lh + q_off + offs_m
     lse2 = tl.load(LSE + lse_at, mask=offs_m < Nq, other=0.0) * 1.4426950408889634
     lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
@@ -323,10 +324,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_RANGES, KPM, MASK, CU_Q, CU_K
     for start_n in range(t_lo, t_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
         s = _mma(q, tl.trans(k), PREC) * qk_scale
-        s = _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, holes, Nq, Nk, kpm_row, stride_kpn, mask_bh,
+        s = _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, holes, Nq, Nk, kpm_row, mask_bh,
                        stride_mm, stride_mn, True, CAUSAL, HAS_KPM, MASK_KIND)
         p = tl.math.exp2(s - lse2[:, None])
         dp = _mma(do, tl.trans(v), PREC)
@@ -350,19 +351,27 @@ def _dropout_mask_kernel(KEEP, H, Nq, Nk, dropout_p, seed, BLOCK_M: tl.constexpr
 
 
 # --------------------------------------------------------------------------- launch glue
+@functools.cache
+def _dummy(device: torch.device) -> torch.Tensor:
+    """The pointer passed for an absent mask tensor (never read)."""
+    return torch.empty(16, dtype=torch.int32, device=device)
+
+
 class MaskArgs:
     """Kernel arguments for the masks: pointers (a dummy where absent), strides, flags."""
 
     def __init__(self, q: torch.Tensor, key_padding, key_ranges, attn_mask, cu_seqlens_q=None,
                  cu_seqlens_k=None):
-        dummy = q.new_empty(1, dtype=torch.int32)
+        dummy = _dummy(q.device)
         self.has_kpm = key_padding is not None
         self.varlen = cu_seqlens_q is not None
         self.cu_q = cu_seqlens_q if self.varlen else dummy
         self.cu_k = cu_seqlens_k if self.varlen else dummy
         self.ranges = key_ranges if self.has_kpm else dummy
+        if self.has_kpm and key_padding.stride(1) != 1 and key_padding.shape[1] > 1:
+            key_padding = key_padding.contiguous()  # the kernels read each row's keys in one run
         self.kpm = key_padding.view(torch.uint8) if self.has_kpm else dummy
-        self.kpm_strides = key_padding.stride() if self.has_kpm else (0, 0)
+        self.kpm_stride = key_padding.stride(0) if self.has_kpm else 0
         self.kind = 0 if attn_mask is None else (1 if attn_mask.dtype == torch.bool else 2)
         self.mask = dummy if attn_mask is None else (attn_mask.view(torch.uint8) if self.kind == 1 else attn_mask)
         self.mask_strides = (0, 0, 0, 0) if attn_mask is None else attn_mask.stride()
@@ -371,16 +380,36 @@ class MaskArgs:
         return self.ranges, self.kpm, self.mask, self.cu_q, self.cu_k
 
     def strides(self):
-        return (*self.kpm_strides, *self.mask_strides)
-
-    def flags(self):
-        return dict(HAS_KPM=self.has_kpm, MASK_KIND=self.kind, VARLEN=self.varlen)
+        return (self.kpm_stride, *self.mask_strides)
 
 
-def _batch_head_strides(t: torch.Tensor, varlen: bool):
-    """(batch, head) strides of a (B, H, N, ...) tensor; a packed one's single batch row serves
-    every sequence."""
+class Flags(NamedTuple):
+    """The constexprs of the attention kernels, in their order; BLOCK_M and BLOCK_N follow."""
+    D: int
+    HAS_KPM: bool
+    MASK_KIND: int  # 0 none, 1 bool, 2 float attn_mask
+    VARLEN: bool
+    CAUSAL: bool
+    DROPOUT: bool
+    PREC: str
+    BLOCK_D: int
+
+
+def _rows(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, head, row) strides of a (B, H, N, D) tensor whose rows of D are contiguous; a
+    packed one's single batch row serves every sequence."""
+    sb, sh, sm, _ = t.stride()
+    return 0 if varlen else sb, sh, sm
+
+
+def _batch_head(t: torch.Tensor, varlen: bool) -> tuple[int, int]:
     return 0 if varlen else t.stride(0), t.stride(1)
+
+
+def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t itself when each of its rows of D is contiguous, as the kernels read them (the usual
+    layouts, packed projections included); else a contiguous copy."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -398,22 +427,46 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if tf32 else "ieee"
 
 
+# triton.cdiv and triton.next_power_of_2, without their wrapping as constexpr functions (~2 us a call)
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 0 else 1
+
+
 def block_d(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
+    return max(16, next_pow2(D))
 
 
-def _launch(kernel, name: str, grid, args, flags: dict, nq: int, nk: int, dtype: torch.dtype):
-    """Launches `kernel` with the configuration fastattn.triton.tuning picks for this call;
-    grid(BLOCK_M, BLOCK_N) -> the launch grid."""
+_FWD = Launcher(_fwd_kernel, tensors=10, specialized=19)
+_PREPROCESS = Launcher(_bwd_preprocess, tensors=5, specialized=8)
+_DKDV = Launcher(_bwd_dkdv_kernel, tensors=13, specialized=21)
+_DQ = Launcher(_bwd_dq_kernel, tensors=12, specialized=21)
+_CONFIGS: dict[tuple, tuning.Config] = {}  # (kernel, dtype, Nq, Nk, flags) -> the tuner's answer
+
+
+def _tuning_key(name: str, flags: Flags, nq: int, nk: int, dtype: torch.dtype) -> str:
+    kind = tuning.mask_kind(flags.CAUSAL, flags.HAS_KPM or flags.VARLEN, flags.MASK_KIND, flags.DROPOUT)
+    return tuning.make_key(name, tuning.dtype_name(dtype, flags.PREC == "tf32"), flags.BLOCK_D, kind, nq, nk)
+
+
+def _launch(launcher: Launcher, name: str, grid, args: tuple, flags: Flags, nq: int, nk: int,
+            dtype: torch.dtype):
+    """Launches with the configuration fastattn.triton.tuning picks for this call, asked once
+    per call signature; grid(BLOCK_M, BLOCK_N) -> the launch grid."""
     def run(config):
         m, n, warps, stages = config
-        kernel[grid(m, n)](*args, **flags, BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
+        launcher(grid(m, n), args, (*flags, m, n), warps, stages)
 
+    tuner = tuning.TUNER
     if INTERPRETING:
-        return run(tuning.TUNER.force.get(name, tuning.INTERPRETER_CONFIG))
-    kind = tuning.mask_kind(flags["CAUSAL"], flags["HAS_KPM"] or flags["VARLEN"], flags["MASK_KIND"],
-                             flags["DROPOUT"])
-    key = tuning.make_key(name, tuning.dtype_name(dtype, flags["PREC"] == "tf32"), flags["BLOCK_D"], kind, nq, nk)
+        return run(tuner.force.get(name, tuning.INTERPRETER_CONFIG))
+    memo = (name, dtype, nq, nk, flags)
+    config = None if tuner.force else _CONFIGS.get(memo)
+    if config is not None:
+        return run(config)
 
     def bench(config):
         try:
@@ -421,19 +474,25 @@ def _launch(kernel, name: str, grid, args, flags: dict, nq: int, nk: int, dtype:
         except OutOfResources:  # too large for this dtype and head dim: not a candidate
             return math.inf
 
-    config = tuning.TUNER.config(key, name, flags["BLOCK_D"], nq, bench)
+    key = _tuning_key(name, flags, nq, nk, dtype)
+    config = tuner.config(key, name, flags.BLOCK_D, nq, bench)
     while True:
         try:
-            return run(config)
+            run(config)
+            break
         except OutOfResources:  # e.g. fp32 tiles at D = 128 (the shipped defaults are 16-bit ones)
-            if name in tuning.TUNER.force:
+            if name in tuner.force:
                 raise  # the sweep and the tests time or check exactly the config they forced
-            config = tuning.TUNER.next_candidate(key, name, flags["BLOCK_D"], config)
+            config = tuner.next_candidate(key, name, flags.BLOCK_D, config)
+    if not tuner.force:
+        if len(_CONFIGS) >= 4096:
+            _CONFIGS.clear()
+        _CONFIGS[memo] = config
 
 
 def dropout_keep_mask(seed: int, B: int, H: int, Nq: int, Nk: int, p: float, device) -> torch.Tensor:
     keep = torch.empty(B, H, Nq, Nk, dtype=torch.int8, device=device)
-    _dropout_mask_kernel[(triton.cdiv(Nq, 32), triton.cdiv(Nk, 32), B * H)](keep, H, Nq, Nk, p, seed, 32, 32)
+    _dropout_mask_kernel[(cdiv(Nq, 32), cdiv(Nk, 32), B * H)](keep, H, Nq, Nk, p, seed, 32, 32)
     return keep.bool()
 
 
@@ -444,46 +503,41 @@ def _batch_and_lengths(q, k, masks: MaskArgs, max_seqlens):
     return q.shape[0], q.shape[2], k.shape[2]
 
 
-def _qkv_strides(q, k, v, varlen: bool):
-    return tuple(s for t in (q, k, v) for s in (*_batch_head_strides(t, varlen), *t.stride()[2:]))
+def _flags(q, masks: MaskArgs, causal: bool, dropout_p: float) -> Flags:
+    D = q.shape[3]
+    return Flags(D, masks.has_kpm, masks.kind, masks.varlen, causal, dropout_p > 0, dot_precision(q.dtype),
+                 block_d(D))
 
 
 def forward(q, k, v, out, lse, masks: MaskArgs, causal: bool, scale: float, dropout_p: float, seed: int,
             max_seqlens=(0, 0)):
-    """max_seqlens: the longest packed sequences (queries, keys), with masks.varlen."""
-    _, H, _, D = q.shape
-    Hkv = k.shape[1]
+    """q, k, v and out with contiguous rows of D (rows_contiguous); max_seqlens: the longest
+    packed sequences (queries, keys), with masks.varlen."""
+    H, Hkv, vl = q.shape[1], k.shape[1], masks.varlen
     B, Nq, Nk = _batch_and_lengths(q, k, masks, max_seqlens)
-    o_strides = (*_batch_head_strides(out, masks.varlen), *out.stride()[2:])
-    args = (q, k, v, out, lse, *masks.pointers(), *_qkv_strides(q, k, v, masks.varlen), *o_strides,
-            *masks.strides(), *_batch_head_strides(lse, masks.varlen), B, H, Nq, Nk, D, H // Hkv,
-            scale * LOG2E, dropout_p, seed)
-    flags = dict(CAUSAL=causal, DROPOUT=dropout_p > 0, PREC=dot_precision(q.dtype), BLOCK_D=block_d(D),
-                 **masks.flags())
-    _launch(_fwd_kernel, "fwd", lambda m, n: (triton.cdiv(Nq, m) * B * H,), args, flags, Nq, Nk, q.dtype)
+    args = (q, k, v, out, lse, *masks.pointers(), *_rows(q, vl), *_rows(k, vl), *_rows(v, vl), *_rows(out, vl),
+            *masks.strides(), *_batch_head(lse, vl), B, H, Nq, Nk, H // Hkv, seed, scale * LOG2E, dropout_p)
+    _launch(_FWD, "fwd", lambda m, n: (cdiv(Nq, m) * B * H,), args, _flags(q, masks, causal, dropout_p),
+            Nq, Nk, q.dtype)
 
 
 def backward(dout, dlse, q, k, v, out, lse, masks: MaskArgs, causal: bool, scale: float,
              dropout_p: float, seed: int, dq, dk, dv, max_seqlens=(0, 0)):
-    """dq (B, H, Nq, D), dk and dv (B, Hkv, Nk, D), with rows of D; dlse in lse's layout."""
-    _, H, _, D = q.shape
-    Hkv = k.shape[1]
+    """dout, q, k, v, out with contiguous rows of D; dq (B, H, Nq, D), dk and dv (B, Hkv, Nk, D),
+    contiguous; dlse in lse's layout."""
+    H, Hkv, vl = q.shape[1], k.shape[1], masks.varlen
     B, Nq, Nk = _batch_and_lengths(q, k, masks, max_seqlens)
-    varlen = masks.varlen
-    lse_strides = _batch_head_strides(lse, varlen)
+    flags = _flags(q, masks, causal, dropout_p)
+    lse_strides, do_strides = _batch_head(lse, vl), _rows(dout, vl)
     delta = torch.empty_like(lse)
     pre_block = 64
-    do_strides = (*_batch_head_strides(dout, varlen), *dout.stride()[2:])
-    _bwd_preprocess[(triton.cdiv(Nq, pre_block) * B * H,)](
-        out, dout, dlse if dlse is not None else lse, delta, masks.cu_q,
-        *_batch_head_strides(out, varlen), *out.stride()[2:], *do_strides, *lse_strides, H, Nq, D,
-        HAS_DLSE=dlse is not None, VARLEN=varlen, BLOCK_M=pre_block, BLOCK_D=block_d(D))
-    common = (*masks.pointers(), *_qkv_strides(q, k, v, varlen), *do_strides, *masks.strides(), *lse_strides)
-    flags = dict(CAUSAL=causal, DROPOUT=dropout_p > 0, PREC=dot_precision(q.dtype), BLOCK_D=block_d(D),
-                 **masks.flags())
-    _launch(_bwd_dkdv_kernel, "dkdv", lambda m, n: (triton.cdiv(Nk, n) * B * Hkv,),
-            (q, k, v, dout, lse, delta, dk, dv, *common, *_batch_head_strides(dk, varlen), B, H, Hkv, Nq,
-             Nk, D, H // Hkv, scale * LOG2E, scale, dropout_p, seed), flags, Nq, Nk, q.dtype)
-    _launch(_bwd_dq_kernel, "dq", lambda m, n: (triton.cdiv(Nq, m) * B * H,),
-            (q, k, v, dout, lse, delta, dq, *common, *_batch_head_strides(dq, varlen), B, H, Nq, Nk, D,
-             H // Hkv, scale * LOG2E, scale, dropout_p, seed), flags, Nq, Nk, q.dtype)
+    _PREPROCESS((cdiv(Nq, pre_block) * B * H,),
+                (out, dout, dlse if dlse is not None else lse, delta, masks.cu_q, *_rows(out, vl), *do_strides,
+                 *lse_strides, H, Nq), (flags.D, dlse is not None, vl, flags.BLOCK_D, pre_block), 4, 3)
+    common = (*masks.pointers(), *_rows(q, vl), *_rows(k, vl), *_rows(v, vl), *do_strides, *masks.strides(),
+              *lse_strides)
+    tail = (B, H, Nq, Nk, H // Hkv, seed, scale * LOG2E, scale, dropout_p)
+    _launch(_DKDV, "dkdv", lambda m, n: (cdiv(Nk, n) * B * Hkv,),
+            (q, k, v, dout, lse, delta, dk, dv, *common, *_batch_head(dk, vl), *tail), flags, Nq, Nk, q.dtype)
+    _launch(_DQ, "dq", lambda m, n: (cdiv(Nq, m) * B * H,),
+            (q, k, v, dout, lse, delta, dq, *common, *_batch_head(dq, vl), *tail), flags, Nq, Nk, q.dtype)

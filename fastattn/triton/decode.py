@@ -14,16 +14,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import INTERPRETING, LOG2E, _mma, block_d, dot_precision
+from .attention import INTERPRETING, LOG2E, UNSPECIALIZED, _mma, block_d, cdiv, dot_precision, next_pow2
+from .launch import Launcher
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, SEQLENS,
-                         stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn,
-                         stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
-                         H, Hkv, Nq, D, group, qk_scale, split_len, num_splits,
-                         CAUSAL: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_kd,
+                         stride_vb, stride_vh, stride_vn, stride_vd, split_len, H, Hkv, Nq, group, num_splits,
+                         qk_scale, D: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """q with contiguous rows of D (the caches: any strides)."""
     bhk = tl.program_id(0)  # on the first axis: a grid's others stop at 65535
     split = tl.program_id(1)
     b, hk = (bhk // Hkv).to(tl.int64), (bhk % Hkv).to(tl.int64)  # 64-bit: long caches pass 2^31 elements
@@ -35,7 +36,7 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, SEQLENS,
     length = tl.load(SEQLENS + b)
     lo = split * split_len
     hi = tl.minimum(lo + split_len, length)
-    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + i[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + i[:, None] * stride_qm + offs_d[None, :],
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
@@ -68,10 +69,11 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, SEQLENS,
              mask=row_ok)
 
 
-@triton.jit
-def _decode_merge_kernel(O_PART, LSE_PART, O, LSE, stride_ob, stride_oh, stride_om, stride_od,
-                         H, Nq, D, num_splits, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out = sum_s 2^(lse_s - lse) out_s and lse = log2-sum-exp2 of lse_s, for one query row."""
+@triton.jit(do_not_specialize=UNSPECIALIZED)
+def _decode_merge_kernel(O_PART, LSE_PART, O, LSE, stride_ob, stride_oh, stride_om, H, Nq, num_splits,
+                         D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out = sum_s 2^(lse_s - lse) out_s and lse = log2-sum-exp2 of lse_s, for one query row;
+    out with contiguous rows of D."""
     row = tl.program_id(0)  # (b * H + h) * Nq + i
     b, h, i = row // (H * Nq), row // Nq % H, row % Nq
     offs_s = tl.arange(0, SPLITS)
@@ -84,7 +86,7 @@ def _decode_merge_kernel(O_PART, LSE_PART, O, LSE, stride_ob, stride_oh, stride_
     o = tl.load(O_PART + (row * num_splits + offs_s)[:, None] * D + offs_d[None, :],
                 mask=(offs_s[:, None] < num_splits) & (offs_d[None, :] < D), other=0.0)
     out = tl.sum(w[:, None] * o, 0) / tl.where(total > 0.0, total, 1.0)
-    tl.store(O + b * stride_ob + h * stride_oh + i * stride_om + offs_d * stride_od, out.to(O.dtype.element_ty),
+    tl.store(O + b * stride_ob + h * stride_oh + i * stride_om + offs_d, out.to(O.dtype.element_ty),
              mask=offs_d < D)
     lse = tl.where(total > 0.0, (top + tl.math.log2(tl.where(total > 0.0, total, 1.0))) * 0.6931471805599453,
                    float("-inf"))
@@ -100,28 +102,33 @@ def _multiprocessors(device: torch.device) -> int:
 
 def split_count(ctas: int, cache_len: int, block_n: int, multiprocessors: int) -> int:
     """Splits per kv head: enough CTAs for two waves, each split at least two key tiles."""
-    wanted = triton.cdiv(2 * multiprocessors, max(ctas, 1))
+    wanted = cdiv(2 * multiprocessors, max(ctas, 1))
     return max(1, min(wanted, cache_len // (2 * block_n), 128))
 
 
+_SPLIT = Launcher(_decode_split_kernel, tensors=6, specialized=12)
+_MERGE = Launcher(_decode_merge_kernel, tensors=4, specialized=3)
+
+
 def decode(q, k_cache, v_cache, seqlens, out, lse, causal: bool, scale: float) -> None:
-    """q (B, H, Nq, D); caches (B, Hkv, Nmax, D); seqlens (B,) int32 valid keys per row; writes
-    out (B, H, Nq, D), any strides, and lse (B, H, Nq), contiguous."""
+    """q (B, H, Nq, D) with contiguous rows of D; caches (B, Hkv, Nmax, D); seqlens (B,) int32
+    valid keys per row; writes out (B, H, Nq, D), contiguous rows of D, and lse (B, H, Nq),
+    contiguous."""
     B, H, Nq, D = q.shape
     Hkv, Nmax = k_cache.shape[1], k_cache.shape[2]
     group = H // Hkv
-    block_m = max(16, min(64, triton.next_power_of_2(group * Nq)))
-    m_blocks = triton.cdiv(group * Nq, block_m)
+    block_m = max(16, min(64, next_pow2(group * Nq)))
+    m_blocks = cdiv(group * Nq, block_m)
     # 64 keys a tile; 32 for fp32 at D = 256, whose 64-key tiles take 148 KiB of shared memory
     # on sm_90 (one CTA an SM; 82 KiB at 32, compiled here)
     block_n = 32 if INTERPRETING or block_d(D) * q.element_size() > 512 else 64
     splits = split_count(B * Hkv * m_blocks, Nmax, block_n, _multiprocessors(q.device))
-    split_len = triton.cdiv(triton.cdiv(Nmax, splits), block_n) * block_n
+    split_len = cdiv(cdiv(Nmax, splits), block_n) * block_n
     o_part = torch.empty(B, H, Nq, splits, D, device=q.device, dtype=torch.float32)
     lse_part = torch.empty(B, H, Nq, splits, device=q.device, dtype=torch.float32)
-    _decode_split_kernel[(B * Hkv, splits, m_blocks)](
-        q, k_cache, v_cache, o_part, lse_part, seqlens, *q.stride(), *k_cache.stride(), *v_cache.stride(),
-        H, Hkv, Nq, D, group, scale * LOG2E, split_len, splits, CAUSAL=causal, PREC=dot_precision(q.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d(D), num_warps=4, num_stages=2)
-    _decode_merge_kernel[(B * H * Nq,)](o_part, lse_part, out, lse, *out.stride(), H, Nq, D, splits,
-                                        SPLITS=triton.next_power_of_2(splits), BLOCK_D=block_d(D))
+    _SPLIT((B * Hkv, splits, m_blocks),
+           (q, k_cache, v_cache, o_part, lse_part, seqlens, *q.stride()[:3], *k_cache.stride(), *v_cache.stride(),
+            split_len, H, Hkv, Nq, group, splits, scale * LOG2E),
+           (D, causal, dot_precision(q.dtype), block_m, block_n, block_d(D)), 4, 2)
+    _MERGE((B * H * Nq,), (o_part, lse_part, out, lse, *out.stride()[:3], H, Nq, splits),
+           (D, next_pow2(splits), block_d(D)), 4, 3)

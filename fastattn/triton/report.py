@@ -19,12 +19,15 @@ from pathlib import Path
 POINTERS = {"LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32", "KV_RANGES": "*i32", "KPM": "*u8", "MASK": "*u8",
             "CU_Q": "*i32", "CU_K": "*i32", "O_PART": "*fp32", "LSE_PART": "*fp32", "SEQLENS": "*i32"}
 FLOATS = {"qk_scale", "sm_scale", "dropout_p"}
-UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod"}
+UNIT_STRIDES = {"stride_kd", "stride_vd"}  # the decode kernel's caches (the others' rows are contiguous)
 
 
 def compile_kernel(fn, dtype: str, arch: int, constexprs: dict):
     """triton.compile for GPUTarget("cuda", arch, 32), with the specialisations a real launch
-    gets: 16-byte aligned pointers, 16-divisible strides and sizes, unit head-dim strides."""
+    gets: 16-byte aligned pointers, 16-divisible strides, unit head-dim strides, and the integers
+    declared do_not_specialize (sizes, the seed) as they are."""
+    from fastattn.triton.attention import UNSPECIALIZED
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -36,7 +39,7 @@ def compile_kernel(fn, dtype: str, arch: int, constexprs: dict):
         if name in consts or name in UNIT_STRIDES:
             consts.setdefault(name, 1)  # unit stride along the head dim
             signature[name] = "constexpr"
-        elif name.isupper() and name not in ("B", "H", "D"):  # tensors are upper-case; B, H, D are sizes
+        elif name.isupper() and name not in ("B", "H"):  # tensors are upper-case; B, H are sizes
             signature[name] = POINTERS.get(name, f"*{dtype}")
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in FLOATS:
@@ -45,7 +48,7 @@ def compile_kernel(fn, dtype: str, arch: int, constexprs: dict):
             signature[name] = "i64"
         else:
             signature[name] = "i32"
-            if name.startswith("stride_") or name in ("Nq", "Nk", "D"):
+            if name not in UNSPECIALIZED:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", arch, 32),
                           options=options)
@@ -96,7 +99,7 @@ def main(argv=None) -> int:
                     if not fits((m, n, w, s), D):
                         continue  # never launched at this head dim
                     flags = dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, HAS_KPM=True, MASK_KIND=0, VARLEN=False,
-                                 CAUSAL=True, DROPOUT=False, PREC="ieee" if dtype == "fp32" else "tf32", BLOCK_D=D)
+                                 CAUSAL=True, DROPOUT=False, PREC="ieee" if dtype == "fp32" else "tf32", D=D, BLOCK_D=D)
                     kernel = compile_kernel(getattr(ta, name), dtype, args.arch, flags)
                     st = cubin_stats(kernel.asm["cubin"])
                     smem = kernel.metadata.shared
@@ -115,7 +118,7 @@ def main(argv=None) -> int:
         for D in map(int, args.head_dims.split(",")):
             for m in (16, 64):
                 flags = dict(BLOCK_M=m, BLOCK_N=64, num_warps=4, num_stages=2, CAUSAL=True,
-                             PREC="ieee" if dtype == "fp32" else "tf32", BLOCK_D=D)
+                             PREC="ieee" if dtype == "fp32" else "tf32", D=D, BLOCK_D=D)
                 st = cubin_stats(compile_kernel(triton_decode._decode_split_kernel, dtype, args.arch, flags).asm["cubin"])
                 print(f"{'_decode_split_kernel':<18} {dtype:>5} {D:>4} {f'{m},64,4,2':>18} {st['regs']:>5} "
                       f"{st['stack']:>6} {st['spill insts']:>11} {'':>8} {st['wgmma']:>5} {st['mma.sync']:>8}")
