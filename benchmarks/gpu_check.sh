@@ -11,11 +11,14 @@
 #   tune       python -m fastattn tune, leaving BENCH_RESERVE=150 s; its winners become    TUNE_BUDGET=150
 #              fastattn/triton/tuned/sm<arch>.json, the defaults the benchmark then runs
 #   bench      the benchmark grid (QUICK=1: the quick subset; END_TO_END=1: whole models)  BENCH_TIMEOUT=240
+#   dispatch   this GPU's dispatch table from the grid's rows (python -m fastattn tune       (60 s)
+#              --dispatch --from-record): dispatch-table.json, to ship as
+#              fastattn/backends/tables/<gpu>.json, which backend="auto" then follows
 # Each step start and end prints the UTC time and the seconds since the start; a summary table ends
 # the log, even after a kill by SIGTERM. Outputs, in the output directory (first argument, else
 # $OUT, else benchmarks/results/), written as they happen so a kill loses nothing before it:
 #   gpu_check.log  test_failures.log (each failure, at once)  test_counts.txt (passed,failed,skipped)
-#   gpu_record.json (rewritten after every bench case)  gpu_plots.png  tuned.json
+#   gpu_record.json (rewritten after every bench case)  gpu_plots.png  tuned.json  dispatch-table.json
 # The commit recorded: benchmarks/.commit (write it before a device run: `git rev-parse HEAD >
 # benchmarks/.commit`, and carry it), else git rev-parse HEAD, else $FASTATTN_COMMIT.
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]
@@ -92,9 +95,10 @@ step "versions: nvidia-smi" 30 nvidia-smi
 step "versions: fastattn" 30 $py -m fastattn info
 
 gpu_tests=()
-for f in tests/test_triton.py tests/test_cuda.py tests/test_gpu.py tests/test_varlen.py tests/test_kvcache.py; do [[ -f $f ]] && gpu_tests+=("$f"); done
+for f in tests/test_triton.py tests/test_cuda.py tests/test_gpu.py tests/test_varlen.py tests/test_kvcache.py \
+  tests/test_sdpa.py tests/test_dispatch.py tests/test_triton_launch.py; do [[ -f $f ]] && gpu_tests+=("$f"); done
 pytest_args=(-p no:cacheprovider -q -p pytest_live --continue-on-collection-errors
-  -k "(test_triton.py or test_cuda.py or test_gpu.py or test_varlen.py or test_kvcache.py or compile) and not sm90")  # sm90: CI compiles it
+  -k "(test_triton.py or test_cuda.py or test_gpu.py or test_varlen.py or test_kvcache.py or test_sdpa.py or test_dispatch.py or test_triton_launch.py or compile) and not sm90")  # sm90: CI compiles it
 $py -c "import xdist" 2>/dev/null && pytest_args+=(-n "${TEST_WORKERS:-8}")
 $py -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout "${TEST_CASE_TIMEOUT:-120}")
 PYTHONPATH="$PWD/benchmarks:$PYTHONPATH" step tests "${TEST_TIMEOUT:-150}" \
@@ -136,5 +140,6 @@ step bench "${BENCH_TIMEOUT:-240}" $py -m fastattn bench ${QUICK:+--quick} $e2e 
 if [[ -f $record && ! -f $png ]]; then  # cut short: plot the rows it saved
   step plot 60 $py -c "import json, sys; from fastattn.bench.report import plot; plot(json.load(open(sys.argv[1])), sys.argv[2])" "$record" "$png"
 fi
+[[ -f $record ]] && step dispatch 60 $py -m fastattn tune --dispatch --from-record "$record" --out "$out_dir/dispatch-table.json"
 
 echo; echo "== [$(stamp)] done"

@@ -1,5 +1,5 @@
 """fastattn: fused scaled-dot-product attention for PyTorch."""
-from .api import attention
+from .api import attention, explain
 from .nn import MultiHeadAttention, replace_attention
 from .backends import NoBackendError, available_backends, unavailable_backends
 from .integrations import register_transformers
@@ -10,5 +10,5 @@ from .kvcache import attention_with_kvcache
 __version__ = "0.1.0"
 
 __all__ = ["MultiHeadAttention", "NoBackendError", "attention", "attention_varlen", "attention_with_kvcache",
-           "available_backends", "pad", "reference_attention", "register_transformers", "replace_attention",
+           "available_backends", "explain", "pad", "reference_attention", "register_transformers", "replace_attention",
            "unavailable_backends", "unpad"]

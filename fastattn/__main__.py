@@ -28,6 +28,20 @@ def info() -> None:
     print("backends available (priority order): " + ", ".join(available_backends()))
     for name, why in unavailable_backends().items():
         print(f"  {name} unavailable: {why}")
+    dispatch_tables(["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+
+
+def dispatch_tables(devices: list[str]) -> None:
+    """The measured rankings backend="auto" follows on this machine (fastattn.backends.dispatch)."""
+    from fastattn.backends import dispatch
+
+    for device in devices:
+        name = dispatch.machine(device)
+        entries = dispatch.table(name).entries
+        print(f"dispatch table {name}: " + (f"{len(entries)} measured cases" if entries else
+                                           "none: auto takes the backends in priority order"))
+        for key, order in sorted(entries.items()):
+            print(f"  {key:<40} {' > '.join(order)}")
 
 
 def main(argv=None) -> None:
@@ -44,8 +58,8 @@ def main(argv=None) -> None:
     bench.add_argument("--table", metavar="RECORD", help="print a record's rows as the README's markdown table")
     sub.add_parser("train", help="train the notes' Transformer (python -m fastattn train --help)",
                    add_help=False)
-    sub.add_parser("tune", help="sweep the Triton kernels' configurations into their defaults (--help)",
-                   add_help=False)
+    sub.add_parser("tune", help="sweep the Triton kernels' configurations into their defaults; with --dispatch, "
+                   "time the backends into this machine's dispatch table (--help)", add_help=False)
     sub.add_parser("report", help="compile the Triton kernels for sm_90 and report registers, spills, SASS (--help)",
                    add_help=False)
     args, rest = parser.parse_known_args(argv)
@@ -53,6 +67,10 @@ def main(argv=None) -> None:
         from fastattn.models.train import main as train
 
         train(rest)
+    elif args.command == "tune" and "--dispatch" in rest:
+        from fastattn.bench.dispatch import main as tune_dispatch
+
+        raise SystemExit(tune_dispatch(rest))
     elif args.command == "tune":
         from fastattn.triton.tune import main as tune
 

@@ -8,6 +8,8 @@ from torch import Tensor
 
 from . import _C, ops
 from .backends import Problem, select_backend
+from .backends import explain as explain_selection
+from .backends.base import head_dim_value, length_bucket
 from .masks import key_ranges as key_ranges_by_torch_ops
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -139,21 +141,43 @@ def attention(
     A query that sees no key gives a zero row (lse = -inf) and zero gradients.
     Returns out (B, H, Nq, D) in query's dtype, or (out, lse) with lse (B, H, Nq) float32.
     """
+    key_padding_mask, attn_mask, scale, problem = _problem(query, key, value, key_padding_mask, attn_mask, causal,
+                                                           scale, dropout_p, backend)
+    chosen = select_backend(backend, problem)
+    ranges = None if key_padding_mask is None else key_ranges(key_padding_mask)
+    out, lse = ops.attention_forward(query, key, value, key_padding_mask, ranges, attn_mask, None, None, 0, 0,
+                                     causal, float(scale), float(dropout_p), dropout_seed(dropout_p), chosen.name)
+    return (out, lse) if return_lse else out
+
+
+def explain(query: Tensor, key: Tensor, value: Tensor, *, key_padding_mask: Tensor | None = None,
+            attn_mask: Tensor | None = None, causal: bool = False, scale: float | None = None,
+            dropout_p: float = 0.0, backend: str = "auto") -> str:
+    """Which backend fastattn.attention takes for this call, and why (the measured ranking it
+    followed and what declined before it), as text. Runs nothing."""
+    problem = _problem(query, key, value, key_padding_mask, attn_mask, causal, scale, dropout_p, backend)[3]
+    return explain_selection(backend, problem)
+
+
+def _problem(query, key, value, key_padding_mask, attn_mask, causal, scale, dropout_p, backend):
+    """The checked masks and scale, and the dispatch facts (Problem) of an attention call."""
     _check_qkv(query, key, value)
     key_padding_mask = _check_key_padding(key_padding_mask, query, key)
     attn_mask = _check_attn_mask(attn_mask, query, key)
     D = query.shape[-1]
     scale = check_scalars(causal, scale, dropout_p, backend, D)
-
     device = query.device.type
     needs_grad = (query.requires_grad or key.requires_grad or value.requires_grad) and torch.is_grad_enabled()
     mask_kind = None if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "float")
-    chosen = select_backend(backend, Problem(device, query.dtype, D, mask_kind, key_padding_mask is not None, causal,
-                                             dropout_p > 0.0, needs_grad, aligned(device, query, key, value)))
-    ranges = None if key_padding_mask is None else key_ranges(key_padding_mask)
-    out, lse = ops.attention_forward(query, key, value, key_padding_mask, ranges, attn_mask, None, None, 0, 0,
-                                     causal, float(scale), float(dropout_p), dropout_seed(dropout_p), chosen.name)
-    return (out, lse) if return_lse else out
+    # Plain values, for the dispatch table's lookup, also while torch.compile traces with dynamic
+    # shapes (sizes and floats symbolic): head_dim_value and length_bucket compare, and the
+    # comparisons are branches, not symbolic bools.
+    dropout = True if dropout_p > 0.0 else False
+    gqa = True if key.shape[1] != query.shape[1] else False
+    problem = Problem(device, query.dtype, head_dim_value(D), mask_kind, key_padding_mask is not None, causal, dropout,
+                      needs_grad, aligned(device, query, key, value), nq=length_bucket(query.shape[2]),
+                      nk=length_bucket(key.shape[2]), gqa=gqa)
+    return key_padding_mask, attn_mask, scale, problem
 
 
 def dropout_seed(dropout_p: float) -> int:

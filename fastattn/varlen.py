@@ -78,10 +78,10 @@ def attention_varlen(
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, heads, total, D) views
     problem = Problem(
         device=q.device.type, dtype=q.dtype, head_dim=q.shape[-1], mask_kind=None, key_padding=False,
-        causal=causal, dropout=dropout_p > 0.0,
+        causal=causal, dropout=True if dropout_p > 0.0 else False,  # branches: see api._problem
         needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
-        aligned=aligned(q.device.type, q4, k4, v4), varlen=True,
-    )
+        aligned=aligned(q.device.type, q4, k4, v4), varlen=True, gqa=True if k.shape[1] != q.shape[1] else False,
+    )  # no length bucket: the longest sequence is often known only from the data (unpad)
     chosen = select_backend(backend, problem)
     out, lse = ops.attention_forward(q4, k4, v4, None, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                      max_seqlen_k, causal, scale, float(dropout_p), dropout_seed(dropout_p),

@@ -82,19 +82,34 @@ def test_more_sequences_and_heads_than_a_grid_axis_takes():
     assert rel_err(got, want) < TOL[torch.bfloat16]
 
 
-def test_fp32_is_ieee_unless_tf32_is_opted_in():
+def test_fp32_dots_3xtf32_by_default_ieee_when_asked_tf32_when_opted_in(monkeypatch):
+    """3xTF32 meets the fp32 bound, forward and gradients; IEEE too; TF32 is about 1e-3."""
+    from fastattn.triton import attention as ta
+
     torch.manual_seed(0)
-    q, k, v = (t.detach() for t in cuda_inputs(2, 4, 4, 256, 256, 64, dtype=torch.float32))
-    ref = fastattn.reference_attention(q.double(), k.double(), v.double())[0]
-    assert torch.backends.cuda.matmul.fp32_precision in ("none", "ieee")  # torch's default: no TF32
-    ieee = rel_err(fastattn.attention(q, k, v, backend="triton"), ref)
+    q, k, v = cuda_inputs(2, 4, 4, 256, 256, 64, dtype=torch.float32)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = fastattn.reference_attention(*leaves)[0]
+    dout = torch.randn_like(ref)
+    ref.backward(dout)
+    assert torch.backends.cuda.matmul.fp32_precision == "none"  # torch's default: nothing asked
+
+    def errors():
+        out = fastattn.attention(q, k, v, backend="triton")
+        grads = torch.autograd.grad(out, (q, k, v), dout.float())
+        return [rel_err(out, ref)] + [rel_err(g, t.grad) for g, t in zip(grads, leaves)]
+
+    assert ta.dot_precision(torch.float32) == "tf32x3"
+    assert max(errors()) < TOL[torch.float32], errors()
+    monkeypatch.setattr(ta, "FP32_DOTS", "ieee")
+    assert max(errors()) < TOL[torch.float32], errors()
     saved = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
-        tf32 = rel_err(fastattn.attention(q, k, v, backend="triton"), ref)
+        tf32 = errors()[0]
     finally:
         torch.set_float32_matmul_precision(saved)
-    assert ieee < TOL[torch.float32], ieee
+        torch.backends.cuda.matmul.fp32_precision = "none"
     assert 1e-5 < tf32 < 3e-3, tf32  # TF32 dots: faster, about 1e-3
 
 

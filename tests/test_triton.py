@@ -168,23 +168,32 @@ def test_kernels_compile_for_sm90_without_spilling():
     assert "_fwd_kernel" in result.stdout and "FAIL" not in result.stdout
 
 
-def test_fp32_dots_follow_torchs_tf32_switch():
-    """IEEE unless TF32 was opted into, through the new settings or the legacy ones (reading the
-    legacy flag after the new settings were used raises in torch)."""
-    from fastattn.triton.attention import dot_precision
+def test_fp32_dots_3xtf32_unless_torchs_switch_or_ours_says_otherwise(monkeypatch):
+    """3xTF32 by default; TF32 where opted into, through the new settings or the legacy ones
+    (reading the legacy flag after the new settings were used raises in torch); IEEE where asked
+    for, by torch's switch or FASTATTN_FP32_DOTS."""
+    from fastattn.triton import attention as ta
 
     matmul = torch.backends.cuda.matmul
     saved = matmul.fp32_precision
     try:
+        matmul.fp32_precision = "none"
+        assert ta.dot_precision(torch.float32) == "tf32x3"
         matmul.fp32_precision = "ieee"
-        assert dot_precision(torch.float32) == "ieee"
+        assert ta.dot_precision(torch.float32) == "ieee"
         matmul.fp32_precision = "tf32"
-        assert dot_precision(torch.float32) == "tf32"
+        assert ta.dot_precision(torch.float32) == "tf32"
         matmul.fp32_precision = "ieee"
         torch.set_float32_matmul_precision("high")
-        assert dot_precision(torch.float32) == "tf32"
+        assert ta.dot_precision(torch.float32) == "tf32"
         torch.set_float32_matmul_precision("highest")
-        assert dot_precision(torch.float32) == "ieee"
-        assert dot_precision(torch.float16) == "tf32"  # 16-bit operands: the setting does not apply
+        assert ta.dot_precision(torch.float32) == "ieee"
+        assert ta.dot_precision(torch.float16) == "tf32"  # 16-bit operands: the setting does not apply
+        matmul.fp32_precision = "none"
+        monkeypatch.setattr(ta, "FP32_DOTS", "ieee")
+        assert ta.dot_precision(torch.float32) == "ieee"
+        monkeypatch.setattr(ta, "FP32_DOTS", "fast")
+        with pytest.raises(ValueError, match="FASTATTN_FP32_DOTS"):
+            ta.dot_precision(torch.float32)
     finally:
         matmul.fp32_precision = saved

@@ -25,6 +25,34 @@ class Problem(NamedTuple):
     aligned: bool = True  # unit head-dim stride, other strides multiples of 8, 16-byte aligned data
     varlen: bool = False  # packed sequences (fastattn.attention_varlen)
     decode: bool = False  # a few queries against a KV cache (fastattn.attention_with_kvcache)
+    nq: int = 1  # Nq and Nk rounded up to powers of two (length_bucket)
+    nk: int = 1
+    gqa: bool = False  # fewer kv heads than query heads
+
+
+def length_bucket(n) -> int:
+    """n rounded up to a power of two (0 stays 0): calls of one bucket share a dispatch answer.
+    While torch.compile traces (where a symbolic length looks like an int) it is bucketed by
+    comparisons, which guard the compiled graph to its bucket under dynamic shapes."""
+    if type(n) is int and not torch.compiler.is_compiling():
+        return 1 << (n - 1).bit_length() if n > 0 else 0
+    bucket = 0 if n == 0 else 1
+    while bucket and bucket < n:
+        bucket <<= 1
+    return bucket
+
+
+def head_dim_value(n) -> int:
+    """n as a Python int, for the dispatch table's key. While torch.compile traces, a symbolic n
+    (dynamic shapes; it looks like an int there) is found by comparisons, which specialize the
+    graph on it: the only way dynamo lets a size become a constant (int() keeps it symbolic). A
+    head dim beyond 4096 reads as 4096, which every backend declines."""
+    if type(n) is int and not torch.compiler.is_compiling():
+        return n
+    value = 0
+    while value < n and value < 4096:
+        value += 1
+    return value
 
 
 @dataclass(frozen=True)
@@ -119,8 +147,20 @@ class Backend:
 def new_buffer(like: Tensor, *shape: int, dtype: torch.dtype | None = None) -> Tensor:
     """An uninitialised kernel output. With FASTATTN_POISON=1 (the tests set it) it is filled
     with NaN, so an element a kernel forgets to write cannot pass for a right answer."""
-    t = like.new_empty(*shape, dtype=dtype or like.dtype)
+    return _poisoned(like.new_empty(*shape, dtype=dtype or like.dtype))
+
+
+def _poisoned(t: Tensor) -> Tensor:
     return t.fill_(math.nan) if os.environ.get("FASTATTN_POISON") == "1" else t
+
+
+def out_strides(q: Tensor) -> tuple[int, ...]:
+    """The strides of a dense (B, H, Nq, D) tensor laid out in q's dimension order."""
+    strides, step = [0] * 4, 1
+    for d in sorted(range(4), key=lambda d: (q.stride(d), -d)):  # innermost dimension first
+        strides[d] = step
+        step *= q.shape[d]
+    return tuple(strides)
 
 
 def empty_out(q: Tensor) -> Tensor:
@@ -129,9 +169,7 @@ def empty_out(q: Tensor) -> Tensor:
     viewing its (B, N, E) or (N, B, E) projection reshapes the output back with no copy. The
     fakes and the Python backends allocate through here; the C++ kernels by the same rule
     (csrc/cpu/cpu_glue.cpp, new_output)."""
-    order = sorted(range(4), key=lambda d: (-q.stride(d), d))  # outermost dimension first
-    buf = new_buffer(q, *(q.shape[d] for d in order))
-    return buf.permute(*sorted(range(4), key=order.__getitem__))
+    return _poisoned(q.new_empty_strided(q.shape, out_strides(q)))
 
 
 def empty_lse(q: Tensor) -> Tensor:

@@ -1,6 +1,7 @@
-"""The attention grid: every fastattn backend and every peer a user would call instead (torch SDPA
-per backend, FlexAttention) on one case, side by side in one process, each output also checked
-against the float64 reference on a sample (max_err)."""
+"""The attention grid: every fastattn backend, what backend="auto" takes (fastattn:auto: what a
+user gets), and every peer a user would call instead (torch SDPA per backend, FlexAttention) on
+one case, side by side in one process, each output also checked against the float64 reference
+on a sample (max_err)."""
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 from ..api import attention
 from ..backends import NoBackendError, Problem, available_backends, select_backend
+from ..backends.base import length_bucket
 from ..masks import sdpa_mask_from_padding
 from ..reference import reference_attention
 from .cases import DTYPES, Case
@@ -54,22 +56,34 @@ def make_inputs(case: Case, device: str) -> Inputs:
     return Inputs(sets, kpm, sdpa_mask, dout)
 
 
-def providers(case: Case, device: str, inputs: Inputs, quick: bool) -> dict:
-    """name -> forward callable (q, k, v) -> out, for every peer that can run the case."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def case_problem(case: Case, device: str) -> Problem:
+    """The dispatch facts of the case's calls, as fastattn.attention gathers them."""
+    return Problem(device, DTYPES[case.dtype], case.head_dim, None, "padded" in case.kind, case.causal, False,
+                   case.mode == "fwd+bwd", nq=length_bucket(case.seq), nk=length_bucket(case.seq),
+                   gqa=case.kv_heads != case.heads)
 
-    found = {}
-    problem = Problem(device, DTYPES[case.dtype], case.head_dim, None, inputs.kpm is not None,
-                      case.causal, False, case.mode == "fwd+bwd")
-    for name in available_backends():
+
+def fastattn_providers(case: Case, device: str, inputs: Inputs) -> dict:
+    """fastattn:<backend> for each backend that takes the case (not the float64 reference, nor
+    Triton's interpreter: not speed peers), and fastattn:auto."""
+    found, problem = {}, case_problem(case, device)
+    for name in available_backends() + ["auto"]:
         if name == "reference" or (name == "triton" and device != "cuda"):
-            continue  # the ground truth, and Triton's interpreter, are not speed peers
+            continue
         try:
             select_backend(name, problem)
         except NoBackendError:
             continue
         found[f"fastattn:{name}"] = lambda q, k, v, name=name: attention(
             q, k, v, key_padding_mask=inputs.kpm, causal=case.causal, backend=name)
+    return found
+
+
+def providers(case: Case, device: str, inputs: Inputs, quick: bool) -> dict:
+    """name -> forward callable (q, k, v) -> out, for fastattn and every peer that can run the case."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    found = fastattn_providers(case, device, inputs)
 
     # "default": no backend forced, what a user gets from SDPA as is
     sdpa_backends = {"default": None, "math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION}
@@ -130,11 +144,13 @@ def reference_error(case: Case, inputs: Inputs, out: torch.Tensor) -> float:
     return (out[:1, :heads, rows].double() - ref).abs().max().item()
 
 
-def run_case(case: Case, device: str, quick: bool, min_run_time: float) -> list[dict]:
-    """Every provider on one case; on the CPU the providers that run are timed taking turns."""
+def run_case(case: Case, device: str, quick: bool, min_run_time: float, fastattn_only: bool = False) -> list[dict]:
+    """Every provider on one case (only fastattn's: the dispatch sweep); on the CPU the providers
+    that run are timed taking turns."""
     inputs = make_inputs(case, device)
     rows, steps = [], {}
-    for name, forward in providers(case, device, inputs, quick).items():
+    found = fastattn_providers(case, device, inputs) if fastattn_only else providers(case, device, inputs, quick)
+    for name, forward in found.items():
         row = dict(backend=name, case=case.label, **asdict(case))
         try:
             if case.mode == "fwd":

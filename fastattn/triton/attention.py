@@ -30,13 +30,14 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # Integer arguments that are not worth a compile of their own (see fastattn.triton.launch): they
 # follow the specialized strides in every kernel's arguments.
 UNSPECIALIZED = ["B", "H", "Hkv", "Nq", "Nk", "group", "seed", "num_splits"]
+FP32_DOTS = os.environ.get("FASTATTN_FP32_DOTS", "3xtf32")  # or "ieee": see dot_precision
 
 
 # --------------------------------------------------------------------------- masks of one tile
 @triton.jit
 def _mma(a, b, PREC: tl.constexpr):
-    """a @ b, accumulated in fp32. PREC is the dots' input precision for fp32 operands, "ieee"
-    or "tf32" (see dot_precision), or "upcast": Triton's interpreter multiplies bf16 operands
+    """a @ b, accumulated in fp32. PREC is the dots' input precision for fp32 operands, "ieee",
+    "tf32" or "tf32x3" (see dot_precision), or "upcast": Triton's interpreter multiplies bf16 operands
     wrongly, so under it they are widened to fp32 first."""
     if PREC == "upcast":
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
@@ -413,18 +414,28 @@ def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 follows torch's own switch for CUDA matmuls: IEEE fp32 dots unless the user opted
-    into TF32 (torch.backends.cuda.matmul.fp32_precision = "tf32", which the global
-    fp32_precision, allow_tf32 and set_float32_matmul_precision("high") also set; reading
-    allow_tf32 itself raises once the new settings are in use). Read at each call, outside
-    anything torch.compile traces."""
+    """The dots' precision for fp32 operands. By default 3xTF32 ("tf32x3": three TF32 products
+    per dot, fp32's error at tensor-core speed; tests/test_gpu.py holds it to the fp32 bound).
+    TF32 where the user opted into it through torch's switch for CUDA matmuls
+    (torch.backends.cuda.matmul.fp32_precision = "tf32", which the global fp32_precision,
+    allow_tf32 and set_float32_matmul_precision("high") also set; reading allow_tf32 itself
+    raises once the new settings are in use). IEEE fp32 dots where asked for: that switch set
+    to "ieee" (set_float32_matmul_precision("highest") does), or FASTATTN_FP32_DOTS=ieee. Read
+    at each call, outside anything torch.compile traces."""
     if INTERPRETING and dtype == torch.bfloat16:
         return "upcast"
     if dtype != torch.float32:
         return "tf32"  # ignored for 16-bit operands
+    if FP32_DOTS not in ("3xtf32", "ieee"):
+        raise ValueError(f"FASTATTN_FP32_DOTS: expected '3xtf32' or 'ieee', got {FP32_DOTS!r}")
     matmul = torch.backends.cuda.matmul
-    tf32 = matmul.fp32_precision == "tf32" if hasattr(matmul, "fp32_precision") else matmul.allow_tf32
-    return "tf32" if tf32 else "ieee"
+    if hasattr(matmul, "fp32_precision"):
+        torch_choice = matmul.fp32_precision  # "none" until set
+    else:
+        torch_choice = "tf32" if matmul.allow_tf32 else "none"
+    if torch_choice == "tf32":
+        return "tf32"
+    return "ieee" if torch_choice == "ieee" or FP32_DOTS == "ieee" else "tf32x3"
 
 
 # triton.cdiv and triton.next_power_of_2, without their wrapping as constexpr functions (~2 us a call)
@@ -449,7 +460,7 @@ _CONFIGS: dict[tuple, tuning.Config] = {}  # (kernel, dtype, Nq, Nk, flags) -> t
 
 def _tuning_key(name: str, flags: Flags, nq: int, nk: int, dtype: torch.dtype) -> str:
     kind = tuning.mask_kind(flags.CAUSAL, flags.HAS_KPM or flags.VARLEN, flags.MASK_KIND, flags.DROPOUT)
-    return tuning.make_key(name, tuning.dtype_name(dtype, flags.PREC == "tf32"), flags.BLOCK_D, kind, nq, nk)
+    return tuning.make_key(name, tuning.dtype_name(dtype, flags.PREC), flags.BLOCK_D, kind, nq, nk)
 
 
 def _launch(launcher: Launcher, name: str, grid, args: tuple, flags: Flags, nq: int, nk: int,

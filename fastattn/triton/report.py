@@ -40,7 +40,7 @@ def compile_kernel(fn, dtype: str, arch: int, constexprs: dict):
             consts.setdefault(name, 1)  # unit stride along the head dim
             signature[name] = "constexpr"
         elif name.isupper() and name not in ("B", "H"):  # tensors are upper-case; B, H are sizes
-            signature[name] = POINTERS.get(name, f"*{dtype}")
+            signature[name] = POINTERS.get(name, f"*{dtype.split('-')[0]}")
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in FLOATS:
             signature[name] = "fp32"
@@ -70,6 +70,7 @@ def cubin_stats(cubin: bytes) -> dict:
             "spill insts": len(re.findall(r"\b(?:LDL|STL)\b", sass))}
 
 
+FP32_PRECISION = {"fp32": "tf32x3", "fp32-ieee": "ieee"}  # the --dtypes names of fp32's dot precisions
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes a block may use, per arch
 
 
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastattn report")
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--head-dims", default="64,128")
-    parser.add_argument("--dtypes", default="bf16", help="e.g. bf16,fp32 (fp32: IEEE dots, minutes to compile)")
+    parser.add_argument("--dtypes", default="bf16", help="e.g. bf16,fp32 (fp32: 3xTF32 dots, the default; fp32-ieee: IEEE dots, minutes to compile)")
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
     from fastattn.triton import attention as ta, decode as triton_decode
@@ -99,18 +100,18 @@ def main(argv=None) -> int:
                     if not fits((m, n, w, s), D):
                         continue  # never launched at this head dim
                     flags = dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, HAS_KPM=True, MASK_KIND=0, VARLEN=False,
-                                 CAUSAL=True, DROPOUT=False, PREC="ieee" if dtype == "fp32" else "tf32", D=D, BLOCK_D=D)
+                                 CAUSAL=True, DROPOUT=False, PREC=FP32_PRECISION.get(dtype, "tf32"), D=D, BLOCK_D=D)
                     kernel = compile_kernel(getattr(ta, name), dtype, args.arch, flags)
                     st = cubin_stats(kernel.asm["cubin"])
                     smem = kernel.metadata.shared
-                    # fp32's IEEE dots run on the FMA units and spill at every tile size: there only
+                    # fp32's dots (IEEE on the FMA units, or three TF32 products) spill at every tile size: there only
                     # the fit in shared memory is required
-                    spills = dtype != "fp32" and (st["stack"] or st["spill insts"])
+                    spills = not dtype.startswith("fp32") and (st["stack"] or st["spill insts"])
                     clean += not spills and smem <= limit
                     print(f"{name:<18} {dtype:>5} {D:>4} {f'{m},{n},{w},{s}':>18} {st['regs']:>5} {st['stack']:>6} "
                           f"{st['spill insts']:>11} {smem // 1024:>8}{'!' if smem > limit else ' '}"
                           f"{st['wgmma']:>5} {st['mma.sync']:>8}", flush=True)
-                    if args.arch == 90 and dtype != "fp32" and not st["wgmma"]:
+                    if args.arch == 90 and not dtype.startswith("fp32") and not st["wgmma"]:
                         failures.append(f"{name} {dtype} D={D} {m},{n}: no wgmma")
                 if not clean:
                     failures.append(f"{name} {dtype} D={D}: every config spills or exceeds shared memory")
@@ -118,11 +119,11 @@ def main(argv=None) -> int:
         for D in map(int, args.head_dims.split(",")):
             for m in (16, 64):
                 flags = dict(BLOCK_M=m, BLOCK_N=64, num_warps=4, num_stages=2, CAUSAL=True,
-                             PREC="ieee" if dtype == "fp32" else "tf32", D=D, BLOCK_D=D)
+                             PREC=FP32_PRECISION.get(dtype, "tf32"), D=D, BLOCK_D=D)
                 st = cubin_stats(compile_kernel(triton_decode._decode_split_kernel, dtype, args.arch, flags).asm["cubin"])
                 print(f"{'_decode_split_kernel':<18} {dtype:>5} {D:>4} {f'{m},64,4,2':>18} {st['regs']:>5} "
                       f"{st['stack']:>6} {st['spill insts']:>11} {'':>8} {st['wgmma']:>5} {st['mma.sync']:>8}")
-                if dtype != "fp32" and (st["stack"] or st["spill insts"]):
+                if not dtype.startswith("fp32") and (st["stack"] or st["spill insts"]):
                     failures.append(f"_decode_split_kernel {dtype} D={D} BLOCK_M={m}: spills")
     for f in failures:
         print("FAIL:", f)

@@ -73,10 +73,10 @@ def mask_kind(causal: bool, padding: bool, attn_mask: int, dropout: bool) -> str
     return "+".join(parts) or "dense"
 
 
-def dtype_name(dtype: torch.dtype, tf32: bool) -> str:
-    """fp16 and bf16 share configurations; fp32 tunes apart for IEEE and TF32 dots."""
+def dtype_name(dtype: torch.dtype, precision: str) -> str:
+    """fp16 and bf16 share configurations; fp32 tunes apart for IEEE, TF32 and 3xTF32 dots."""
     if dtype == torch.float32:
-        return "fp32-tf32" if tf32 else "fp32"
+        return {"ieee": "fp32", "tf32": "fp32-tf32"}.get(precision, "fp32-3xtf32")
     return "16bit"
 
 
