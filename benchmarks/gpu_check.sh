@@ -5,6 +5,9 @@
 # 450 s, build included), so that a run cut short still leaves what matters most:
 #   build      setup.py build_ext --inplace, MAX_JOBS = nproc, FASTATTN_CUDA_ARCHS=9.0a   BUILD_TIMEOUT=200
 #   versions   nvidia-smi, python -m fastattn info                                         (30 s each)
+#   gluon      benchmarks/gluon_check.py: each Gluon variant against float64 in its own      GLUON_TIMEOUT=150
+#              process (GLUON_VARIANT_TIMEOUT=30 s), the survivors timed against cuDNN, FA2
+#              and Triton, the fastest per head dim -> fastattn/gluon/tuned.json
 #   tests      the GPU tests: test_triton/test_cuda/test_gpu, and the torch.compile ones   TEST_TIMEOUT=150
 #              (TEST_WORKERS=8 with xdist, TEST_CASE_TIMEOUT=120 s per test with pytest-timeout)
 #   sanitizer  compute-sanitizer memcheck, racecheck on benchmarks/cuda_sanitize.py        SANITIZE_TIMEOUT=60 each
@@ -19,6 +22,7 @@
 # $OUT, else benchmarks/results/), written as they happen so a kill loses nothing before it:
 #   gpu_check.log  test_failures.log (each failure, at once)  test_counts.txt (passed,failed,skipped)
 #   gpu_record.json (rewritten after every bench case)  gpu_plots.png  tuned.json  dispatch-table.json
+#   gluon_checks.jsonl (a line per variant, as it ends)  gluon_record.json
 # The commit recorded: benchmarks/.commit (write it before a device run: `git rev-parse HEAD >
 # benchmarks/.commit`, and carry it), else git rev-parse HEAD, else $FASTATTN_COMMIT.
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]
@@ -94,11 +98,17 @@ step build "${BUILD_TIMEOUT:-200}" $py setup.py -q build_ext --inplace ||
 step "versions: nvidia-smi" 30 nvidia-smi
 step "versions: fastattn" 30 $py -m fastattn info
 
+if $py -c "import sys, fastattn; sys.exit('gluon' not in fastattn.available_backends())" 2>/dev/null; then
+  step gluon "${GLUON_TIMEOUT:-150}" $py benchmarks/gluon_check.py "$out_dir" --timeout-s "${GLUON_VARIANT_TIMEOUT:-30}"
+else
+  skip gluon "no gluon backend (python -m fastattn info says why)"
+fi
+
 gpu_tests=()
 for f in tests/test_triton.py tests/test_cuda.py tests/test_gpu.py tests/test_varlen.py tests/test_kvcache.py \
-  tests/test_sdpa.py tests/test_dispatch.py tests/test_triton_launch.py; do [[ -f $f ]] && gpu_tests+=("$f"); done
+  tests/test_sdpa.py tests/test_dispatch.py tests/test_triton_launch.py tests/test_gluon.py; do [[ -f $f ]] && gpu_tests+=("$f"); done
 pytest_args=(-p no:cacheprovider -q -p pytest_live --continue-on-collection-errors
-  -k "(test_triton.py or test_cuda.py or test_gpu.py or test_varlen.py or test_kvcache.py or test_sdpa.py or test_dispatch.py or test_triton_launch.py or compile) and not sm90")  # sm90: CI compiles it
+  -k "(test_triton.py or test_cuda.py or test_gpu.py or test_varlen.py or test_kvcache.py or test_sdpa.py or test_dispatch.py or test_triton_launch.py or test_gluon.py or compile) and not sm90 and not test_variant_against_float64")  # sm90: CI compiles it; the gluon step checks the variants
 $py -c "import xdist" 2>/dev/null && pytest_args+=(-n "${TEST_WORKERS:-8}")
 $py -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout "${TEST_CASE_TIMEOUT:-120}")
 PYTHONPATH="$PWD/benchmarks:$PYTHONPATH" step tests "${TEST_TIMEOUT:-150}" \

@@ -60,7 +60,7 @@ def main(argv=None) -> None:
                    add_help=False)
     sub.add_parser("tune", help="sweep the Triton kernels' configurations into their defaults; with --dispatch, "
                    "time the backends into this machine's dispatch table (--help)", add_help=False)
-    sub.add_parser("report", help="compile the Triton kernels for sm_90 and report registers, spills, SASS (--help)",
+    sub.add_parser("report", help="compile the Triton and Gluon kernels for sm_90 and report registers, spills, SASS (--help)",
                    add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":
@@ -76,9 +76,16 @@ def main(argv=None) -> None:
 
         raise SystemExit(tune(rest))
     elif args.command == "report":
+        import importlib.util
+
         from fastattn.triton.report import main as report
 
-        raise SystemExit(report(rest))
+        more = []
+        if importlib.util.find_spec("triton.experimental.gluon") is not None:
+            from fastattn.gluon.report import report as gluon_report
+
+            more.append(gluon_report)
+        raise SystemExit(report(rest, more))
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     elif args.command == "info":

@@ -4,7 +4,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "fastattn"
-PARTS = {"backends", "triton", "nn", "integrations", "models", "bench"}
+PARTS = {"backends", "triton", "gluon", "nn", "integrations", "models", "bench"}
 
 
 def module_name(path: Path) -> str:

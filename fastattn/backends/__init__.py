@@ -9,14 +9,16 @@ from . import dispatch
 from .base import Backend, Capabilities, Masks, Problem
 from .cpu import CpuBackend
 from .cuda import CudaBackend
+from .gluon import GluonBackend
 from .reference import ReferenceBackend
 from .sdpa import SdpaBackend
 from .triton import TritonBackend
 
 # The order for backend="auto" where no measurement ranks the call: fastattn's kernels first
-# (`cuda` is correct but slower than `triton`), then torch's, then the float64-checked reference.
-REGISTRY: dict[str, Backend] = {b.name: b for b in (TritonBackend(), CudaBackend(), CpuBackend(), SdpaBackend(),
-                                                     ReferenceBackend())}
+# (`cuda` is correct but slower than `triton`; `gluon` only where measured), then torch's, then
+# the float64-checked reference.
+REGISTRY: dict[str, Backend] = {b.name: b for b in (TritonBackend(), GluonBackend(), CudaBackend(), CpuBackend(),
+                                                     SdpaBackend(), ReferenceBackend())}
 
 
 class NoBackendError(ValueError):

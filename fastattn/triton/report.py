@@ -67,14 +67,16 @@ def cubin_stats(cubin: bytes) -> dict:
     field = lambda key: int(re.search(key + r":(\d+)", usage).group(1))  # noqa: E731
     return {"regs": field("REG"), "local": field("LOCAL"), "stack": field("STACK"),
             "wgmma": len(re.findall(r"\bHGMMA", sass)), "mma.sync": len(re.findall(r"\bHMMA", sass)),
-            "spill insts": len(re.findall(r"\b(?:LDL|STL)\b", sass))}
+            "spill insts": len(re.findall(r"\b(?:LDL|STL)\b", sass)), "tma loads": len(re.findall(r"\bUTMALDG\b", sass)),
+            "setmaxnreg": len(re.findall(r"\bUSETMAXREG\b", sass))}
 
 
 FP32_PRECISION = {"fp32": "tf32x3", "fp32-ieee": "ieee"}  # the --dtypes names of fp32's dot precisions
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes a block may use, per arch
 
 
-def main(argv=None) -> int:
+def main(argv=None, more=()) -> int:
+    """more: reports of other kernels (on sm_90: the Gluon ones), each head_dims -> failures."""
     parser = argparse.ArgumentParser(prog="python -m fastattn report")
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--head-dims", default="64,128")
@@ -125,6 +127,9 @@ def main(argv=None) -> int:
                       f"{st['stack']:>6} {st['spill insts']:>11} {'':>8} {st['wgmma']:>5} {st['mma.sync']:>8}")
                 if not dtype.startswith("fp32") and (st["stack"] or st["spill insts"]):
                     failures.append(f"_decode_split_kernel {dtype} D={D} BLOCK_M={m}: spills")
+    if args.arch == 90:
+        for other in more:
+            failures += other(tuple(map(int, args.head_dims.split(","))))
     for f in failures:
         print("FAIL:", f)
     return 1 if args.check and failures else 0

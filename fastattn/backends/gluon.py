@@ -1,0 +1,84 @@
+"""Backend `gluon`: the Hopper forward in Gluon (fastattn/gluon), FlashAttention-3's design.
+
+Opt-in (backend="gluon") until a GPU record ranks it fastest for a call in this machine's
+dispatch table: no interpreter runs Gluon, so its correctness is known only from a GPU, and none
+has run it yet; it declines until a GPU check has passed a variant (fastattn/gluon/tuned.json). What it takes: sm_90 (H100, H200), triton 3.6 to 3.9 (the Gluon API it was
+written against), bf16 and fp16, D 64 and 128, dense or causal, GQA, forward only (a call that
+needs gradients goes to the kernels that have them), q, k, v whose rows a TMA descriptor reads
+(16-byte aligned; the (B, H, N, D) and (B, N, H, D) layouts and slices of one projection).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+from . import dispatch
+from .base import Backend, Capabilities, Problem, empty_lse, empty_out
+
+KNOWN_TRITON = ("3.6", "3.7", "3.8", "3.9")
+
+
+@functools.cache
+def _hopper() -> bool:
+    return torch.cuda.get_device_capability() == (9, 0)
+
+
+class GluonBackend(Backend):
+    name = "gluon"
+    caps = Capabilities(
+        devices=frozenset({"cuda"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16}),
+        max_head_dim=128,
+        mask_kinds=frozenset(),
+        dropout=False,
+        backward=False,
+        varlen=False,
+        decode=False,
+    )
+
+    def probe(self):
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        import triton
+
+        if not triton.__version__.startswith(KNOWN_TRITON):
+            return f"written against triton {', '.join(KNOWN_TRITON)}'s Gluon, found {triton.__version__}"
+        if importlib.util.find_spec("triton.experimental.gluon") is None:
+            return "this triton has no Gluon"
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        return None
+
+    def reasons(self, problem: Problem) -> list[str]:
+        why = super().reasons(problem)
+        if problem.head_dim not in (64, 128):
+            why.append(f"head_dim {problem.head_dim}: compiled for 64 and 128")
+        if problem.key_padding:
+            why.append("padding masks: not yet")
+        if not problem.aligned:
+            why.append("TMA reads 16-byte aligned rows")
+        if problem.device == "cuda" and not why and not _hopper():
+            why.append("needs sm_90 (Hopper): wgmma, TMA, setmaxnreg")
+        if not why:
+            from ..gluon.launch import default_variant
+
+            if default_variant(problem.head_dim) is None:
+                why.append(f"no variant has passed its float64 check on a GPU at D = {problem.head_dim} yet "
+                           "(benchmarks/gluon_check.py writes fastattn/gluon/tuned.json)")
+        return why
+
+    def auto_reasons(self, problem: Problem) -> list[str]:
+        if self.name not in dispatch.ranking(*problem):
+            return ["opt-in (backend='gluon') until a GPU record ranks it for this call"]
+        return []
+
+    def forward(self, q, k, v, masks, causal, scale, dropout_p, seed):
+        from ..gluon import launch
+
+        if not (launch.tma_ready(q) and launch.tma_ready(k) and launch.tma_ready(v)):
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # a layout no descriptor reads
+        out, lse = empty_out(q), empty_lse(q)
+        launch.forward(q, k, v, out, lse, causal, scale)
+        return out, lse

@@ -1,0 +1,148 @@
+"""Flash attention forward for Hopper (sm_90a) in Gluon: FlashAttention-3's warp-specialized design.
+
+A producer partition of one warp streams K and V tiles by TMA into a ring of STAGES shared
+buffers, each with a `ready` mbarrier (the TMA's bytes arrived) and an `empty` one (the consumers
+are done with it), at 24 registers. The default partition is the consumers: one warpgroup per 64
+queries (num_warps 4: one, 8: two), which run S = Q K^T and O += P V as asynchronous wgmma from
+shared memory (P from registers), the online softmax in between, and release each stage as soon
+as its P V is issued and waited. Q is loaded once by TMA. Tiles past the causal diagonal are never
+loaded; only the diagonal tile and the last, partial one are masked.
+
+Rows of D are read through 2-D TMA descriptors over the tensor's storage, (rows, row stride):
+sequence row n of (batch b, head h) is row (b sb + h sh) // sm + n, at column (b sb + h sh) % sm,
+which serves the (B, H, N, D) and (B, N, H, D) layouts and q, k, v sliced out of one projection.
+A tile that runs past a sequence reads the next rows of the same tensor (or TMA's zeros past its
+end): their scores are masked to -inf, their output rows not stored.
+
+No interpreter runs Gluon: this compiles here (`python -m fastattn report`), and is proven on a
+GPU by benchmarks/gpu_check.sh (tests/test_gluon.py, each variant in its own process).
+"""
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+# triton 3.6 names the TMA copies async_copy_global_to_shared; 3.7+ async_load (3.9 removed the old)
+tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+LOG2E = 1.4426950408889634
+
+
+@gluon.jit
+def _tile_origin(b, h, stride_b, stride_h, stride_m):
+    """(row, column) of sequence row 0 of (b, h) in the 2-D view of the storage."""
+    base = b.to(gl.int64) * stride_b + h.to(gl.int64) * stride_h
+    return (base // stride_m).to(gl.int32), (base % stride_m).to(gl.int32)
+
+
+@gluon.jit
+def _producer(k_desc, v_desc, k_smem, v_smem, ready, empty, k_row, k_col, v_row, v_col, n_tiles,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """One warp: K and V tile j into stage j % STAGES once the consumers have freed it."""
+    for j in range(n_tiles):
+        s = j % STAGES
+        # the first pass over the ring finds every stage free: wait on the phase before it
+        mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1)
+        mbarrier.expect(ready.index(s), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma_load(k_desc, [k_row + j * BLOCK_N, k_col], ready.index(s), k_smem.index(s))
+        tma_load(v_desc, [v_row + j * BLOCK_N, v_col], ready.index(s), v_smem.index(s))
+
+
+@gluon.jit
+def _consumer(q_smem, k_smem, v_smem, q_bar, ready, empty, O, LSE, o_row_ptr, lse_ptr, stride_om,
+              start_m, Nq, Nk, n_tiles, qk_scale, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
+              BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    cols: gl.constexpr = gl.SliceLayout(0, s_layout)
+
+    offs_m = start_m + gl.arange(0, BLOCK_M, layout=rows)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=rows)
+    l_i = gl.zeros([BLOCK_M], gl.float32, layout=rows)
+    acc = gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout)
+    mbarrier.wait(q_bar, 0)
+    for j in range(n_tiles):
+        s = j % STAGES
+        mbarrier.wait(ready.index(s), (j // STAGES) & 1)
+        scores = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+        scores = warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), scores, use_acc=False, is_async=True)
+        scores = warpgroup_mma_wait(num_outstanding=0, deps=(scores, ))
+        scores = scores * qk_scale
+        offs_n = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=cols)
+        keep = gl.expand_dims(offs_n < Nk, 0)
+        if CAUSAL:
+            keep = keep & (gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0))
+        scores = gl.where(keep, scores, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(scores, axis=1))
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet stays 0
+        p = gl.exp2(scores - gl.expand_dims(m_use, 1))
+        alpha = gl.exp2(m_i - m_use)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        p_op = gl.convert_layout(p.to(k_smem.dtype), p_layout)
+        acc = warpgroup_mma(p_op, v_smem.index(s), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(empty.index(s), count=1)
+        m_i = m_new
+
+    seen = l_i > 0.0  # False: the row sees no key: zeros and lse = -inf
+    l_o = gl.convert_layout(gl.where(seen, l_i, 1.0), gl.SliceLayout(1, o_layout))
+    out = acc / gl.expand_dims(l_o, 1)
+    o_rows = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+    o_cols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    o_ptrs = o_row_ptr + gl.expand_dims(o_rows.to(gl.int64) * stride_om, 1) + gl.expand_dims(o_cols, 0)
+    gl.store(o_ptrs, out.to(O.dtype.element_ty), mask=gl.expand_dims(o_rows < Nq, 1))
+    lse = gl.where(seen, (m_i + gl.log2(gl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    gl.store(lse_ptr + offs_m, lse, mask=offs_m < Nq)
+
+
+@gluon.jit
+def fwd_kernel(q_desc, k_desc, v_desc, O, LSE, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_km,
+               stride_vb, stride_vh, stride_vm, stride_ob, stride_oh, stride_om, H, Nq, Nk, group, qk_scale,
+               CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+               STAGES: gl.constexpr, num_warps: gl.constexpr):
+    """One program per (query tile, batch x head), tiles fastest. qk_scale in log2 units."""
+    tiles = gl.cdiv(Nq, BLOCK_M)
+    pid = gl.program_id(0)
+    start_m = (pid % tiles) * BLOCK_M
+    bh = pid // tiles
+    b, h = bh // H, bh % H
+    hk = h // group
+    q_row, q_col = _tile_origin(b, h, stride_qb, stride_qh, stride_qm)
+    k_row, k_col = _tile_origin(b, hk, stride_kb, stride_kh, stride_km)
+    v_row, v_col = _tile_origin(b, hk, stride_vb, stride_vh, stride_vm)
+    hi = Nk
+    if CAUSAL:
+        hi = gl.minimum(Nk, start_m + BLOCK_M)
+    n_tiles = gl.cdiv(hi, BLOCK_N)
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma_load(q_desc, [q_row + start_m, q_col], q_bar, q_smem)
+
+    o_row_ptr = O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+    lse_ptr = LSE + bh.to(gl.int64) * Nq
+    gl.warp_specialize([
+        (_consumer, (q_smem, k_smem, v_smem, q_bar, ready, empty, O, LSE, o_row_ptr, lse_ptr, stride_om, start_m,
+                     Nq, Nk, n_tiles, qk_scale, CAUSAL, BLOCK_M, BLOCK_N, D, STAGES, num_warps)),
+        (_producer, (k_desc, v_desc, k_smem, v_smem, ready, empty, k_row, k_col, v_row, v_col, n_tiles, BLOCK_N,
+                     STAGES)),
+    ], [1], [24])
+    mbarrier.invalidate(q_bar)
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(s))
+        mbarrier.invalidate(empty.index(s))

@@ -1,0 +1,98 @@
+"""Host side of the Gluon forward: 2-D TMA descriptors over q, k, v's storage, the variants, the launch.
+
+A variant is (consumer warps, K/V stages, key tile): 4 warps take 64 queries a program, 8 take 128
+(two consumer warpgroups). Which one runs comes from fastattn/gluon/tuned.json, written by
+benchmarks/gluon_check.py on a GPU with the fastest variant that passed its float64 check per
+head dim; without it the backend declines (a kernel no GPU has checked may hang).
+"""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+LOG2E = 1.4426950408889634
+TUNED = Path(__file__).parent / "tuned.json"
+
+
+class Variant(NamedTuple):
+    warps: int  # consumer warps: 16 query rows each
+    stages: int  # K/V buffers in the ring
+    block_n: int  # keys a tile
+
+    @property
+    def block_m(self) -> int:
+        return 16 * self.warps
+
+    @property
+    def name(self) -> str:
+        return f"w{self.warps}s{self.stages}n{self.block_n}"
+
+
+# FA3's shape first (two consumer warpgroups, 128-key tiles, two stages), then less risky ones.
+VARIANTS = [Variant(8, 2, 128), Variant(4, 2, 128), Variant(8, 3, 64), Variant(4, 3, 64)]
+MAXNREG = 168  # registers a thread at launch; setmaxnreg moves them: 240 to the consumers, 24 to the producer
+
+
+@functools.cache
+def default_variant(head_dim: int) -> Variant | None:
+    """The variant a GPU check found fastest at this head dim, or None."""
+    try:
+        chosen = json.loads(TUNED.read_text()).get(f"d{head_dim}")
+    except (OSError, ValueError):
+        chosen = None
+    return Variant(*chosen) if chosen else None
+
+
+def storage_rows(t: torch.Tensor) -> torch.Tensor | None:
+    """t (B, H, N, D) as a 2-D view of its storage with t's row stride, where sequence row n of
+    (b, h) is row (b sb + h sh) // sm + n from column (b sb + h sh) % sm; its columns end at the
+    last one a head uses (q, k, v sliced out of one projection stay inside their slice). None
+    where the rows of some head would wrap around a row of the view (no TMA descriptor reads them)."""
+    B, H, N, D = t.shape
+    sb, sh, sm, sd = t.stride()
+    if sd != 1 or sm < D or sb % sm:
+        return None
+    if sh % sm == 0:
+        cols = D
+    elif sh >= D and (H - 1) * sh + D <= sm:
+        cols = (H - 1) * sh + D
+    else:
+        return None
+    rows = ((B - 1) * sb + (H - 1) * sh) // sm + N  # the last head's first row, and its N
+    return t.as_strided((rows, cols), (sm, 1))
+
+
+def tma_ready(t: torch.Tensor) -> bool:
+    """What a TMA descriptor over storage_rows(t) needs: 16-byte aligned base and row stride."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and (t.stride(2) * size) % 16 == 0 and storage_rows(t) is not None
+
+
+def forward(q, k, v, out, lse, causal: bool, scale: float, variant: Variant | None = None) -> None:
+    """q (B, H, Nq, D), k and v (B, Hkv, Nk, D) passing tma_ready; writes out (rows of D
+    contiguous) and lse (B, H, Nq) contiguous."""
+    import triton.experimental.gluon.language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from .attention import fwd_kernel
+
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    variant = variant or default_variant(D)
+    if variant is None:
+        raise RuntimeError(f"no Gluon variant has passed its check at D = {D} (benchmarks/gluon_check.py)")
+    dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[q.dtype]
+
+    def descriptor(t, rows):
+        layout = gl.NVMMASharedLayout.get_default_for([rows, D], dtype)
+        return TensorDescriptor.from_tensor(storage_rows(t), [rows, D], layout)
+
+    grid = (-(-Nq // variant.block_m) * B * H,)
+    fwd_kernel[grid](descriptor(q, variant.block_m), descriptor(k, variant.block_n), descriptor(v, variant.block_n),
+                     out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], H, Nq, Nk,
+                     H // Hkv, scale * LOG2E, CAUSAL=causal, BLOCK_M=variant.block_m, BLOCK_N=variant.block_n, D=D,
+                     STAGES=variant.stages, num_warps=variant.warps, maxnreg=MAXNREG)
