@@ -3,7 +3,8 @@
 Opt-in (backend="gluon") until a GPU record ranks it fastest for a call in this machine's
 dispatch table: no interpreter runs Gluon, so its correctness is known only from a GPU, and none
 has run it yet; it declines until a GPU check has passed a variant (fastattn/gluon/tuned.json). What it takes: sm_90 (H100, H200), triton 3.6 to 3.9 (the Gluon API it was
-written against), bf16 and fp16, D 64 and 128, dense or causal, GQA, forward only (a call that
+written against), bf16 and fp16, D 64 and 128, dense, causal and key padding (tiles outside each
+row's valid keys skipped), GQA, forward only (a call that
 needs gradients goes to the kernels that have them), q, k, v whose rows a TMA descriptor reads
 (16-byte aligned; the (B, H, N, D) and (B, N, H, D) layouts and slices of one projection).
 """
@@ -55,8 +56,6 @@ class GluonBackend(Backend):
         why = super().reasons(problem)
         if problem.head_dim not in (64, 128):
             why.append(f"head_dim {problem.head_dim}: compiled for 64 and 128")
-        if problem.key_padding:
-            why.append("padding masks: not yet")
         if not problem.aligned:
             why.append("TMA reads 16-byte aligned rows")
         if problem.device == "cuda" and not why and not _hopper():
@@ -80,5 +79,5 @@ class GluonBackend(Backend):
         if not (launch.tma_ready(q) and launch.tma_ready(k) and launch.tma_ready(v)):
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # a layout no descriptor reads
         out, lse = empty_out(q), empty_lse(q)
-        launch.forward(q, k, v, out, lse, causal, scale)
+        launch.forward(q, k, v, out, lse, causal, scale, masks.key_padding, masks.key_ranges)
         return out, lse

@@ -6,7 +6,7 @@ are done with it), at 24 registers. The default partition is the consumers: one 
 queries (num_warps 4: one, 8: two), which run S = Q K^T and O += P V as asynchronous wgmma from
 shared memory (P from registers), the online softmax in between, and release each stage as soon
 as its P V is issued and waited. Q is loaded once by TMA. Tiles past the causal diagonal are never
-loaded; only the diagonal tile and the last, partial one are masked.
+loaded, and with a padding mask neither are the tiles outside each row's valid keys.
 
 Rows of D are read through 2-D TMA descriptors over the tensor's storage, (rows, row stride):
 sequence row n of (batch b, head h) is row (b sb + h sh) // sm + n, at column (b sb + h sh) % sm,
@@ -37,22 +37,69 @@ def _tile_origin(b, h, stride_b, stride_h, stride_m):
 
 
 @gluon.jit
-def _producer(k_desc, v_desc, k_smem, v_smem, ready, empty, k_row, k_col, v_row, v_col, n_tiles,
+def _producer(k_desc, v_desc, k_smem, v_smem, ready, empty, k_row, k_col, v_row, v_col, t_lo, n_tiles,
               BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """One warp: K and V tile j into stage j % STAGES once the consumers have freed it."""
+    """One warp: K and V tile t_lo + j into stage j % STAGES once the consumers have freed it."""
     for j in range(n_tiles):
         s = j % STAGES
         # the first pass over the ring finds every stage free: wait on the phase before it
         mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1)
         mbarrier.expect(ready.index(s), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        tma_load(k_desc, [k_row + j * BLOCK_N, k_col], ready.index(s), k_smem.index(s))
-        tma_load(v_desc, [v_row + j * BLOCK_N, v_col], ready.index(s), v_smem.index(s))
+        row = (t_lo + j) * BLOCK_N
+        tma_load(k_desc, [k_row + row, k_col], ready.index(s), k_smem.index(s))
+        tma_load(v_desc, [v_row + row, v_col], ready.index(s), v_smem.index(s))
 
 
 @gluon.jit
-def _consumer(q_smem, k_smem, v_smem, q_bar, ready, empty, O, LSE, o_row_ptr, lse_ptr, stride_om,
-              start_m, Nq, Nk, n_tiles, qk_scale, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
-              BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+def _qk(q_smem, k_smem, ready, j, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+        s_layout: gl.constexpr):
+    """Issues S = Q K_j^T (asynchronous) once tile j has landed."""
+    s = j % STAGES
+    mbarrier.wait(ready.index(s), (j // STAGES) & 1)
+    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    return warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _masked(scores, offs_m, offs_n, kv_lo, kv_hi, holes, kpm_row, Nk, CAUSAL: gl.constexpr,
+            HAS_KPM: gl.constexpr):
+    """-inf where a query may not see a key: outside the row's valid keys [kv_lo, kv_hi) (all
+    keys without a padding mask), at scattered padding inside them, above the diagonal."""
+    keep = gl.expand_dims((offs_n >= kv_lo) & (offs_n < kv_hi), 0)
+    if HAS_KPM:
+        if holes != 0:
+            pad = gl.load(kpm_row + offs_n, mask=offs_n < Nk, other=1)
+            keep = keep & gl.expand_dims(pad == 0, 0)
+    if CAUSAL:
+        keep = keep & (gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0))
+    return gl.where(keep, scores, float("-inf"))
+
+
+@gluon.jit
+def _softmax_pv(scores, j, m_i, l_i, acc, v_smem, offs_m, kv_lo, kv_hi, holes, kpm_row, Nk, t_lo, qk_scale,
+                CAUSAL: gl.constexpr, HAS_KPM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                p_layout: gl.constexpr, o_layout: gl.constexpr, cols: gl.constexpr):
+    """Tile j's online-softmax update, and its P V issued (asynchronous) onto the rescaled acc."""
+    offs_n = (t_lo + j) * BLOCK_N + gl.arange(0, BLOCK_N, layout=cols)
+    masked = _masked(scores * qk_scale, offs_m, offs_n, kv_lo, kv_hi, holes, kpm_row, Nk, CAUSAL, HAS_KPM)
+    m_new = gl.maximum(m_i, gl.max(masked, axis=1))
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet stays 0
+    p = gl.exp2(masked - gl.expand_dims(m_use, 1))
+    alpha = gl.exp2(m_i - m_use)
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+    p_op = gl.convert_layout(p.to(v_smem.dtype), p_layout)
+    acc = warpgroup_mma(p_op, v_smem.index(j % STAGES), acc, is_async=True)
+    return m_new, l_i, acc
+
+
+@gluon.jit
+def _consumer(q_smem, k_smem, v_smem, q_bar, ready, empty, O, o_row_ptr, lse_ptr, kpm_row, stride_om,
+              start_m, Nq, Nk, kv_lo, kv_hi, holes, t_lo, n_tiles, qk_scale, CAUSAL: gl.constexpr,
+              HAS_KPM: gl.constexpr, OVERLAP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              D: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+    """The online softmax over the key tiles. With OVERLAP, tile j + 1's Q K^T is issued before
+    tile j's softmax, so the tensor cores work while it runs (FA3's intra-warpgroup overlap)."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -66,29 +113,30 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, ready, empty, O, LSE, o_row_ptr, ls
     l_i = gl.zeros([BLOCK_M], gl.float32, layout=rows)
     acc = gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout)
     mbarrier.wait(q_bar, 0)
-    for j in range(n_tiles):
-        s = j % STAGES
-        mbarrier.wait(ready.index(s), (j // STAGES) & 1)
-        scores = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-        scores = warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), scores, use_acc=False, is_async=True)
-        scores = warpgroup_mma_wait(num_outstanding=0, deps=(scores, ))
-        scores = scores * qk_scale
-        offs_n = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=cols)
-        keep = gl.expand_dims(offs_n < Nk, 0)
-        if CAUSAL:
-            keep = keep & (gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0))
-        scores = gl.where(keep, scores, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(scores, axis=1))
-        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet stays 0
-        p = gl.exp2(scores - gl.expand_dims(m_use, 1))
-        alpha = gl.exp2(m_i - m_use)
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-        p_op = gl.convert_layout(p.to(k_smem.dtype), p_layout)
-        acc = warpgroup_mma(p_op, v_smem.index(s), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        mbarrier.arrive(empty.index(s), count=1)
-        m_i = m_new
+    if OVERLAP:
+        if n_tiles > 0:
+            scores = warpgroup_mma_wait(num_outstanding=0, deps=(
+                _qk(q_smem, k_smem, ready, 0, BLOCK_M, BLOCK_N, STAGES, s_layout), ))
+            for j in range(n_tiles - 1):
+                following = _qk(q_smem, k_smem, ready, j + 1, BLOCK_M, BLOCK_N, STAGES, s_layout)
+                m_i, l_i, acc = _softmax_pv(scores, j, m_i, l_i, acc, v_smem, offs_m, kv_lo, kv_hi, holes, kpm_row,
+                                            Nk, t_lo, qk_scale, CAUSAL, HAS_KPM, BLOCK_N, STAGES, p_layout, o_layout,
+                                            cols)
+                acc, scores = warpgroup_mma_wait(num_outstanding=0, deps=(acc, following))
+                mbarrier.arrive(empty.index(j % STAGES), count=1)
+            last = n_tiles - 1
+            m_i, l_i, acc = _softmax_pv(scores, last, m_i, l_i, acc, v_smem, offs_m, kv_lo, kv_hi, holes, kpm_row,
+                                        Nk, t_lo, qk_scale, CAUSAL, HAS_KPM, BLOCK_N, STAGES, p_layout, o_layout, cols)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(empty.index(last % STAGES), count=1)
+    else:
+        for j in range(n_tiles):
+            scores = warpgroup_mma_wait(num_outstanding=0, deps=(
+                _qk(q_smem, k_smem, ready, j, BLOCK_M, BLOCK_N, STAGES, s_layout), ))
+            m_i, l_i, acc = _softmax_pv(scores, j, m_i, l_i, acc, v_smem, offs_m, kv_lo, kv_hi, holes, kpm_row, Nk,
+                                        t_lo, qk_scale, CAUSAL, HAS_KPM, BLOCK_N, STAGES, p_layout, o_layout, cols)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(empty.index(j % STAGES), count=1)
 
     seen = l_i > 0.0  # False: the row sees no key: zeros and lse = -inf
     l_o = gl.convert_layout(gl.where(seen, l_i, 1.0), gl.SliceLayout(1, o_layout))
@@ -102,11 +150,15 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, ready, empty, O, LSE, o_row_ptr, ls
 
 
 @gluon.jit
-def fwd_kernel(q_desc, k_desc, v_desc, O, LSE, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_km,
-               stride_vb, stride_vh, stride_vm, stride_ob, stride_oh, stride_om, H, Nq, Nk, group, qk_scale,
-               CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
-               STAGES: gl.constexpr, num_warps: gl.constexpr):
-    """One program per (query tile, batch x head), tiles fastest. qk_scale in log2 units."""
+def fwd_kernel(q_desc, k_desc, v_desc, O, LSE, KV_RANGES, KPM, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
+               stride_km, stride_vb, stride_vh, stride_vm, stride_ob, stride_oh, stride_om, stride_kpb, B, H, Nq, Nk,
+               group, qk_scale, CAUSAL: gl.constexpr, HAS_KPM: gl.constexpr, OVERLAP: gl.constexpr,
+               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+               num_warps: gl.constexpr):
+    """One program per (query tile, batch x head), tiles fastest. qk_scale in log2 units. With
+    HAS_KPM, KV_RANGES (3, B) int32 holds each row's valid keys [begin, end) and whether padding
+    lies inside them (fastattn.masks.key_ranges), KPM the (B, Nk) padding mask as bytes: key tiles
+    outside the range are never loaded."""
     tiles = gl.cdiv(Nq, BLOCK_M)
     pid = gl.program_id(0)
     start_m = (pid % tiles) * BLOCK_M
@@ -116,10 +168,18 @@ def fwd_kernel(q_desc, k_desc, v_desc, O, LSE, stride_qb, stride_qh, stride_qm, 
     q_row, q_col = _tile_origin(b, h, stride_qb, stride_qh, stride_qm)
     k_row, k_col = _tile_origin(b, hk, stride_kb, stride_kh, stride_km)
     v_row, v_col = _tile_origin(b, hk, stride_vb, stride_vh, stride_vm)
-    hi = Nk
+    kv_lo = 0
+    kv_hi = Nk
+    holes = 0
+    if HAS_KPM:
+        kv_lo = gl.load(KV_RANGES + b)
+        kv_hi = gl.load(KV_RANGES + B + b)
+        holes = gl.load(KV_RANGES + 2 * B + b)
+    hi = kv_hi
     if CAUSAL:
-        hi = gl.minimum(Nk, start_m + BLOCK_M)
-    n_tiles = gl.cdiv(hi, BLOCK_N)
+        hi = gl.minimum(hi, start_m + BLOCK_M)
+    t_lo = kv_lo // BLOCK_N
+    n_tiles = gl.maximum(gl.cdiv(hi, BLOCK_N) - t_lo, 0)
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -136,11 +196,13 @@ def fwd_kernel(q_desc, k_desc, v_desc, O, LSE, stride_qb, stride_qh, stride_qm, 
 
     o_row_ptr = O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
     lse_ptr = LSE + bh.to(gl.int64) * Nq
+    kpm_row = KPM + b.to(gl.int64) * stride_kpb
     gl.warp_specialize([
-        (_consumer, (q_smem, k_smem, v_smem, q_bar, ready, empty, O, LSE, o_row_ptr, lse_ptr, stride_om, start_m,
-                     Nq, Nk, n_tiles, qk_scale, CAUSAL, BLOCK_M, BLOCK_N, D, STAGES, num_warps)),
-        (_producer, (k_desc, v_desc, k_smem, v_smem, ready, empty, k_row, k_col, v_row, v_col, n_tiles, BLOCK_N,
-                     STAGES)),
+        (_consumer, (q_smem, k_smem, v_smem, q_bar, ready, empty, O, o_row_ptr, lse_ptr, kpm_row, stride_om,
+                     start_m, Nq, Nk, kv_lo, kv_hi, holes, t_lo, n_tiles, qk_scale, CAUSAL, HAS_KPM, OVERLAP,
+                     BLOCK_M, BLOCK_N, D, STAGES, num_warps)),
+        (_producer, (k_desc, v_desc, k_smem, v_smem, ready, empty, k_row, k_col, v_row, v_col, t_lo, n_tiles,
+                     BLOCK_N, STAGES)),
     ], [1], [24])
     mbarrier.invalidate(q_bar)
     for s in gl.static_range(STAGES):

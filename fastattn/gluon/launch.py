@@ -1,7 +1,8 @@
 """Host side of the Gluon forward: 2-D TMA descriptors over q, k, v's storage, the variants, the launch.
 
-A variant is (consumer warps, K/V stages, key tile): 4 warps take 64 queries a program, 8 take 128
-(two consumer warpgroups). Which one runs comes from fastattn/gluon/tuned.json, written by
+A variant is (consumer warps, K/V stages, key tile, overlap): 4 warps take 64 queries a program,
+8 take 128 (two consumer warpgroups); overlap issues the next tile's QK^T before this tile's
+softmax. Which one runs comes from fastattn/gluon/tuned.json, written by
 benchmarks/gluon_check.py on a GPU with the fastest variant that passed its float64 check per
 head dim; without it the backend declines (a kernel no GPU has checked may hang).
 """
@@ -22,6 +23,7 @@ class Variant(NamedTuple):
     warps: int  # consumer warps: 16 query rows each
     stages: int  # K/V buffers in the ring
     block_n: int  # keys a tile
+    overlap: bool  # the next tile's QK^T in flight during this tile's softmax
 
     @property
     def block_m(self) -> int:
@@ -29,15 +31,23 @@ class Variant(NamedTuple):
 
     @property
     def name(self) -> str:
-        return f"w{self.warps}s{self.stages}n{self.block_n}"
+        return f"w{self.warps}s{self.stages}n{self.block_n}{'o' if self.overlap else ''}"
 
 
-# FA3's shape first (two consumer warpgroups, 128-key tiles, two stages), then less risky ones.
-VARIANTS = [Variant(8, 2, 128), Variant(4, 2, 128), Variant(8, 3, 64), Variant(4, 3, 64)]
+# FA3's shape first (two consumer warpgroups, 128-key tiles, two stages, overlap), then the same
+# without the overlap, then smaller ones.
+VARIANTS = [Variant(8, 2, 128, True), Variant(8, 2, 128, False), Variant(4, 2, 128, True), Variant(8, 3, 64, False)]
 MAXNREG = 168  # registers a thread at launch; setmaxnreg moves them: 240 to the consumers, 24 to the producer
 
 
 @functools.cache
+def launched(variant: Variant, head_dim: int, padded: bool) -> Variant:
+    """The variant a call runs: with a padding mask the overlap, which keeps two score tiles
+    live, spills (python -m fastattn report: at D 128, and on triton 3.6 at D 64 too), so padded
+    calls run without it."""
+    return variant._replace(overlap=False) if padded else variant
+
+
 def default_variant(head_dim: int) -> Variant | None:
     """The variant a GPU check found fastest at this head dim, or None."""
     try:
@@ -72,9 +82,11 @@ def tma_ready(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and (t.stride(2) * size) % 16 == 0 and storage_rows(t) is not None
 
 
-def forward(q, k, v, out, lse, causal: bool, scale: float, variant: Variant | None = None) -> None:
+def forward(q, k, v, out, lse, causal: bool, scale: float, key_padding=None, key_ranges=None,
+            variant: Variant | None = None) -> None:
     """q (B, H, Nq, D), k and v (B, Hkv, Nk, D) passing tma_ready; writes out (rows of D
-    contiguous) and lse (B, H, Nq) contiguous."""
+    contiguous) and lse (B, H, Nq) contiguous. key_padding (B, Nk) bool with its key_ranges
+    (fastattn.masks.key_ranges), or neither."""
     import triton.experimental.gluon.language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -91,8 +103,15 @@ def forward(q, k, v, out, lse, causal: bool, scale: float, variant: Variant | No
         layout = gl.NVMMASharedLayout.get_default_for([rows, D], dtype)
         return TensorDescriptor.from_tensor(storage_rows(t), [rows, D], layout)
 
+    has_kpm = key_padding is not None
+    variant = launched(variant, D, has_kpm)
+    if has_kpm and key_padding.stride(1) != 1 and Nk > 1:
+        key_padding = key_padding.contiguous()  # each row's keys read in one run
+    kpm = key_padding.view(torch.uint8) if has_kpm else lse  # a pointer never read without a mask
+    ranges = key_ranges if has_kpm else lse
     grid = (-(-Nq // variant.block_m) * B * H,)
     fwd_kernel[grid](descriptor(q, variant.block_m), descriptor(k, variant.block_n), descriptor(v, variant.block_n),
-                     out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], H, Nq, Nk,
-                     H // Hkv, scale * LOG2E, CAUSAL=causal, BLOCK_M=variant.block_m, BLOCK_N=variant.block_n, D=D,
-                     STAGES=variant.stages, num_warps=variant.warps, maxnreg=MAXNREG)
+                     out, lse, ranges, kpm, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+                     key_padding.stride(0) if has_kpm else 0, B, H, Nq, Nk, H // Hkv, scale * LOG2E, CAUSAL=causal,
+                     HAS_KPM=has_kpm, OVERLAP=variant.overlap, BLOCK_M=variant.block_m, BLOCK_N=variant.block_n,
+                     D=D, STAGES=variant.stages, num_warps=variant.warps, maxnreg=MAXNREG)

@@ -10,12 +10,12 @@ import tempfile
 from pathlib import Path
 
 from ..triton.report import SMEM_LIMIT, cubin_stats
-from .launch import MAXNREG, VARIANTS
+from .launch import MAXNREG, VARIANTS, launched
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
-def compile_variant(variant, head_dim: int, causal: bool, dtype: str = "bf16"):
+def compile_variant(variant, head_dim: int, causal: bool, padded: bool = False, dtype: str = "bf16"):
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -32,9 +32,10 @@ def compile_variant(variant, head_dim: int, causal: bool, dtype: str = "bf16"):
         return mangle_type(TensorDescriptor.from_tensor(t, [rows, head_dim], layout))
 
     signature = {"q_desc": descriptor(variant.block_m), "k_desc": descriptor(variant.block_n),
-                 "v_desc": descriptor(variant.block_n), "O": f"*{dtype}", "LSE": "*fp32", "qk_scale": "fp32"}
-    constexprs = dict(CAUSAL=causal, BLOCK_M=variant.block_m, BLOCK_N=variant.block_n, D=head_dim,
-                      STAGES=variant.stages, num_warps=variant.warps)
+                 "v_desc": descriptor(variant.block_n), "O": f"*{dtype}", "LSE": "*fp32", "KV_RANGES": "*i32",
+                 "KPM": "*u8", "qk_scale": "fp32"}
+    constexprs = dict(CAUSAL=causal, HAS_KPM=padded, OVERLAP=variant.overlap, BLOCK_M=variant.block_m,
+                      BLOCK_N=variant.block_n, D=head_dim, STAGES=variant.stages, num_warps=variant.warps)
     for name in fwd_kernel.arg_names:
         signature.setdefault(name, "constexpr" if name in constexprs else "i32")
     source = GluonASTSource(fwd_kernel, {n: signature[n] for n in fwd_kernel.arg_names}, constexprs, {})
@@ -56,20 +57,23 @@ def serialized_wgmma(ptx: str) -> list[str]:
 def report(head_dims=(64, 128)) -> list[str]:
     """Prints a line per variant, head dim and causality; returns the failures."""
     failures, limit = [], SMEM_LIMIT[90]
-    print(f"\nGluon forward, sm_90a: {'variant':<10} {'D':>4} {'causal':>6} {'regs':>5} {'stack':>6} "
+    print(f"\nGluon forward, sm_90a: {'variant':<10} {'D':>4} {'mask':>13} {'regs':>5} {'stack':>6} "
           f"{'smem KiB':>8} {'wgmma':>6} {'tma':>4} {'setmaxnreg':>10}")
     for variant in VARIANTS:
         for D in head_dims:
-            for causal in (False, True):
-                kernel = compile_variant(variant, D, causal)
+            for causal, padded in ((False, False), (True, False), (True, True)):
+                if launched(variant, D, padded) != variant:
+                    continue  # such calls run another variant, reported on its own line
+                kernel = compile_variant(variant, D, causal, padded)
+                mask = "+".join(n for n, on in (("causal", causal), ("padded", padded)) if on) or "dense"
                 st, smem = cubin_stats(kernel.asm["cubin"]), kernel.metadata.shared
                 warnings = serialized_wgmma(kernel.asm["ptx"])
-                print(f"{'':21} {variant.name:<10} {D:>4} {str(causal):>6} {st['regs']:>5} {st['stack']:>6} "
+                print(f"{'':21} {variant.name:<10} {D:>4} {mask:>13} {st['regs']:>5} {st['stack']:>6} "
                       f"{smem // 1024:>8} {st['wgmma']:>6} {st['tma loads']:>4} {st['setmaxnreg']:>10}", flush=True)
                 what = [w for w, bad in (("no wgmma", not st["wgmma"]), ("no TMA", not st["tma loads"]),
                                          ("no setmaxnreg", not st["setmaxnreg"]),
                                          ("spills", st["stack"] or st["spill insts"]),
                                          (f"{smem} B of shared memory", smem > limit),
                                          ("wgmma serialized: " + "; ".join(warnings), warnings)) if bad]
-                failures += [f"gluon {variant.name} D={D} causal={causal}: {w}" for w in what]
+                failures += [f"gluon {variant.name} D={D} {mask}: {w}" for w in what]
     return failures
