@@ -76,10 +76,10 @@ def _masked(scores, offs_m, offs_n, kv_lo, kv_hi, holes, kpm_row, Nk, CAUSAL: gl
 
 
 @gluon.jit
-def _softmax_pv(scores, j, m_i, l_i, acc, v_smem, offs_m, kv_lo, kv_hi, holes, kpm_row, Nk, t_lo, qk_scale,
-                CAUSAL: gl.constexpr, HAS_KPM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                p_layout: gl.constexpr, o_layout: gl.constexpr, cols: gl.constexpr):
-    """Tile j's online-softmax update, and its P V issued (asynchronous) onto the rescaled acc."""
+def _softmax(scores, j, m_i, l_i, acc, offs_m, kv_lo, kv_hi, holes, kpm_row, Nk, t_lo, qk_scale, dtype: gl.constexpr,
+             CAUSAL: gl.constexpr, HAS_KPM: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.constexpr,
+             o_layout: gl.constexpr, cols: gl.constexpr):
+    """Tile j's online-softmax update: (m, l, acc rescaled, P as the P V wgmma's operand)."""
     offs_n = (t_lo + j) * BLOCK_N + gl.arange(0, BLOCK_N, layout=cols)
     masked = _masked(scores * qk_scale, offs_m, offs_n, kv_lo, kv_hi, holes, kpm_row, Nk, CAUSAL, HAS_KPM)
     m_new = gl.maximum(m_i, gl.max(masked, axis=1))
@@ -88,18 +88,20 @@ def _softmax_pv(scores, j, m_i, l_i, acc, v_smem, offs_m, kv_lo, kv_hi, holes, k
     alpha = gl.exp2(m_i - m_use)
     l_i = l_i * alpha + gl.sum(p, axis=1)
     acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-    p_op = gl.convert_layout(p.to(v_smem.dtype), p_layout)
-    acc = warpgroup_mma(p_op, v_smem.index(j % STAGES), acc, is_async=True)
-    return m_new, l_i, acc
+    return m_new, l_i, acc, gl.convert_layout(p.to(dtype), p_layout)
 
 
 @gluon.jit
-def _consumer(q_smem, k_smem, v_smem, q_bar, ready, empty, O, o_row_ptr, lse_ptr, kpm_row, stride_om,
-              start_m, Nq, Nk, kv_lo, kv_hi, holes, t_lo, n_tiles, qk_scale, CAUSAL: gl.constexpr,
-              HAS_KPM: gl.constexpr, OVERLAP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              D: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
-    """The online softmax over the key tiles. With OVERLAP, tile j + 1's Q K^T is issued before
-    tile j's softmax, so the tensor cores work while it runs (FA3's intra-warpgroup overlap)."""
+def _consumer(q_smem, k_smem, v_smem, q_bar, ready, empty, turn_mine, turn_other, O, o_row_ptr, lse_ptr, kpm_row,
+              stride_om, start_m, Nq, Nk, kv_lo, kv_hi, holes, t_lo, n_tiles, qk_scale, CAUSAL: gl.constexpr,
+              HAS_KPM: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, WG: gl.constexpr,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+              num_warps: gl.constexpr):
+    """The online softmax over the key tiles of BLOCK_M queries. With OVERLAP, tile j + 1's Q K^T
+    is issued before tile j's softmax, so the tensor cores work while it runs (FA3's
+    intra-warpgroup overlap). With PINGPONG, consumer WG (0 or 1) of two takes turns with the
+    other to issue its wgmma (a token passed on the turn mbarriers), so one's softmax runs while
+    the other's products occupy the tensor cores (FA3's ping-pong)."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -107,6 +109,7 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, ready, empty, O, o_row_ptr, lse_ptr
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     rows: gl.constexpr = gl.SliceLayout(1, s_layout)
     cols: gl.constexpr = gl.SliceLayout(0, s_layout)
+    dtype: gl.constexpr = v_smem.dtype
 
     offs_m = start_m + gl.arange(0, BLOCK_M, layout=rows)
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=rows)
@@ -119,22 +122,34 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, ready, empty, O, o_row_ptr, lse_ptr
                 _qk(q_smem, k_smem, ready, 0, BLOCK_M, BLOCK_N, STAGES, s_layout), ))
             for j in range(n_tiles - 1):
                 following = _qk(q_smem, k_smem, ready, j + 1, BLOCK_M, BLOCK_N, STAGES, s_layout)
-                m_i, l_i, acc = _softmax_pv(scores, j, m_i, l_i, acc, v_smem, offs_m, kv_lo, kv_hi, holes, kpm_row,
-                                            Nk, t_lo, qk_scale, CAUSAL, HAS_KPM, BLOCK_N, STAGES, p_layout, o_layout,
-                                            cols)
+                m_i, l_i, acc, p = _softmax(scores, j, m_i, l_i, acc, offs_m, kv_lo, kv_hi, holes, kpm_row, Nk, t_lo,
+                                            qk_scale, dtype, CAUSAL, HAS_KPM, BLOCK_N, p_layout, o_layout, cols)
+                acc = warpgroup_mma(p, v_smem.index(j % STAGES), acc, is_async=True)
                 acc, scores = warpgroup_mma_wait(num_outstanding=0, deps=(acc, following))
                 mbarrier.arrive(empty.index(j % STAGES), count=1)
             last = n_tiles - 1
-            m_i, l_i, acc = _softmax_pv(scores, last, m_i, l_i, acc, v_smem, offs_m, kv_lo, kv_hi, holes, kpm_row,
-                                        Nk, t_lo, qk_scale, CAUSAL, HAS_KPM, BLOCK_N, STAGES, p_layout, o_layout, cols)
+            m_i, l_i, acc, p = _softmax(scores, last, m_i, l_i, acc, offs_m, kv_lo, kv_hi, holes, kpm_row, Nk, t_lo,
+                                        qk_scale, dtype, CAUSAL, HAS_KPM, BLOCK_N, p_layout, o_layout, cols)
+            acc = warpgroup_mma(p, v_smem.index(last % STAGES), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(empty.index(last % STAGES), count=1)
     else:
         for j in range(n_tiles):
-            scores = warpgroup_mma_wait(num_outstanding=0, deps=(
-                _qk(q_smem, k_smem, ready, j, BLOCK_M, BLOCK_N, STAGES, s_layout), ))
-            m_i, l_i, acc = _softmax_pv(scores, j, m_i, l_i, acc, v_smem, offs_m, kv_lo, kv_hi, holes, kpm_row, Nk,
-                                        t_lo, qk_scale, CAUSAL, HAS_KPM, BLOCK_N, STAGES, p_layout, o_layout, cols)
+            # The turns alternate strictly, Q K^T then P V, so the k-th wait of consumer 1 is for
+            # the k-th release of consumer 0, and consumer 0's first wait passes at once.
+            if PINGPONG:
+                mbarrier.wait(turn_mine, 1 - WG)
+            scores = _qk(q_smem, k_smem, ready, j, BLOCK_M, BLOCK_N, STAGES, s_layout)
+            if PINGPONG:
+                mbarrier.arrive(turn_other, count=1)
+            scores = warpgroup_mma_wait(num_outstanding=0, deps=(scores, ))
+            m_i, l_i, acc, p = _softmax(scores, j, m_i, l_i, acc, offs_m, kv_lo, kv_hi, holes, kpm_row, Nk, t_lo,
+                                        qk_scale, dtype, CAUSAL, HAS_KPM, BLOCK_N, p_layout, o_layout, cols)
+            if PINGPONG:
+                mbarrier.wait(turn_mine, WG)
+            acc = warpgroup_mma(p, v_smem.index(j % STAGES), acc, is_async=True)
+            if PINGPONG:
+                mbarrier.arrive(turn_other, count=1)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(empty.index(j % STAGES), count=1)
 
@@ -153,15 +168,17 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, ready, empty, O, o_row_ptr, lse_ptr
 def fwd_kernel(q_desc, k_desc, v_desc, O, LSE, KV_RANGES, KPM, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
                stride_km, stride_vb, stride_vh, stride_vm, stride_ob, stride_oh, stride_om, stride_kpb, B, H, Nq, Nk,
                group, qk_scale, CAUSAL: gl.constexpr, HAS_KPM: gl.constexpr, OVERLAP: gl.constexpr,
-               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-               num_warps: gl.constexpr):
+               PINGPONG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+               STAGES: gl.constexpr, num_warps: gl.constexpr):
     """One program per (query tile, batch x head), tiles fastest. qk_scale in log2 units. With
     HAS_KPM, KV_RANGES (3, B) int32 holds each row's valid keys [begin, end) and whether padding
     lies inside them (fastattn.masks.key_ranges), KPM the (B, Nk) padding mask as bytes: key tiles
-    outside the range are never loaded."""
-    tiles = gl.cdiv(Nq, BLOCK_M)
+    outside the range are never loaded. With PINGPONG a program takes two tiles of BLOCK_M
+    queries, one per consumer warpgroup (num_warps each), which read the same K/V stages."""
+    TILE: gl.constexpr = 2 * BLOCK_M if PINGPONG else BLOCK_M
+    tiles = gl.cdiv(Nq, TILE)
     pid = gl.program_id(0)
-    start_m = (pid % tiles) * BLOCK_M
+    start_m = (pid % tiles) * TILE
     bh = pid // tiles
     b, h = bh // H, bh % H
     hk = h // group
@@ -177,34 +194,53 @@ def fwd_kernel(q_desc, k_desc, v_desc, O, LSE, KV_RANGES, KPM, stride_qb, stride
         holes = gl.load(KV_RANGES + 2 * B + b)
     hi = kv_hi
     if CAUSAL:
-        hi = gl.minimum(hi, start_m + BLOCK_M)
+        hi = gl.minimum(hi, start_m + TILE)  # both consumers visit the same tiles: the turns pair up
     t_lo = kv_lo // BLOCK_N
     n_tiles = gl.maximum(gl.cdiv(hi, BLOCK_N) - t_lo, 0)
 
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
+    Q_TILES: gl.constexpr = 2 if PINGPONG else 1
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [Q_TILES] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(empty.index(s), count=1)
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma_load(q_desc, [q_row + start_m, q_col], q_bar, q_smem)
+        mbarrier.init(empty.index(s), count=Q_TILES)  # each consumer releases a stage
+    for t in gl.static_range(2):
+        mbarrier.init(turns.index(t), count=1)
+    mbarrier.expect(q_bar, Q_TILES * q_desc.block_type.nbytes)
+    for t in gl.static_range(Q_TILES):
+        tma_load(q_desc, [q_row + start_m + t * BLOCK_M, q_col], q_bar, q_smem.index(t))
 
     o_row_ptr = O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
     lse_ptr = LSE + bh.to(gl.int64) * Nq
     kpm_row = KPM + b.to(gl.int64) * stride_kpb
-    gl.warp_specialize([
-        (_consumer, (q_smem, k_smem, v_smem, q_bar, ready, empty, O, o_row_ptr, lse_ptr, kpm_row, stride_om,
-                     start_m, Nq, Nk, kv_lo, kv_hi, holes, t_lo, n_tiles, qk_scale, CAUSAL, HAS_KPM, OVERLAP,
-                     BLOCK_M, BLOCK_N, D, STAGES, num_warps)),
-        (_producer, (k_desc, v_desc, k_smem, v_smem, ready, empty, k_row, k_col, v_row, v_col, t_lo, n_tiles,
-                     BLOCK_N, STAGES)),
-    ], [1], [24])
+    if PINGPONG:
+        gl.warp_specialize([
+            (_consumer, (q_smem.index(0), k_smem, v_smem, q_bar, ready, empty, turns.index(0), turns.index(1), O,
+                         o_row_ptr, lse_ptr, kpm_row, stride_om, start_m, Nq, Nk, kv_lo, kv_hi, holes, t_lo, n_tiles,
+                         qk_scale, CAUSAL, HAS_KPM, False, True, 0, BLOCK_M, BLOCK_N, D, STAGES, num_warps)),
+            (_consumer, (q_smem.index(1), k_smem, v_smem, q_bar, ready, empty, turns.index(1), turns.index(0), O,
+                         o_row_ptr, lse_ptr, kpm_row, stride_om, start_m + BLOCK_M, Nq, Nk, kv_lo, kv_hi, holes, t_lo,
+                         n_tiles, qk_scale, CAUSAL, HAS_KPM, False, True, 1, BLOCK_M, BLOCK_N, D, STAGES, num_warps)),
+            (_producer, (k_desc, v_desc, k_smem, v_smem, ready, empty, k_row, k_col, v_row, v_col, t_lo, n_tiles, BLOCK_N,
+                        STAGES)),
+        ], [num_warps, 1], [240, 24])
+    else:
+        gl.warp_specialize([
+            (_consumer, (q_smem.index(0), k_smem, v_smem, q_bar, ready, empty, turns.index(0), turns.index(1), O,
+                         o_row_ptr, lse_ptr, kpm_row, stride_om, start_m, Nq, Nk, kv_lo, kv_hi, holes, t_lo, n_tiles,
+                         qk_scale, CAUSAL, HAS_KPM, OVERLAP, False, 0, BLOCK_M, BLOCK_N, D, STAGES, num_warps)),
+            (_producer, (k_desc, v_desc, k_smem, v_smem, ready, empty, k_row, k_col, v_row, v_col, t_lo, n_tiles, BLOCK_N,
+                        STAGES)),
+        ], [1], [24])
     mbarrier.invalidate(q_bar)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
         mbarrier.invalidate(empty.index(s))
+    for t in gl.static_range(2):
+        mbarrier.invalidate(turns.index(t))

@@ -1,8 +1,9 @@
 """Host side of the Gluon forward: 2-D TMA descriptors over q, k, v's storage, the variants, the launch.
 
-A variant is (consumer warps, K/V stages, key tile, overlap): 4 warps take 64 queries a program,
-8 take 128 (two consumer warpgroups); overlap issues the next tile's QK^T before this tile's
-softmax. Which one runs comes from fastattn/gluon/tuned.json, written by
+A variant is (consumer warps, K/V stages, key tile, overlap, ping-pong): 4 warps take 64 queries,
+8 take 128 (two consumer warpgroups in step); overlap issues the next tile's QK^T before this
+tile's softmax; ping-pong gives a program two 64-query tiles, one per consumer warpgroup, which
+take turns on the tensor cores. Which one runs comes from fastattn/gluon/tuned.json, written by
 benchmarks/gluon_check.py on a GPU with the fastest variant that passed its float64 check per
 head dim; without it the backend declines (a kernel no GPU has checked may hang).
 """
@@ -24,19 +25,27 @@ class Variant(NamedTuple):
     stages: int  # K/V buffers in the ring
     block_n: int  # keys a tile
     overlap: bool  # the next tile's QK^T in flight during this tile's softmax
+    pingpong: bool = False  # two consumer warpgroups of `warps`, each its own query tile, taking turns
 
     @property
     def block_m(self) -> int:
+        """Queries a consumer takes."""
         return 16 * self.warps
 
     @property
+    def tile_m(self) -> int:
+        """Queries a program takes."""
+        return self.block_m * (2 if self.pingpong else 1)
+
+    @property
     def name(self) -> str:
-        return f"w{self.warps}s{self.stages}n{self.block_n}{'o' if self.overlap else ''}"
+        return f"w{self.warps}s{self.stages}n{self.block_n}{'o' if self.overlap else ''}{'p' if self.pingpong else ''}"
 
 
-# FA3's shape first (two consumer warpgroups, 128-key tiles, two stages, overlap), then the same
-# without the overlap, then smaller ones.
-VARIANTS = [Variant(8, 2, 128, True), Variant(8, 2, 128, False), Variant(4, 2, 128, True), Variant(8, 3, 64, False)]
+# FA3's shape first (two consumer warpgroups, 128-key tiles, two stages, overlap), then its
+# ping-pong, the first without the overlap, then smaller ones.
+VARIANTS = [Variant(8, 2, 128, True), Variant(4, 2, 128, False, True), Variant(8, 2, 128, False),
+            Variant(4, 2, 128, True), Variant(8, 3, 64, False)]
 MAXNREG = 168  # registers a thread at launch; setmaxnreg moves them: 240 to the consumers, 24 to the producer
 
 
@@ -109,9 +118,10 @@ def forward(q, k, v, out, lse, causal: bool, scale: float, key_padding=None, key
         key_padding = key_padding.contiguous()  # each row's keys read in one run
     kpm = key_padding.view(torch.uint8) if has_kpm else lse  # a pointer never read without a mask
     ranges = key_ranges if has_kpm else lse
-    grid = (-(-Nq // variant.block_m) * B * H,)
+    grid = (-(-Nq // variant.tile_m) * B * H,)
     fwd_kernel[grid](descriptor(q, variant.block_m), descriptor(k, variant.block_n), descriptor(v, variant.block_n),
                      out, lse, ranges, kpm, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
                      key_padding.stride(0) if has_kpm else 0, B, H, Nq, Nk, H // Hkv, scale * LOG2E, CAUSAL=causal,
-                     HAS_KPM=has_kpm, OVERLAP=variant.overlap, BLOCK_M=variant.block_m, BLOCK_N=variant.block_n,
+                     HAS_KPM=has_kpm, OVERLAP=variant.overlap, PINGPONG=variant.pingpong, BLOCK_M=variant.block_m,
+                     BLOCK_N=variant.block_n,
                      D=D, STAGES=variant.stages, num_warps=variant.warps, maxnreg=MAXNREG)

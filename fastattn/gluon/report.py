@@ -34,7 +34,8 @@ def compile_variant(variant, head_dim: int, causal: bool, padded: bool = False, 
     signature = {"q_desc": descriptor(variant.block_m), "k_desc": descriptor(variant.block_n),
                  "v_desc": descriptor(variant.block_n), "O": f"*{dtype}", "LSE": "*fp32", "KV_RANGES": "*i32",
                  "KPM": "*u8", "qk_scale": "fp32"}
-    constexprs = dict(CAUSAL=causal, HAS_KPM=padded, OVERLAP=variant.overlap, BLOCK_M=variant.block_m,
+    constexprs = dict(CAUSAL=causal, HAS_KPM=padded, OVERLAP=variant.overlap, PINGPONG=variant.pingpong,
+                      BLOCK_M=variant.block_m,
                       BLOCK_N=variant.block_n, D=head_dim, STAGES=variant.stages, num_warps=variant.warps)
     for name in fwd_kernel.arg_names:
         signature.setdefault(name, "constexpr" if name in constexprs else "i32")
