@@ -49,7 +49,8 @@ for B, H, Hkv, N, D, causal, padding in json.loads(sys.argv[2]):
     finite = torch.isfinite(ref_lse)
     lse_err = (lse.double() - ref_lse)[finite].abs().max().item() if finite.any() else 0.0
     worst = max(worst, err)
-    assert torch.isfinite(out).all() and same_inf and err < 1e-2 and lse_err < 1e-2, (B, N, D, causal, padding, err, lse_err)
+    ok = torch.isfinite(out).all() and same_inf and err < 1e-2 and lse_err < 1e-2
+    assert ok, (B, N, D, causal, padding, err, lse_err)
 print(json.dumps({"max_rel_err": worst}))
 """
 
@@ -102,7 +103,8 @@ def time_survivors(variants, record: Path) -> dict:
             fns = {f"gluon:{v_.name}": (lambda v_=v_: launch.forward(q, k, v, out, lse, causal, D ** -0.5, variant=v_))
                    for v_ in variants}
             fns["fastattn:triton"] = lambda: fastattn.attention(q, k, v, causal=causal, backend="triton")
-            for name, backend in (("sdpa:cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa:flash", SDPBackend.FLASH_ATTENTION)):
+            for name, backend in (("sdpa:cudnn", SDPBackend.CUDNN_ATTENTION),
+                                  ("sdpa:flash", SDPBackend.FLASH_ATTENTION)):
                 def sdpa(backend=backend):
                     with sdpa_kernel(backend):
                         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal,

@@ -2,11 +2,12 @@
 
 Opt-in (backend="gluon") until a GPU record ranks it fastest for a call in this machine's
 dispatch table: no interpreter runs Gluon, so its correctness is known only from a GPU, and none
-has run it yet; it declines until a GPU check has passed a variant (fastattn/gluon/tuned.json). What it takes: sm_90 (H100, H200), triton 3.6 to 3.9 (the Gluon API it was
-written against), bf16 and fp16, D 64 and 128, dense, causal and key padding (tiles outside each
-row's valid keys skipped), GQA, forward only (a call that
-needs gradients goes to the kernels that have them), q, k, v whose rows a TMA descriptor reads
-(16-byte aligned; the (B, H, N, D) and (B, N, H, D) layouts and slices of one projection).
+has run it yet; it declines until a GPU check has passed a variant (fastattn/gluon/tuned.json).
+What it takes: sm_90 (H100, H200), triton 3.6 to 3.9 (the Gluon API it was written against),
+bf16 and fp16, D 64 and 128, dense, causal and key padding (tiles outside each row's valid keys
+skipped), GQA, forward only (a call that needs gradients goes to the kernels that have them), q,
+k, v whose rows a TMA descriptor reads (16-byte aligned; the (B, H, N, D) and (B, N, H, D)
+layouts and slices of one projection).
 """
 from __future__ import annotations
 

@@ -76,12 +76,19 @@ def _masked(scores, offs_m, offs_n, kv_lo, kv_hi, holes, kpm_row, Nk, CAUSAL: gl
 
 
 @gluon.jit
-def _softmax(scores, j, m_i, l_i, acc, offs_m, kv_lo, kv_hi, holes, kpm_row, Nk, t_lo, qk_scale, dtype: gl.constexpr,
-             CAUSAL: gl.constexpr, HAS_KPM: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.constexpr,
-             o_layout: gl.constexpr, cols: gl.constexpr):
-    """Tile j's online-softmax update: (m, l, acc rescaled, P as the P V wgmma's operand)."""
-    offs_n = (t_lo + j) * BLOCK_N + gl.arange(0, BLOCK_N, layout=cols)
-    masked = _masked(scores * qk_scale, offs_m, offs_n, kv_lo, kv_hi, holes, kpm_row, Nk, CAUSAL, HAS_KPM)
+def _softmax(scores, j, m_i, l_i, acc, start_m, offs_m, kv_lo, kv_hi, holes, kpm_row, Nk, t_lo, qk_scale,
+             dtype: gl.constexpr, CAUSAL: gl.constexpr, HAS_KPM: gl.constexpr, BLOCK_N: gl.constexpr,
+             p_layout: gl.constexpr, o_layout: gl.constexpr, cols: gl.constexpr):
+    """Tile j's online-softmax update: (m, l, acc rescaled, P as the P V wgmma's operand). Only
+    a tile that straddles a range end or the diagonal, or holds scattered padding, is masked."""
+    n0 = (t_lo + j) * BLOCK_N
+    masked = scores * qk_scale
+    edge = (n0 < kv_lo) | (n0 + BLOCK_N > kv_hi) | (holes != 0)
+    if CAUSAL:
+        edge = edge | (n0 + BLOCK_N - 1 > start_m)
+    if edge:
+        offs_n = n0 + gl.arange(0, BLOCK_N, layout=cols)
+        masked = _masked(masked, offs_m, offs_n, kv_lo, kv_hi, holes, kpm_row, Nk, CAUSAL, HAS_KPM)
     m_new = gl.maximum(m_i, gl.max(masked, axis=1))
     m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet stays 0
     p = gl.exp2(masked - gl.expand_dims(m_use, 1))
@@ -122,14 +129,15 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, ready, empty, turn_mine, turn_other
                 _qk(q_smem, k_smem, ready, 0, BLOCK_M, BLOCK_N, STAGES, s_layout), ))
             for j in range(n_tiles - 1):
                 following = _qk(q_smem, k_smem, ready, j + 1, BLOCK_M, BLOCK_N, STAGES, s_layout)
-                m_i, l_i, acc, p = _softmax(scores, j, m_i, l_i, acc, offs_m, kv_lo, kv_hi, holes, kpm_row, Nk, t_lo,
-                                            qk_scale, dtype, CAUSAL, HAS_KPM, BLOCK_N, p_layout, o_layout, cols)
+                m_i, l_i, acc, p = _softmax(scores, j, m_i, l_i, acc, start_m, offs_m, kv_lo, kv_hi, holes, kpm_row,
+                                            Nk, t_lo, qk_scale, dtype, CAUSAL, HAS_KPM, BLOCK_N, p_layout, o_layout,
+                                            cols)
                 acc = warpgroup_mma(p, v_smem.index(j % STAGES), acc, is_async=True)
                 acc, scores = warpgroup_mma_wait(num_outstanding=0, deps=(acc, following))
                 mbarrier.arrive(empty.index(j % STAGES), count=1)
             last = n_tiles - 1
-            m_i, l_i, acc, p = _softmax(scores, last, m_i, l_i, acc, offs_m, kv_lo, kv_hi, holes, kpm_row, Nk, t_lo,
-                                        qk_scale, dtype, CAUSAL, HAS_KPM, BLOCK_N, p_layout, o_layout, cols)
+            m_i, l_i, acc, p = _softmax(scores, last, m_i, l_i, acc, start_m, offs_m, kv_lo, kv_hi, holes, kpm_row,
+                                        Nk, t_lo, qk_scale, dtype, CAUSAL, HAS_KPM, BLOCK_N, p_layout, o_layout, cols)
             acc = warpgroup_mma(p, v_smem.index(last % STAGES), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(empty.index(last % STAGES), count=1)
@@ -143,8 +151,8 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, ready, empty, turn_mine, turn_other
             if PINGPONG:
                 mbarrier.arrive(turn_other, count=1)
             scores = warpgroup_mma_wait(num_outstanding=0, deps=(scores, ))
-            m_i, l_i, acc, p = _softmax(scores, j, m_i, l_i, acc, offs_m, kv_lo, kv_hi, holes, kpm_row, Nk, t_lo,
-                                        qk_scale, dtype, CAUSAL, HAS_KPM, BLOCK_N, p_layout, o_layout, cols)
+            m_i, l_i, acc, p = _softmax(scores, j, m_i, l_i, acc, start_m, offs_m, kv_lo, kv_hi, holes, kpm_row, Nk,
+                                        t_lo, qk_scale, dtype, CAUSAL, HAS_KPM, BLOCK_N, p_layout, o_layout, cols)
             if PINGPONG:
                 mbarrier.wait(turn_mine, WG)
             acc = warpgroup_mma(p, v_smem.index(j % STAGES), acc, is_async=True)
@@ -227,16 +235,16 @@ def fwd_kernel(q_desc, k_desc, v_desc, O, LSE, KV_RANGES, KPM, stride_qb, stride
             (_consumer, (q_smem.index(1), k_smem, v_smem, q_bar, ready, empty, turns.index(1), turns.index(0), O,
                          o_row_ptr, lse_ptr, kpm_row, stride_om, start_m + BLOCK_M, Nq, Nk, kv_lo, kv_hi, holes, t_lo,
                          n_tiles, qk_scale, CAUSAL, HAS_KPM, False, True, 1, BLOCK_M, BLOCK_N, D, STAGES, num_warps)),
-            (_producer, (k_desc, v_desc, k_smem, v_smem, ready, empty, k_row, k_col, v_row, v_col, t_lo, n_tiles, BLOCK_N,
-                        STAGES)),
+            (_producer, (k_desc, v_desc, k_smem, v_smem, ready, empty, k_row, k_col, v_row, v_col, t_lo, n_tiles,
+                         BLOCK_N, STAGES)),
         ], [num_warps, 1], [240, 24])
     else:
         gl.warp_specialize([
             (_consumer, (q_smem.index(0), k_smem, v_smem, q_bar, ready, empty, turns.index(0), turns.index(1), O,
                          o_row_ptr, lse_ptr, kpm_row, stride_om, start_m, Nq, Nk, kv_lo, kv_hi, holes, t_lo, n_tiles,
                          qk_scale, CAUSAL, HAS_KPM, OVERLAP, False, 0, BLOCK_M, BLOCK_N, D, STAGES, num_warps)),
-            (_producer, (k_desc, v_desc, k_smem, v_smem, ready, empty, k_row, k_col, v_row, v_col, t_lo, n_tiles, BLOCK_N,
-                        STAGES)),
+            (_producer, (k_desc, v_desc, k_smem, v_smem, ready, empty, k_row, k_col, v_row, v_col, t_lo, n_tiles,
+                         BLOCK_N, STAGES)),
         ], [1], [24])
     mbarrier.invalidate(q_bar)
     for s in gl.static_range(STAGES):
