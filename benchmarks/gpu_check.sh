@@ -2,11 +2,11 @@
 # The one-call GPU check, for a bare GPU machine that already has torch, triton, nvcc, ninja and
 # pybind11 (pytest-xdist and pytest-timeout used when present): no network, no pip, no root.
 # Steps, in order of value, each under its own timeout and all under one deadline (TOTAL_S, default
-# 450 s, build included), so that a run cut short still leaves what matters most:
+# 470 s, build included: under 8 minutes), so that a run cut short still leaves what matters most:
 #   build      setup.py build_ext --inplace, MAX_JOBS = nproc, FASTATTN_CUDA_ARCHS=9.0a   BUILD_TIMEOUT=200
 #   versions   nvidia-smi, python -m fastattn info                                         (30 s each)
-#   gluon      benchmarks/gluon_check.py: each Gluon variant against float64 in its own      GLUON_TIMEOUT=150
-#              process (GLUON_VARIANT_TIMEOUT=30 s), the survivors timed against cuDNN, FA2
+#   gluon      benchmarks/gluon_check.py: each Gluon variant against float64 in its own      GLUON_TIMEOUT=120
+#              process (GLUON_VARIANT_TIMEOUT=25 s), the survivors timed against cuDNN, FA2
 #              and Triton, the fastest per head dim -> fastattn/gluon/tuned.json
 #   tests      the GPU tests: test_triton/test_cuda/test_gpu, and the torch.compile ones   TEST_TIMEOUT=150
 #              (TEST_WORKERS=8 with xdist, TEST_CASE_TIMEOUT=120 s per test with pytest-timeout)
@@ -42,7 +42,7 @@ rm -f "$FASTATTN_LIVE_LOG" "$FASTATTN_LIVE_COUNTS"
 record="$out_dir/gpu_record.json" png="$out_dir/gpu_plots.png"
 
 t0=$(date +%s)
-deadline=$((t0 + ${TOTAL_S:-450}))
+deadline=$((t0 + ${TOTAL_S:-470}))
 summary=() child= current=
 stamp() { echo "$(date -u +%T) +$(($(date +%s) - t0))s"; }
 
@@ -99,7 +99,7 @@ step "versions: nvidia-smi" 30 nvidia-smi
 step "versions: fastattn" 30 $py -m fastattn info
 
 if $py -c "import sys, fastattn; sys.exit('gluon' not in fastattn.available_backends())" 2>/dev/null; then
-  step gluon "${GLUON_TIMEOUT:-150}" $py benchmarks/gluon_check.py "$out_dir" --timeout-s "${GLUON_VARIANT_TIMEOUT:-30}"
+  step gluon "${GLUON_TIMEOUT:-120}" $py benchmarks/gluon_check.py "$out_dir" --timeout-s "${GLUON_VARIANT_TIMEOUT:-25}"
 else
   skip gluon "no gluon backend (python -m fastattn info says why)"
 fi
