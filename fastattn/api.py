@@ -33,11 +33,18 @@ def check_tensors(tensors: list[tuple[str, Tensor]], layout: str) -> None:
             raise TypeError(f"{name}: expected dtype {first.dtype} ({first_name}'s), got {t.dtype}")
 
 
+def _same_device(a: Tensor, b: Tensor, c: Tensor) -> bool:
+    """a.device == b.device == c.device for CPU and CUDA tensors, without making torch.device
+    objects (~0.8 us each); False for other devices, which take the full checks."""
+    if a.is_cpu:
+        return b.is_cpu and c.is_cpu
+    return a.is_cuda and b.is_cuda and c.is_cuda and a.get_device() == b.get_device() == c.get_device()
+
+
 def _check_qkv(query, key, value) -> None:
     # The common case in a few comparisons; anything else goes through every check, which names it.
     if (isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)
-            and query.dtype in _DTYPES and query.dtype == key.dtype == value.dtype
-            and query.device == key.device == value.device):
+            and query.dtype in _DTYPES and query.dtype == key.dtype == value.dtype and _same_device(query, key, value)):
         qs, ks = query.shape, key.shape
         if (len(qs) == 4 and len(ks) == 4 and ks == value.shape and ks[0] == qs[0] and ks[3] == qs[3]
                 and ks[1] and qs[1] % ks[1] == 0):
@@ -164,19 +171,23 @@ def _problem(query, key, value, key_padding_mask, attn_mask, causal, scale, drop
     _check_qkv(query, key, value)
     key_padding_mask = _check_key_padding(key_padding_mask, query, key)
     attn_mask = _check_attn_mask(attn_mask, query, key)
-    D = query.shape[-1]
+    qs, ks = query.shape, key.shape
+    D = qs[3]
     scale = check_scalars(causal, scale, dropout_p, backend, D)
-    device = query.device.type
+    device = "cpu" if query.is_cpu else query.device.type
     needs_grad = (query.requires_grad or key.requires_grad or value.requires_grad) and torch.is_grad_enabled()
     mask_kind = None if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "float")
-    # Plain values, for the dispatch table's lookup, also while torch.compile traces with dynamic
-    # shapes (sizes and floats symbolic): head_dim_value and length_bucket compare, and the
-    # comparisons are branches, not symbolic bools.
-    dropout = True if dropout_p > 0.0 else False
-    gqa = True if key.shape[1] != query.shape[1] else False
-    problem = Problem(device, query.dtype, head_dim_value(D), mask_kind, key_padding_mask is not None, causal, dropout,
-                      needs_grad, aligned(device, query, key, value), nq=length_bucket(query.shape[2]),
-                      nk=length_bucket(key.shape[2]), gqa=gqa)
+    traced = torch.compiler.is_compiling()
+    if traced:
+        # Plain values for the dispatch table's lookup while torch.compile traces, where sizes and
+        # floats may be symbolic (dynamic shapes): comparisons, which guard, and branches.
+        dropout = True if dropout_p > 0.0 else False
+        gqa = True if ks[1] != qs[1] else False
+    else:
+        dropout, gqa = dropout_p > 0.0, ks[1] != qs[1]
+    problem = Problem(device, query.dtype, head_dim_value(D, traced), mask_kind, key_padding_mask is not None, causal,
+                      dropout, needs_grad, aligned(device, query, key, value), False, False,
+                      length_bucket(qs[2], traced), length_bucket(ks[2], traced), gqa)
     return key_padding_mask, attn_mask, scale, problem
 
 

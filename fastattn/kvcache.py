@@ -9,7 +9,7 @@ from torch import Tensor
 from . import ops
 from .api import check_scalars, check_tensors
 from .backends import Problem, select_backend
-from .backends.base import length_bucket
+from .backends.base import head_dim_value, length_bucket
 
 MAX_QUERIES = 16  # new queries per sequence and call: decoding, speculative or not
 
@@ -72,9 +72,10 @@ def attention_with_kvcache(
     scale = check_scalars(causal, scale, 0.0, backend, q.shape[-1])
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, k_new, v_new)):
         raise ValueError("attention_with_kvcache: forward only; call it under torch.no_grad() or on detached tensors")
-    problem = Problem(device=q.device.type, dtype=q.dtype, head_dim=q.shape[-1], mask_kind=None,
-                      key_padding=False, causal=causal, dropout=False, needs_grad=False, decode=True,
-                      nq=length_bucket(q.shape[2]), nk=length_bucket(k_cache.shape[2]),
+    traced = torch.compiler.is_compiling()
+    problem = Problem(device=q.device.type, dtype=q.dtype, head_dim=head_dim_value(q.shape[-1], traced),
+                      mask_kind=None, key_padding=False, causal=causal, dropout=False, needs_grad=False, decode=True,
+                      nq=length_bucket(q.shape[2], traced), nk=length_bucket(k_cache.shape[2], traced),
                       gqa=True if k_cache.shape[1] != q.shape[1] else False)  # a branch: see api._problem
     chosen = select_backend(backend, problem)
     if chosen.name != "cpu":

@@ -30,11 +30,11 @@ class Problem(NamedTuple):
     gqa: bool = False  # fewer kv heads than query heads
 
 
-def length_bucket(n) -> int:
+def length_bucket(n, traced: bool = False) -> int:
     """n rounded up to a power of two (0 stays 0): calls of one bucket share a dispatch answer.
-    While torch.compile traces (where a symbolic length looks like an int) it is bucketed by
-    comparisons, which guard the compiled graph to its bucket under dynamic shapes."""
-    if type(n) is int and not torch.compiler.is_compiling():
+    traced: torch.compile traces the call, where a symbolic length looks like an int; it is then
+    bucketed by comparisons, which guard the compiled graph to its bucket under dynamic shapes."""
+    if type(n) is int and not traced:
         return 1 << (n - 1).bit_length() if n > 0 else 0
     bucket = 0 if n == 0 else 1
     while bucket and bucket < n:
@@ -42,12 +42,12 @@ def length_bucket(n) -> int:
     return bucket
 
 
-def head_dim_value(n) -> int:
-    """n as a Python int, for the dispatch table's key. While torch.compile traces, a symbolic n
-    (dynamic shapes; it looks like an int there) is found by comparisons, which specialize the
-    graph on it: the only way dynamo lets a size become a constant (int() keeps it symbolic). A
-    head dim beyond 4096 reads as 4096, which every backend declines."""
-    if type(n) is int and not torch.compiler.is_compiling():
+def head_dim_value(n, traced: bool = False) -> int:
+    """n as a Python int, for the dispatch table's key. traced: torch.compile traces the call,
+    where a symbolic n (dynamic shapes) looks like an int; it is then found by comparisons, which
+    specialize the graph on it: the only way dynamo lets a size become a constant (int() keeps it
+    symbolic). A head dim beyond 4096 reads as 4096, which every backend declines."""
+    if type(n) is int and not traced:
         return n
     value = 0
     while value < n and value < 4096:

@@ -74,16 +74,18 @@ class SdpaBackend(Backend):
     def forward(self, q, k, v, masks, causal, scale, dropout_p, seed):
         q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
         B, H, Nq, D = q.shape
-        kernel = _kernel(q, k)
         if q.device.type == "cpu":
             out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-        elif kernel == "cudnn":
-            out, lse = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
-                                                                 scale=scale)[:2]
-        elif kernel == "flash":
-            out, lse = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
         else:
-            out, lse = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
+            kernel = _kernel(q, k)
+            if kernel == "cudnn":
+                out, lse = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
+                                                                     scale=scale)[:2]
+            elif kernel == "flash":
+                out, lse = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+            else:
+                out, lse = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal,
+                                                                        scale=scale)[:2]
         # cuDNN's lse is (B, H, Nq, 1), the memory-efficient kernel's padded to 32 rows
         lse = lse.reshape(B, H, -1)[:, :, :Nq].contiguous()
         if out.stride() != out_strides(q):  # the layout the op's fake promises

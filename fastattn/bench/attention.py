@@ -63,20 +63,26 @@ def case_problem(case: Case, device: str) -> Problem:
                    gqa=case.kv_heads != case.heads)
 
 
-def fastattn_providers(case: Case, device: str, inputs: Inputs) -> dict:
-    """fastattn:<backend> for each backend that takes the case (not the float64 reference, nor
-    Triton's interpreter: not speed peers), and fastattn:auto."""
-    found, problem = {}, case_problem(case, device)
-    for name in available_backends() + ["auto"]:
+def fastattn_backends(case: Case, device: str) -> list[str]:
+    """The backends that take the case (not the float64 reference, nor Triton's interpreter: not
+    speed peers)."""
+    problem, found = case_problem(case, device), []
+    for name in available_backends():
         if name == "reference" or (name == "triton" and device != "cuda"):
             continue
         try:
             select_backend(name, problem)
         except NoBackendError:
             continue
-        found[f"fastattn:{name}"] = lambda q, k, v, name=name: attention(
-            q, k, v, key_padding_mask=inputs.kpm, causal=case.causal, backend=name)
+        found.append(name)
     return found
+
+
+def fastattn_providers(case: Case, device: str, inputs: Inputs) -> dict:
+    """fastattn:<backend> for each of fastattn_backends, and fastattn:auto."""
+    return {f"fastattn:{name}": lambda q, k, v, name=name: attention(
+        q, k, v, key_padding_mask=inputs.kpm, causal=case.causal, backend=name)
+        for name in fastattn_backends(case, device) + ["auto"]}
 
 
 def providers(case: Case, device: str, inputs: Inputs, quick: bool) -> dict:

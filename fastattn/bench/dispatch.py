@@ -19,7 +19,7 @@ import torch
 
 from ..backends import REGISTRY, dispatch
 from ..backends.sdpa import SdpaBackend, torch_kernel
-from .attention import case_problem, fastattn_providers, make_inputs, run_case
+from .attention import case_problem, fastattn_backends, run_case
 from .cases import DTYPES, Case, grid
 
 
@@ -73,9 +73,9 @@ def sweep(device: str, quick: bool, min_run_time: float) -> list[dict]:
     """Rows of the fastattn backends on each case of the benchmark's grid that two or more take."""
     rows = []
     for case in grid(device, quick):
-        names = set(fastattn_providers(case, device, make_inputs(case, device))) - {"fastattn:auto"}
+        names = fastattn_backends(case, device)
         if len(names) > 1:
-            print(f"  {case.label}: {', '.join(sorted(names))}", flush=True)
+            print(f"  {case.label}: {', '.join(names)}", flush=True)
             rows += run_case(case, device, quick, min_run_time, fastattn_only=True)
     return rows
 
