@@ -1,9 +1,10 @@
-"""The Gluon step of gpu_check.sh: each variant of the Hopper forward checked against float64 in
-its own process under a short timeout (a mbarrier that waits forever costs seconds, not the GPU
-window), failures written as they happen; the survivors timed against cuDNN, FlashAttention-2
-and fastattn's Triton kernel; the fastest variant per head dim written as the shipped default.
+"""The Gluon step of gpu_check.sh: each variant of the Hopper forward and of the backward checked
+against float64 in its own process under a short timeout (a mbarrier that waits forever costs
+seconds, not the GPU window), all at once (their compiles share the CPUs), each line written as
+it ends; the survivors timed against cuDNN, FlashAttention-2 and fastattn's Triton kernels
+(forward; forward+backward); the fastest variant per head dim written as the shipped default.
 
-    python benchmarks/gluon_check.py OUT_DIR [--timeout-s 45]
+    python benchmarks/gluon_check.py OUT_DIR [--timeout-s 60]
 
 Writes OUT_DIR/gluon_checks.jsonl (a line per variant, as it ends) and OUT_DIR/gluon_record.json
 (rows with backend, case, ms, tflops, best_peer, best_peer_ms, speedup_vs_best_peer), and
@@ -15,6 +16,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,13 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECK_SHAPES = [(2, 4, 4, 300, 128, False, None), (2, 4, 2, 300, 128, True, None), (1, 4, 1, 77, 64, True, None),
                 (2, 2, 2, 1024, 64, False, None), (1, 2, 2, 1, 128, False, None), (3, 4, 2, 300, 128, True, "right"),
                 (2, 2, 2, 200, 64, False, "scattered")]
-CHILD = """
+# what both check children begin with: argv[1] the variant, argv[2] the shapes, inputs(shape)
+PRELUDE = """
 import json, sys, torch, fastattn
 from fastattn.gluon import launch
 from fastattn.masks import key_ranges
-variant = launch.Variant(*json.loads(sys.argv[1]))
-worst = 0.0
-for B, H, Hkv, N, D, causal, padding in json.loads(sys.argv[2]):
+def inputs(B, H, Hkv, N, D, padding):
     torch.manual_seed(0)
     q = torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     k, v = (torch.randn(B, N, Hkv, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
@@ -40,9 +41,18 @@ for B, H, Hkv, N, D, causal, padding in json.loads(sys.argv[2]):
         kpm = torch.arange(N, device="cuda")[None, :] >= lengths[:, None]
     elif padding == "scattered":
         kpm = torch.rand(B, N, device="cuda") < 0.3
+    return q, k, v, kpm
+worst = 0.0
+"""
+CHILD = PRELUDE + """
+variant = launch.Variant(*json.loads(sys.argv[1]))
+for B, H, Hkv, N, D, causal, padding in json.loads(sys.argv[2]):
+    q, k, v, kpm = inputs(B, H, Hkv, N, D, padding)
     out = torch.full_like(q, float("nan")).contiguous()
     lse = torch.full((B, H, N), float("nan"), device="cuda")
-    launch.forward(q, k, v, out, lse, causal, D ** -0.5, kpm, None if kpm is None else key_ranges(kpm), variant=variant)
+    # 3 programs: a persistent variant takes several tiles each, in turn
+    launch.forward(q, k, v, out, lse, causal, D ** -0.5, kpm, None if kpm is None else key_ranges(kpm), variant=variant,
+                   programs=3)
     ref, ref_lse = fastattn.reference_attention(q.double(), k.double(), v.double(), kpm, None, causal)
     err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
     same_inf = torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
@@ -53,42 +63,83 @@ for B, H, Hkv, N, D, causal, padding in json.loads(sys.argv[2]):
     assert ok, (B, N, D, causal, padding, err, lse_err)
 print(json.dumps({"max_rel_err": worst}))
 """
-
-
-def run_isolated(argv: list[str], timeout_s: float) -> dict:
-    """Runs a check in its own process: {"status": "ok" | "failed" | "timed out", "seconds", "output"}."""
-    start = time.perf_counter()
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
-        status, output = ("ok" if done.returncode == 0 else "failed"), (done.stdout + done.stderr)[-2000:]
-    except subprocess.TimeoutExpired as e:
-        status, output = "timed out", f"killed after {timeout_s} s: {(e.stdout or b'')[-500:]!r}"
-    return {"status": status, "seconds": round(time.perf_counter() - start, 1), "output": output.strip()}
+# the backward against float64 gradients, lse's included: out and lse from the reference, so that
+# a backward variant is checked whether or not a forward one passed
+BWD_CHECK_SHAPES = [(2, 4, 2, 300, 128, True, None), (2, 4, 4, 260, 128, False, None), (1, 4, 1, 77, 64, True, None),
+                    (2, 2, 2, 200, 64, False, None), (3, 4, 2, 300, 128, True, "right"),
+                    (2, 2, 2, 200, 64, False, "scattered")]
+BWD_CHILD = PRELUDE + """
+variant = launch.BwdVariant(*json.loads(sys.argv[1]))
+for B, H, Hkv, N, D, causal, padding in json.loads(sys.argv[2]):
+    q, k, v, kpm = inputs(B, H, Hkv, N, D, padding)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = fastattn.reference_attention(qd, kd, vd, kpm, None, causal)
+    dout = torch.randn_like(q)
+    dlse = torch.randn(B, H, N, device="cuda")
+    seen = torch.isfinite(ref_lse)
+    loss = (ref * dout.double()).sum() + torch.where(seen, ref_lse * dlse.double(), 0.0).sum()
+    grads = torch.autograd.grad(loss, (qd, kd, vd))
+    out = ref.detach().to(torch.bfloat16).contiguous()
+    lse = ref_lse.detach().float().contiguous()
+    dq = torch.full((B, H, N, D), float("nan"), device="cuda", dtype=torch.bfloat16)
+    dk, dv = (torch.full((B, Hkv, N, D), float("nan"), device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    launch.backward(dout, q, k, v, out, lse, dq, dk, dv, causal, D ** -0.5, kpm, None if kpm is None else key_ranges(kpm),
+                    dlse, variant=variant)
+    for name, got, want in zip("qkv", (dq, dk, dv), grads):
+        err = ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+        worst = max(worst, err)
+        assert torch.isfinite(got).all() and err < 1e-2, (B, N, D, causal, padding, "d" + name, err)
+print(json.dumps({"max_rel_err": worst}))
+"""
 
 
 def check_variants(variants, out: Path, timeout_s: float, command=None) -> list:
-    """The variants that pass; a line per variant appended to out as each ends. command(variant)
-    -> argv: the check's process (a stand-in in tests)."""
-    command = command or (lambda v: [sys.executable, "-c", CHILD, json.dumps(list(v)), json.dumps(CHECK_SHAPES)])
-    passed = []
+    """The variants that pass, each checked in its own process, all at once, each killed at
+    timeout_s; a line per variant appended to out as each ends. command(variant) -> argv: the
+    check's process (a stand-in in tests)."""
+    command = command or check_command
+    start, running, results, logs = time.perf_counter(), {}, {}, {}
     for variant in variants:
-        result = {"variant": list(variant), **run_isolated(command(variant), timeout_s)}
-        with out.open("a") as f:
-            f.write(json.dumps(result) + "\n")
-        print(f"gluon {variant}: {result['status']} in {result['seconds']} s", flush=True)
-        if result["status"] == "ok":
-            passed.append(variant)
-    return passed
+        logs[variant] = tempfile.TemporaryFile("w+")  # a pipe left unread could block a talkative child
+        running[variant] = subprocess.Popen(command(variant), stdout=logs[variant], stderr=subprocess.STDOUT,
+                                            text=True, cwd=ROOT)
+    while running:
+        for variant, proc in list(running.items()):
+            seconds = time.perf_counter() - start
+            if proc.poll() is None and seconds < timeout_s:
+                continue
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+                status, output = "timed out", f"killed after {timeout_s} s"
+            else:
+                logs[variant].seek(0)
+                status, output = ("ok" if proc.returncode == 0 else "failed"), logs[variant].read()[-2000:].strip()
+            logs.pop(variant).close()
+            del running[variant]
+            results[variant] = result = {"variant": list(variant), "status": status, "seconds": round(seconds, 1),
+                                         "output": output}
+            with out.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+            print(f"gluon {variant}: {status} in {result['seconds']} s", flush=True)
+        time.sleep(0.05)
+    return [v for v in variants if results[v]["status"] == "ok"]
 
 
-def time_survivors(variants, record: Path) -> dict:
-    """ms of each surviving variant and of the peers on dense, causal and GQA forwards (bf16,
-    N 4096, B 4, H 16); returns {head dim: fastest variant}."""
+def check_command(variant) -> list[str]:
+    from fastattn.gluon.launch import BwdVariant
+
+    child, shapes = (BWD_CHILD, BWD_CHECK_SHAPES) if isinstance(variant, BwdVariant) else (CHILD, CHECK_SHAPES)
+    return [sys.executable, "-c", child, json.dumps(list(variant)), json.dumps(shapes)]
+
+
+def time_survivors(fwd_variants, bwd_variants, record: Path) -> dict:
+    """ms of each surviving variant and of the peers on dense, causal and GQA calls (bf16, N 4096,
+    B 4, H 16 at D 128), forward, then forward+backward (ours: the fastest forward variant, or the
+    Triton forward where none passed, then each backward variant); returns the tuned.json entries
+    {"d<D>": fastest forward, "bwd_d<D>": fastest backward} (on the dense case)."""
     import torch
-    import triton.testing
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    import fastattn
     from fastattn.gluon import launch
 
     rows, best = [], {}
@@ -98,53 +149,96 @@ def time_survivors(variants, record: Path) -> dict:
             Hkv = H // 4 if kind == "gqa" else H
             q = torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
             k, v = (torch.randn(B, N, Hkv, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
-            causal = kind == "causal"
+            causal, scale = kind == "causal", D ** -0.5
             out, lse = torch.empty_like(q), torch.empty(B, H, N, device="cuda")
-            fns = {f"gluon:{v_.name}": (lambda v_=v_: launch.forward(q, k, v, out, lse, causal, D ** -0.5, variant=v_))
-                   for v_ in variants}
-            fns["fastattn:triton"] = lambda: fastattn.attention(q, k, v, causal=causal, backend="triton")
-            for name, backend in (("sdpa:cudnn", SDPBackend.CUDNN_ATTENTION),
-                                  ("sdpa:flash", SDPBackend.FLASH_ATTENTION)):
-                def sdpa(backend=backend):
-                    with sdpa_kernel(backend):
-                        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal,
-                                                                                enable_gqa=Hkv != H)
-                fns[name] = sdpa
-            case = f"{kind} fwd bf16 B{B} H{H}{f'/{Hkv}kv' if Hkv != H else ''} N{N} D{D}"
+            dout = torch.randn_like(out)
+            grads = [torch.empty(B, h, N, D, device="cuda", dtype=torch.bfloat16) for h in (H, Hkv, Hkv)]
+            name = f"{kind} %s bf16 B{B} H{H}{f'/{Hkv}kv' if Hkv != H else ''} N{N} D{D}"
             flops = 4.0 * B * H * N * N * D / (2 if causal else 1)
-            timed = {}
-            for name, fn in fns.items():
-                try:
-                    timed[name] = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-                except Exception as e:  # a peer that cannot run the case must not stop the rest
-                    print(f"  {case} {name}: {type(e).__name__}: {e}"[:300], flush=True)
-            peers = {n: ms for n, ms in timed.items() if not n.startswith(("gluon", "fastattn"))}
-            peer = min(peers, key=peers.get) if peers else None
-            for name, ms in timed.items():
-                rows.append(dict(backend=name, case=case, ms=ms, tflops=flops / ms / 1e9, best_peer=peer,
-                                 best_peer_ms=peers.get(peer), speedup_vs_best_peer=peers[peer] / ms if peer else None))
+
+            fwd = {f"gluon:{x.name}": (lambda x=x: launch.forward(q, k, v, out, lse, causal, scale, variant=x))
+                   for x in fwd_variants}
+            timed = _time_with_peers(fwd, q, k, v, causal, Hkv != H, None, name % "fwd", flops, rows)
             ours = {n: ms for n, ms in timed.items() if n.startswith("gluon")}
             if ours and kind == "dense":
-                best[D] = next(v_ for v_ in variants if f"gluon:{v_.name}" == min(ours, key=ours.get))
+                best[f"d{D}"] = next(x for x in fwd_variants if f"gluon:{x.name}" == min(ours, key=ours.get))
+            fastest = min(ours, key=ours.get) if ours else None
+
+            def ours_fwd_bwd(x, first=fwd.get(fastest)):
+                if first is None:  # no Gluon forward: the Triton one gives out and lse
+                    import fastattn.triton.attention as ta
+
+                    ta.forward(q, k, v, out, lse, ta.MaskArgs(q, None, None, None), causal, scale, 0.0, 0)
+                else:
+                    first()
+                launch.backward(dout, q, k, v, out, lse, *grads, causal, scale, variant=x)
+
+            both = {f"{fastest or 'triton-fwd'}+gluon-bwd:{x.name}": (lambda x=x: ours_fwd_bwd(x))
+                    for x in bwd_variants}
+            timed = _time_with_peers(both, q, k, v, causal, Hkv != H, dout, name % "fwd+bwd", 2.5 * flops, rows)
+            ours = {n: ms for n, ms in timed.items() if "gluon-bwd" in n}
+            if ours and kind == "dense":
+                best[f"bwd_d{D}"] = next(x for x in bwd_variants if min(ours, key=ours.get).endswith(x.name))
             record.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
     return best
+
+
+def _time_with_peers(fns: dict, q, k, v, causal: bool, gqa: bool, dout, case: str, flops: float, rows: list) -> dict:
+    """Times fns and the peers (cuDNN, FlashAttention-2, fastattn's Triton kernels) on the same
+    call, forward alone or with dout its backward; appends the rows; returns {name: ms}."""
+    import torch
+    import triton.testing
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import fastattn
+
+    qg, kg, vg = (t.detach().requires_grad_(dout is not None) for t in (q, k, v))
+
+    def peer(call):
+        def run():
+            o = call()
+            if dout is not None:
+                torch.autograd.grad(o, (qg, kg, vg), dout)
+        return run
+
+    fns = dict(fns)
+    fns["fastattn:triton"] = peer(lambda: fastattn.attention(qg, kg, vg, causal=causal, backend="triton"))
+    for name, backend in (("sdpa:cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa:flash", SDPBackend.FLASH_ATTENTION)):
+        def sdpa(backend=backend):
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, is_causal=causal, enable_gqa=gqa)
+        fns[name] = peer(sdpa)
+    timed = {}
+    for name, fn in fns.items():
+        try:
+            timed[name] = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        except Exception as e:  # a peer that cannot run the case must not stop the rest
+            print(f"  {case} {name}: {type(e).__name__}: {e}"[:300], flush=True)
+    peers = {n: ms for n, ms in timed.items() if n.startswith("sdpa")}
+    best = min(peers, key=peers.get) if peers else None
+    for name, ms in timed.items():
+        rows.append(dict(backend=name, case=case, ms=ms, tflops=flops / ms / 1e9, best_peer=best,
+                         best_peer_ms=peers.get(best), speedup_vs_best_peer=peers[best] / ms if best else None))
+    return timed
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("out_dir")
-    parser.add_argument("--timeout-s", type=float, default=45)
+    parser.add_argument("--timeout-s", type=float, default=60)
     args = parser.parse_args(argv)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from fastattn.gluon.launch import TUNED, VARIANTS
+    from fastattn.gluon.launch import BWD_VARIANTS, TUNED, VARIANTS, BwdVariant
 
-    passed = check_variants(VARIANTS, out / "gluon_checks.jsonl", args.timeout_s)
+    passed = check_variants(VARIANTS + BWD_VARIANTS, out / "gluon_checks.jsonl", args.timeout_s)
+    bwd = [v for v in passed if isinstance(v, BwdVariant)]
+    fwd = [v for v in passed if v not in bwd]
     if not passed:
         print("gluon: no variant passed its check; nothing timed")
         return 1
-    best = time_survivors(passed, out / "gluon_record.json")
-    TUNED.write_text(json.dumps({f"d{D}": list(v) for D, v in best.items()}, indent=1) + "\n")
+    best = time_survivors(fwd, bwd, out / "gluon_record.json")
+    TUNED.write_text(json.dumps({name: list(v) for name, v in best.items()}, indent=1) + "\n")
     print(f"gluon defaults: {best} -> {TUNED}")
     return 0
 

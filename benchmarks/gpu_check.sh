@@ -5,9 +5,10 @@
 # 470 s, build included: under 8 minutes), so that a run cut short still leaves what matters most:
 #   build      setup.py build_ext --inplace, MAX_JOBS = nproc, FASTATTN_CUDA_ARCHS=9.0a   BUILD_TIMEOUT=200
 #   versions   nvidia-smi, python -m fastattn info                                         (30 s each)
-#   gluon      benchmarks/gluon_check.py: each Gluon variant against float64 in its own      GLUON_TIMEOUT=120
-#              process (GLUON_VARIANT_TIMEOUT=25 s), the survivors timed against cuDNN, FA2
-#              and Triton, the fastest per head dim -> fastattn/gluon/tuned.json
+#   gluon      benchmarks/gluon_check.py: each Gluon variant (forward, backward) against       GLUON_TIMEOUT=170
+#              float64 in its own process, all at once (GLUON_VARIANT_TIMEOUT=60 s), the
+#              survivors timed against cuDNN, FA2 and Triton (forward; forward+backward), the
+#              fastest per head dim -> fastattn/gluon/tuned.json
 #   tests      the GPU tests: test_triton/test_cuda/test_gpu, and the torch.compile ones   TEST_TIMEOUT=150
 #              (TEST_WORKERS=8 with xdist, TEST_CASE_TIMEOUT=120 s per test with pytest-timeout)
 #   sanitizer  compute-sanitizer memcheck, racecheck on benchmarks/cuda_sanitize.py        SANITIZE_TIMEOUT=60 each
@@ -99,7 +100,7 @@ step "versions: nvidia-smi" 30 nvidia-smi
 step "versions: fastattn" 30 $py -m fastattn info
 
 if $py -c "import sys, fastattn; sys.exit('gluon' not in fastattn.available_backends())" 2>/dev/null; then
-  step gluon "${GLUON_TIMEOUT:-120}" $py benchmarks/gluon_check.py "$out_dir" --timeout-s "${GLUON_VARIANT_TIMEOUT:-25}"
+  step gluon "${GLUON_TIMEOUT:-170}" $py benchmarks/gluon_check.py "$out_dir" --timeout-s "${GLUON_VARIANT_TIMEOUT:-60}"
 else
   skip gluon "no gluon backend (python -m fastattn info says why)"
 fi

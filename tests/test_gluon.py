@@ -1,8 +1,12 @@
-"""The Gluon Hopper forward (fastattn/gluon): its TMA view of the storage and the isolated checks
-of benchmarks/gluon_check.py everywhere (a stand-in child for the kernel: no interpreter runs
-Gluon); on an sm_90 GPU each variant against float64 in its own process. Its compile report
+"""The Gluon Hopper kernels (fastattn/gluon): their TMA view of the storage, and the isolated checks
+of benchmarks/gluon_check.py everywhere (stand-ins for the kernels: no interpreter runs Gluon);
+on an sm_90 GPU each variant, forward and backward, against float64 in its own process. Its compile report
 runs with the Triton one (test_triton.py, `python -m fastattn report --check`)."""
+import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,19 +45,68 @@ def test_storage_rows_declines_what_wraps():
 
 
 def test_isolated_checks_report_passes_failures_and_hangs(tmp_path):
-    """The plumbing of the GPU step, with stand-in children: one passes, one fails, one hangs."""
+    """The plumbing of the GPU step, with stand-in children run at once: one passes, one fails,
+    one hangs and is killed at the timeout, which bounds the whole step."""
     children = {launch.VARIANTS[0]: "print('ok')", launch.VARIANTS[1]: "raise SystemExit('wrong')",
-                launch.VARIANTS[2]: "import time; time.sleep(60)"}
+                launch.BWD_VARIANTS[0]: "import time; time.sleep(60)", launch.BWD_VARIANTS[1]: "print('ok')"}
     out = tmp_path / "checks.jsonl"
+    start = time.perf_counter()
     passed = gluon_check.check_variants(list(children), out, timeout_s=3,
                                         command=lambda v: [sys.executable, "-c", children[v]])
-    assert passed == [launch.VARIANTS[0]]
-    lines = out.read_text().splitlines()
-    assert [__import__("json").loads(x)["status"] for x in lines] == ["ok", "failed", "timed out"]
+    assert time.perf_counter() - start < 10
+    assert passed == [launch.VARIANTS[0], launch.BWD_VARIANTS[1]]
+    status = {tuple(r["variant"]): r["status"] for r in map(json.loads, out.read_text().splitlines())}
+    assert status == {tuple(launch.VARIANTS[0]): "ok", tuple(launch.VARIANTS[1]): "failed",
+                      tuple(launch.BWD_VARIANTS[0]): "timed out", tuple(launch.BWD_VARIANTS[1]): "ok"}
+    assert "wrong" in out.read_text()
+
+
+# The check children with fastattn's Triton kernels (interpreted, on the CPU) standing in for the
+# Gluon ones: a right kernel passes them, and an output or a gradient 10% off does not.
+STANDIN = """
+import torch, fastattn.triton.attention as ta
+from fastattn.gluon import launch
+def forward(q, k, v, out, lse, causal, scale, kpm, ranges, variant, programs):
+    ta.forward(q, k, v, out, lse, ta.MaskArgs(q, kpm, ranges, None), causal, scale, 0.0, 0)
+    out.mul_(FACTOR)
+def backward(dout, q, k, v, out, lse, dq, dk, dv, causal, scale, kpm, ranges, dlse, variant):
+    ta.backward(dout, dlse, q, k, v, out, lse, ta.MaskArgs(q, kpm, ranges, None), causal, scale, 0.0, 0, dq, dk, dv)
+    dk.mul_(FACTOR)
+launch.forward, launch.backward = forward, backward
+"""
+SMALL = [(2, 2, 1, 40, 64, True, None), (1, 2, 2, 33, 64, False, None), (3, 2, 2, 40, 64, True, "right"),
+         (2, 2, 2, 40, 64, False, "scattered")]
+
+
+@pytest.mark.parametrize("kind", ["fwd", "bwd"])
+@pytest.mark.parametrize("factor", [1.0, 1.1])
+def test_check_children_pass_a_right_kernel_and_fail_a_wrong_one(kind, factor, tmp_path):
+    child, variant = (gluon_check.CHILD, launch.VARIANTS[0]) if kind == "fwd" else (gluon_check.BWD_CHILD,
+                                                                                  launch.BWD_VARIANTS[0])
+    child = STANDIN.replace("FACTOR", repr(factor)) + child.replace('device="cuda"', 'device="cpu"')
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", child, json.dumps(list(variant)), json.dumps(SMALL)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    if factor == 1.0:
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert json.loads(done.stdout.splitlines()[-1])["max_rel_err"] < 1e-2
+    else:
+        assert done.returncode != 0 and "AssertionError" in done.stderr, done.stderr[-2000:]
+        assert kind == "fwd" or "'dk'" in done.stderr
+
+
+def test_tuned_defaults_name_forward_and_backward_apart(tmp_path, monkeypatch):
+    tuned = tmp_path / "tuned.json"
+    monkeypatch.setattr(launch, "TUNED", tuned)
+    assert launch.default_variant(128) is None and launch.default_variant(128, backward=True) is None
+    tuned.write_text(json.dumps({"d128": list(launch.VARIANTS[1]), "bwd_d64": list(launch.BWD_VARIANTS[2])}))
+    assert launch.default_variant(128) == launch.VARIANTS[1] and launch.default_variant(64) is None
+    assert launch.default_variant(64, backward=True) == launch.BWD_VARIANTS[2]
+    assert launch.default_variant(128, backward=True) is None
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU (no interpreter runs Gluon)")
-@pytest.mark.parametrize("variant", launch.VARIANTS, ids=lambda v: v.name)
+@pytest.mark.parametrize("variant", launch.VARIANTS + launch.BWD_VARIANTS, ids=lambda v: v.name)
 def test_variant_against_float64(variant, tmp_path):
     passed = gluon_check.check_variants([variant], tmp_path / "checks.jsonl", timeout_s=60)
     assert passed == [variant], (tmp_path / "checks.jsonl").read_text()[-1500:]
@@ -69,3 +122,22 @@ def test_backend_matches_the_reference_through_the_op():
     out = fastattn.attention(q, k, v, causal=True, backend="gluon")
     ref = fastattn.reference_attention(q.double(), k.double(), v.double(), None, None, True)[0]
     assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.skipif(not HOPPER or launch.default_variant(128, backward=True) is None,
+                    reason="needs an sm_90 GPU and a backward variant that passed its check there")
+def test_backend_gradients_match_the_reference_through_the_op():
+    import fastattn
+    from helpers import TOL, rel_err
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 300, h, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+               for h in (8, 2, 2))
+    kpm = torch.arange(300, device="cuda")[None, :] >= torch.tensor([[300], [120]], device="cuda")
+    out = fastattn.attention(q, k, v, causal=True, key_padding_mask=kpm, backend="gluon")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = fastattn.reference_attention(qd, kd, vd, kpm, None, True)[0]
+    for got, want in zip(grads, torch.autograd.grad(ref, (qd, kd, vd), dout.double())):
+        assert rel_err(got, want) < TOL[torch.bfloat16]

@@ -5,9 +5,9 @@ dispatch table: no interpreter runs Gluon, so its correctness is known only from
 has run it yet; it declines until a GPU check has passed a variant (fastattn/gluon/tuned.json).
 What it takes: sm_90 (H100, H200), triton 3.6 to 3.9 (the Gluon API it was written against),
 bf16 and fp16, D 64 and 128, dense, causal and key padding (tiles outside each row's valid keys
-skipped), GQA, forward only (a call that needs gradients goes to the kernels that have them), q,
-k, v whose rows a TMA descriptor reads (16-byte aligned; the (B, H, N, D) and (B, N, H, D)
-layouts and slices of one projection).
+skipped), GQA, lse and its gradient, the backward (deterministic: no atomics) where a backward
+variant has passed its check too; q, k, v whose rows a TMA descriptor reads (16-byte aligned; the
+(B, H, N, D) and (B, N, H, D) layouts and slices of one projection), others copied.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import importlib.util
 import torch
 
 from . import dispatch
-from .base import Backend, Capabilities, Problem, empty_lse, empty_out
+from .base import Backend, Capabilities, Problem, empty_lse, empty_out, new_buffer
 
 KNOWN_TRITON = ("3.6", "3.7", "3.8", "3.9")
 
@@ -35,7 +35,7 @@ class GluonBackend(Backend):
         max_head_dim=128,
         mask_kinds=frozenset(),
         dropout=False,
-        backward=False,
+        backward=True,
         varlen=False,
         decode=False,
     )
@@ -64,9 +64,10 @@ class GluonBackend(Backend):
         if not why:
             from ..gluon.launch import default_variant
 
-            if default_variant(problem.head_dim) is None:
-                why.append(f"no variant has passed its float64 check on a GPU at D = {problem.head_dim} yet "
-                           "(benchmarks/gluon_check.py writes fastattn/gluon/tuned.json)")
+            for part in ("forward", "backward") if problem.needs_grad else ("forward",):
+                if default_variant(problem.head_dim, part == "backward") is None:
+                    why.append(f"no {part} variant has passed its float64 check on a GPU at D = {problem.head_dim} "
+                               "yet (benchmarks/gluon_check.py writes fastattn/gluon/tuned.json)")
         return why
 
     def auto_reasons(self, problem: Problem) -> list[str]:
@@ -77,8 +78,27 @@ class GluonBackend(Backend):
     def forward(self, q, k, v, masks, causal, scale, dropout_p, seed):
         from ..gluon import launch
 
-        if not (launch.tma_ready(q) and launch.tma_ready(k) and launch.tma_ready(v)):
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # a layout no descriptor reads
+        q, k, v = _readable(q, k, v)
         out, lse = empty_out(q), empty_lse(q)
         launch.forward(q, k, v, out, lse, causal, scale, masks.key_padding, masks.key_ranges)
         return out, lse
+
+    def backward(self, dout, dlse, q, k, v, out, lse, masks, causal, scale, dropout_p, seed):
+        from ..gluon import launch
+
+        dout, q, k, v = _readable(dout, q, k, v)
+        B, H, Nq, D = q.shape
+        Hkv, Nk = k.shape[1], k.shape[2]
+        dq, dk, dv = new_buffer(q, B, H, Nq, D), new_buffer(k, B, Hkv, Nk, D), new_buffer(v, B, Hkv, Nk, D)
+        if dlse is not None:
+            dlse = dlse.to(torch.float32).contiguous()
+        launch.backward(dout, q, k, v, out, lse, dq, dk, dv, causal, scale, masks.key_padding, masks.key_ranges, dlse)
+        return dq, dk, dv
+
+
+def _readable(*tensors):
+    """Each tensor as it is where a TMA descriptor reads it, else a contiguous copy in fresh
+    (aligned) memory."""
+    from ..gluon import launch
+
+    return tuple(t if launch.tma_ready(t) else t.clone(memory_format=torch.contiguous_format) for t in tensors)

@@ -532,6 +532,21 @@ def forward(q, k, v, out, lse, masks: MaskArgs, causal: bool, scale: float, drop
             Nq, Nk, q.dtype)
 
 
+def softmax_offsets(out, dout, lse, dlse=None, cu_q=None, B=None, Nq=None) -> torch.Tensor:
+    """delta = rowsum(dout * out) - dlse in lse's layout, the offset of each query row in the
+    softmax backward. out and dout (B, H, Nq, D) with contiguous rows of D; with cu_q, packed
+    sequences: B of them, the longest Nq."""
+    vl = cu_q is not None
+    H, D = out.shape[1], out.shape[3]
+    B, Nq = (out.shape[0], out.shape[2]) if B is None else (B, Nq)
+    delta = torch.empty_like(lse)
+    block = 64
+    _PREPROCESS((cdiv(Nq, block) * B * H,),
+                (out, dout, dlse if dlse is not None else lse, delta, cu_q if vl else lse, *_rows(out, vl),
+                 *_rows(dout, vl), *_batch_head(lse, vl), H, Nq), (D, dlse is not None, vl, block_d(D), block), 4, 3)
+    return delta
+
+
 def backward(dout, dlse, q, k, v, out, lse, masks: MaskArgs, causal: bool, scale: float,
              dropout_p: float, seed: int, dq, dk, dv, max_seqlens=(0, 0)):
     """dout, q, k, v, out with contiguous rows of D; dq (B, H, Nq, D), dk and dv (B, Hkv, Nk, D),
@@ -540,11 +555,7 @@ def backward(dout, dlse, q, k, v, out, lse, masks: MaskArgs, causal: bool, scale
     B, Nq, Nk = _batch_and_lengths(q, k, masks, max_seqlens)
     flags = _flags(q, masks, causal, dropout_p)
     lse_strides, do_strides = _batch_head(lse, vl), _rows(dout, vl)
-    delta = torch.empty_like(lse)
-    pre_block = 64
-    _PREPROCESS((cdiv(Nq, pre_block) * B * H,),
-                (out, dout, dlse if dlse is not None else lse, delta, masks.cu_q, *_rows(out, vl), *do_strides,
-                 *lse_strides, H, Nq), (flags.D, dlse is not None, vl, flags.BLOCK_D, pre_block), 4, 3)
+    delta = softmax_offsets(out, dout, lse, dlse, masks.cu_q if vl else None, B, Nq)
     common = (*masks.pointers(), *_rows(q, vl), *_rows(k, vl), *_rows(v, vl), *do_strides, *masks.strides(),
               *lse_strides)
     tail = (B, H, Nq, Nk, H // Hkv, seed, scale * LOG2E, scale, dropout_p)
