@@ -44,6 +44,16 @@ def test_storage_rows_declines_what_wraps():
     assert launch.storage_rows(overlapping) is None
 
 
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_storage_rows_declines_rows_between_sequences(layout):
+    """A slice of a longer cache leaves rows no sequence owns (maybe never written: NaN) where a
+    tile past a sequence's end would read them."""
+    cache = torch.randn(2, 3, 10, 16) if layout == "bhnd" else torch.randn(2, 10, 3, 16).transpose(1, 2)
+    assert launch.storage_rows(cache) is not None
+    assert launch.storage_rows(cache[:, :, :7]) is None
+    assert launch.storage_rows(cache[:1, :1, :7]) is not None  # one sequence: nothing lies between
+
+
 def test_isolated_checks_report_passes_failures_and_hangs(tmp_path):
     """The plumbing of the GPU step, with stand-in children run at once: one passes, one fails,
     one hangs and is killed at the timeout, which bounds the whole step."""

@@ -14,8 +14,9 @@ mask neither are the tiles outside each row's valid keys.
 Rows of D are read through 2-D TMA descriptors over the tensor's storage, (rows, row stride):
 sequence row n of (batch b, head h) is row (b sb + h sh) // sm + n, at column (b sb + h sh) % sm,
 which serves the (B, H, N, D) and (B, N, H, D) layouts and q, k, v sliced out of one projection.
-A tile that runs past a sequence reads the next rows of the same tensor (or TMA's zeros past its
-end): their scores are masked to -inf, their output rows not stored.
+A tile that runs past a sequence reads the next rows of the same tensor, another sequence's (views
+with unused rows between sequences are copied first), or TMA's zeros past its end: their scores
+are masked to -inf, their output rows not stored.
 
 No interpreter runs Gluon: this compiles here (`python -m fastattn report`), and is proven on a
 GPU by benchmarks/gpu_check.sh (tests/test_gluon.py, each variant in its own process).

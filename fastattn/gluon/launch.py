@@ -92,15 +92,22 @@ def storage_rows(t: torch.Tensor) -> torch.Tensor | None:
     """t (B, H, N, D) as a 2-D view of its storage with t's row stride, where sequence row n of
     (b, h) is row (b sb + h sh) // sm + n from column (b sb + h sh) % sm; its columns end at the
     last one a head uses (q, k, v sliced out of one projection stay inside their slice). None
-    where the rows of some head would wrap around a row of the view (no TMA descriptor reads them)."""
+    where the rows of some head would wrap around a row of the view (no TMA descriptor reads them),
+    or where rows that belong to no sequence lie between them (a slice of a longer cache): a tile
+    that runs past its sequence reads on into the next rows, which must hold real (finite) data,
+    since a masked score's zero times a NaN there is still NaN."""
     B, H, N, D = t.shape
     sb, sh, sm, sd = t.stride()
     if sd != 1 or sm < D or sb % sm:
         return None
-    if sh % sm == 0:
-        cols = D
-    elif sh >= D and (H - 1) * sh + D <= sm:
+    if sh % sm == 0:  # each head a block of rows
+        cols, block = D, N * sm
+        if (H > 1 and sh != block) or (B > 1 and sb != H * block):
+            return None
+    elif sh >= D and (H - 1) * sh + D <= sm:  # the heads side by side in each row
         cols = (H - 1) * sh + D
+        if B > 1 and sb != N * sm:
+            return None
     else:
         return None
     rows = ((B - 1) * sb + (H - 1) * sh) // sm + N  # the last head's first row, and its N
