@@ -52,6 +52,19 @@ struct AttentionParams {
 
   float dropout_p;       // probability of dropping an attention weight
   uint64_t seed;
+
+  // Score modifiers (fastattn.reference defines them; the CPU kernels take them). Query i sits at
+  // key position i + offset, offset = Nk - Nq of its sequence with bottom_right, else 0 (causal
+  // too). It sees keys j with i + offset - window_left <= j <= i + offset + window_right (-1:
+  // unbounded). Scores are softcapped to softcap * tanh(s / softcap) (0: off), then get
+  // - slope * |j - i - offset| (alibi_slopes[b * alibi_stride + h], alibi_stride 0 for (H,)
+  // slopes); sinks[h] joins each softmax denominator (nullptr: none).
+  int64_t window_left = -1, window_right = -1;
+  float softcap = 0.f;
+  const float* alibi_slopes = nullptr;
+  int64_t alibi_stride = 0;
+  const float* sinks = nullptr;
+  bool bottom_right = false;
 };
 
 // Backward: the forward's inputs plus the output gradient. Gradients come out in float32 with

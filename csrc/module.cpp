@@ -23,16 +23,18 @@ const py::tuple& backends() {
   return *python_backends;
 }
 
-py::object mask_args(const MaskTensors& m) {
+// fastattn.backends.Masks' fields, in its order: the masks, then the score modifiers.
+py::object mask_args(const MaskTensors& m, const CallArgs& a) {
   return py::make_tuple(m.key_padding, m.key_ranges, m.attn_mask, m.cu_seqlens_q, m.cu_seqlens_k, m.max_seqlen_q,
-                        m.max_seqlen_k);
+                        m.max_seqlen_k, a.window_left, a.window_right, a.softcap, a.alibi_slopes, a.sinks,
+                        a.bottom_right);
 }
 }  // namespace
 
 TensorPair python_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const MaskTensors& masks,
                           const CallArgs& args, std::string_view backend) {
   py::gil_scoped_acquire gil;
-  return backends()[0](q, k, v, mask_args(masks), args.causal, args.scale, args.dropout_p, args.seed,
+  return backends()[0](q, k, v, mask_args(masks, args), args.causal, args.scale, args.dropout_p, args.seed,
                        std::string(backend))
       .cast<TensorPair>();
 }
@@ -41,7 +43,7 @@ TensorTriple python_backward(const at::Tensor& dout, const std::optional<at::Ten
                              const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                              const MaskTensors& masks, const CallArgs& args, std::string_view backend) {
   py::gil_scoped_acquire gil;
-  return backends()[1](dout, dlse, q, k, v, out, lse, mask_args(masks), args.causal, args.scale,
+  return backends()[1](dout, dlse, q, k, v, out, lse, mask_args(masks, args), args.causal, args.scale,
                        args.dropout_p, args.seed, std::string(backend))
       .cast<TensorTriple>();
 }
@@ -70,9 +72,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& key_padding,
          const OptTensor& key_ranges, const OptTensor& attn_mask, const OptTensor& cu_seqlens_q,
          const OptTensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale,
-         double dropout_p, int64_t seed, const std::string& backend) {
+         double dropout_p, int64_t seed, const std::string& backend, int64_t window_left, int64_t window_right,
+         double softcap, const OptTensor& alibi_slopes, const OptTensor& sinks, bool bottom_right) {
+        const fastattn::CallArgs mods{false,   0.0,          0.0,   0, window_left, window_right,
+                                      softcap, alibi_slopes, sinks, bottom_right};
         return fastattn::call_forward(q, k, v, key_padding, key_ranges, attn_mask, cu_seqlens_q, cu_seqlens_k,
-                                      max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, seed, backend);
+                                      max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, seed, backend, mods);
       },
       "fastattn::attention_forward through the dispatcher, in one call", py::call_guard<py::gil_scoped_release>());
   m.def(

@@ -11,6 +11,7 @@ from .backends import Problem, select_backend
 from .backends import explain as explain_selection
 from .backends.base import head_dim_value, length_bucket
 from .masks import key_ranges as key_ranges_by_torch_ops
+from .reference import ALIGNS
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -135,6 +136,11 @@ def attention(
     causal: bool = False,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    sinks: Tensor | None = None,
+    align: str = "top_left",
     return_lse: bool = False,
     backend: str = "auto",
 ):
@@ -144,29 +150,78 @@ def attention(
     attention: head h reads kv head h // (H // Hkv)). Any strides.
     key_padding_mask: (B, Nk) bool, True = ignore that key.
     attn_mask: broadcastable to (B, H, Nq, Nk); bool True = may attend, float = added to scores.
-    causal: query i sees keys j <= i (top-left aligned, as SDPA's is_causal).
-    A query that sees no key gives a zero row (lse = -inf) and zero gradients.
+    causal: query i sees keys j <= i + offset, offset = 0 top-left (align="top_left", SDPA's
+    is_causal) or Nk - Nq bottom-right (align="bottom_right", FlashAttention's).
+    window_size (left, right): query i sees keys i + offset - left <= j <= i + offset + right;
+    -1 = unbounded (FlashAttention's). softcap c > 0: scores become c tanh(s / c) before any bias
+    or mask. alibi_slopes (H,) or (B, H) float32: the score of (i, j) gets - slope |j - i - offset|,
+    after softcapping. sinks (H,) float32: one logit per head added to each softmax denominator
+    (no value), differentiable; lse includes it. fastattn.reference_attention defines it all.
+    A query that sees no key gives a zero row (lse = -inf, or the sink) and zero gradients.
     Returns out (B, H, Nq, D) in query's dtype, or (out, lse) with lse (B, H, Nq) float32.
     """
     key_padding_mask, attn_mask, scale, problem = _problem(query, key, value, key_padding_mask, attn_mask, causal,
-                                                           scale, dropout_p, backend)
+                                                           scale, dropout_p, backend, window_size, softcap,
+                                                           alibi_slopes, sinks, align)
     chosen = select_backend(backend, problem)
     ranges = None if key_padding_mask is None else key_ranges(key_padding_mask)
+    mods = problem.score_mods
     out, lse = ops.attention_forward(query, key, value, key_padding_mask, ranges, attn_mask, None, None, 0, 0,
-                                     causal, float(scale), float(dropout_p), dropout_seed(dropout_p), chosen.name)
+                                     causal, float(scale), float(dropout_p), dropout_seed(dropout_p), chosen.name,
+                                     *(window_size if "window" in mods else (-1, -1)), float(softcap), alibi_slopes,
+                                     sinks, "bottom_right" in mods)
     return (out, lse) if return_lse else out
 
 
 def explain(query: Tensor, key: Tensor, value: Tensor, *, key_padding_mask: Tensor | None = None,
             attn_mask: Tensor | None = None, causal: bool = False, scale: float | None = None,
-            dropout_p: float = 0.0, backend: str = "auto") -> str:
+            dropout_p: float = 0.0, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+            alibi_slopes: Tensor | None = None, sinks: Tensor | None = None, align: str = "top_left",
+            backend: str = "auto") -> str:
     """Which backend fastattn.attention takes for this call, and why (the measured ranking it
     followed and what declined before it), as text. Runs nothing."""
-    problem = _problem(query, key, value, key_padding_mask, attn_mask, causal, scale, dropout_p, backend)[3]
+    problem = _problem(query, key, value, key_padding_mask, attn_mask, causal, scale, dropout_p, backend,
+                       window_size, softcap, alibi_slopes, sinks, align)[3]
     return explain_selection(backend, problem)
 
 
-def _problem(query, key, value, key_padding_mask, attn_mask, causal, scale, dropout_p, backend):
+def check_score_mods(window_size, softcap, alibi_slopes, sinks, align, query: Tensor) -> list[str]:
+    """Validates the score modifiers; returns those the call has, by SCORE_MODS' names
+    ("bottom_right" left to the caller, who knows whether the alignment matters)."""
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
+        raise TypeError(f"window_size: expected two ints (left, right), -1 = unbounded, got {window_size!r}")
+    if min(window_size) < -1:
+        raise ValueError(f"window_size: expected ints >= -1 (-1 = unbounded), got {tuple(window_size)}")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap: expected a float, got {type(softcap).__name__}")
+    if softcap != 0 and not 0 < softcap < math.inf:  # comparisons: softcap may be symbolic under torch.compile
+        raise ValueError(f"softcap: expected a finite float >= 0 (0 = off), got {softcap!r}")
+    if align not in ALIGNS:
+        raise ValueError(f"align: expected one of {ALIGNS}, got {align!r}")
+    B, H = query.shape[0], query.shape[1]
+    for name, t, shapes in (("alibi_slopes", alibi_slopes, ((H,), (B, H))), ("sinks", sinks, ((H,),))):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name}: expected dtype torch.float32, got {t.dtype}")
+        if tuple(t.shape) not in shapes:
+            want = " or ".join(str(s) for s in shapes)
+            raise ValueError(f"{name}: expected shape {want} (H = {H}, B = {B}), got {tuple(t.shape)}")
+        if t.device != query.device:
+            raise ValueError(f"{name}: expected device {query.device} (query's), got {t.device}")
+    if alibi_slopes is not None and alibi_slopes.requires_grad and torch.is_grad_enabled():
+        raise ValueError("alibi_slopes: gradients with respect to the slopes are not supported; pass "
+                         "alibi_slopes.detach()")
+    present = {"window": max(window_size) >= 0, "softcap": softcap > 0, "alibi": alibi_slopes is not None,
+               "sinks": sinks is not None}
+    return [name for name, on in present.items() if on]
+
+
+def _problem(query, key, value, key_padding_mask, attn_mask, causal, scale, dropout_p, backend,
+             window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None, align="top_left"):
     """The checked masks and scale, and the dispatch facts (Problem) of an attention call."""
     _check_qkv(query, key, value)
     key_padding_mask = _check_key_padding(key_padding_mask, query, key)
@@ -174,6 +229,7 @@ def _problem(query, key, value, key_padding_mask, attn_mask, causal, scale, drop
     qs, ks = query.shape, key.shape
     D = qs[3]
     scale = check_scalars(causal, scale, dropout_p, backend, D)
+    mods = check_score_mods(window_size, softcap, alibi_slopes, sinks, align, query)
     device = "cpu" if query.is_cpu else query.device.type
     needs_grad = (query.requires_grad or key.requires_grad or value.requires_grad) and torch.is_grad_enabled()
     mask_kind = None if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "float")
@@ -183,11 +239,16 @@ def _problem(query, key, value, key_padding_mask, attn_mask, causal, scale, drop
         # floats may be symbolic (dynamic shapes): comparisons, which guard, and branches.
         dropout = True if dropout_p > 0.0 else False
         gqa = True if ks[1] != qs[1] else False
+        square = True if qs[2] == ks[2] else False
     else:
-        dropout, gqa = dropout_p > 0.0, ks[1] != qs[1]
+        dropout, gqa, square = dropout_p > 0.0, ks[1] != qs[1], qs[2] == ks[2]
+    if align == "bottom_right" and not square and (causal or "window" in mods or "alibi" in mods):
+        mods.append("bottom_right")
+    if sinks is not None and sinks.requires_grad and torch.is_grad_enabled():
+        needs_grad = True
     problem = Problem(device, query.dtype, head_dim_value(D, traced), mask_kind, key_padding_mask is not None, causal,
                       dropout, needs_grad, aligned(device, query, key, value), False, False,
-                      length_bucket(qs[2], traced), length_bucket(ks[2], traced), gqa)
+                      length_bucket(qs[2], traced), length_bucket(ks[2], traced), gqa, tuple(mods))
     return key_padding_mask, attn_mask, scale, problem
 
 

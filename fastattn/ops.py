@@ -32,11 +32,13 @@ def _in_one_call(*tensors) -> bool:
 
 
 def attention_forward(q, k, v, key_padding_mask, key_ranges, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                      max_seqlen_k, causal, scale, dropout_p, seed, backend):
+                      max_seqlen_k, causal, scale, dropout_p, seed, backend, window_left=-1, window_right=-1,
+                      softcap=0.0, alibi_slopes=None, sinks=None, bottom_right=False):
     op = _C.attention_forward if _in_one_call(q, k, v, key_padding_mask, key_ranges, attn_mask, cu_seqlens_q,
-                                              cu_seqlens_k) else _forward_op
+                                              cu_seqlens_k, alibi_slopes, sinks) else _forward_op
     return op(q, k, v, key_padding_mask, key_ranges, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-              max_seqlen_k, causal, scale, dropout_p, seed, backend)
+              max_seqlen_k, causal, scale, dropout_p, seed, backend, window_left, window_right, softcap, alibi_slopes,
+              sinks, bottom_right)
 
 
 def attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, backend):
@@ -61,7 +63,8 @@ def _(q, k_cache, v_cache, *args):
 
 def python_backends():
     """What the op's C++ kernel calls for a backend it does not run itself: (forward, backward,
-    kvcache), each with the op's arguments, the masks as one tuple in Masks' order."""
+    kvcache), each with the op's arguments, the masks and score modifiers as one tuple in Masks'
+    order."""
     def forward(q, k, v, masks, causal, scale, dropout_p, seed, backend):
         return REGISTRY[backend].forward(q, k, v, Masks(*masks), causal, scale, dropout_p, seed)
 

@@ -1,5 +1,7 @@
 """fastattn.attention_varlen: every packed sequence equals a lone call on it, against the
 float64 reference, forward and gradients; the padded <-> packed helpers; bad input."""
+import zlib
+
 import pytest
 import torch
 
@@ -53,7 +55,9 @@ def check_each_sequence(q, k, v, lens_q, lens_k, backend, causal, tol, dropout_p
         assert rel_err(out[qs], ref[0].transpose(0, 1)) < tol, f"out of sequence {b}"
         finite = torch.isfinite(ref_lse[0])
         assert torch.equal(torch.isinf(lse[:, qs]), ~finite), f"lse -inf pattern of sequence {b}"
-        assert rel_err(lse[:, qs][finite], ref_lse[0][finite]) < max(tol, 1e-5), f"lse of sequence {b}"
+        # lse's error is absolute (16-bit scores), so values near 0 count against sqrt(rows)
+        assert rel_err(lse[:, qs][finite], ref_lse[0][finite], floor=finite.sum().item() ** 0.5) < max(tol, 1e-5), \
+            f"lse of sequence {b}"
         for name, t, rows, leaf in (("q", q, qs, leaves[0]), ("k", k, ks, leaves[1]), ("v", v, ks, leaves[2])):
             want = leaf.grad[0].transpose(0, 1)
             err = rel_err(t.grad[rows], want, floor=0.1 * dout[qs].norm().item())
@@ -72,7 +76,7 @@ def lone_call(q, k, v, qs, ks, causal, dropout_p, seed, backend):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (3, 1)], ids=str)
 def test_each_sequence_equals_a_lone_call(backend, dtype, causal, heads):
-    torch.manual_seed(hash((str(dtype), causal, heads)) % 2**31)
+    torch.manual_seed(zlib.crc32(repr((dtype, causal, heads)).encode()))  # hash() of a str changes per process
     H, Hkv = heads
     D = 80 if heads == (3, 1) else 32
     q = packed(LENS_Q, H, D, dtype, strided=True)

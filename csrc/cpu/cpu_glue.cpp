@@ -57,6 +57,30 @@ at::Tensor new_lse(const at::Tensor& q) {
 }
 
 // Per-query-head fp32 gradients (B, H, N, D) -> the inputs' dtype, dK/dV summed over each GQA group.
+// The score modifiers into the kernel's params; slopes and sinks as fastattn.attention checked
+// them (float32, on the CPU), made contiguous. Returns the tensors the params point into.
+std::pair<at::Tensor, at::Tensor> set_score_mods(AttentionParams& p, const CallArgs& args) {
+  p.window_left = args.window_left;
+  p.window_right = args.window_right;
+  p.softcap = static_cast<float>(args.softcap);
+  p.bottom_right = args.bottom_right;
+  at::Tensor slopes, sinks;
+  if (args.alibi_slopes) {
+    slopes = args.alibi_slopes->to(at::kFloat).contiguous();
+    check_cpu(slopes, "alibi_slopes");
+    TORCH_CHECK(slopes.numel() == p.heads || slopes.numel() == p.batch * p.heads, "alibi_slopes: (H,) or (B, H)");
+    p.alibi_slopes = slopes.data_ptr<float>();
+    p.alibi_stride = slopes.dim() == 2 ? p.heads : 0;
+  }
+  if (args.sinks) {
+    sinks = args.sinks->to(at::kFloat).contiguous();
+    check_cpu(sinks, "sinks");
+    TORCH_CHECK(sinks.numel() == p.heads, "sinks: (H,)");
+    p.sinks = sinks.data_ptr<float>();
+  }
+  return {slopes, sinks};
+}
+
 at::Tensor finish_kv_grad(const at::Tensor& g, const at::Tensor& like) {
   const int64_t B = g.size(0), H = g.size(1), Hkv = like.size(1);
   at::Tensor summed = H == Hkv ? g : g.view({B, Hkv, H / Hkv, g.size(2), g.size(3)}).sum(2);
@@ -69,7 +93,9 @@ TensorPair cpu_forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                        const CallArgs& args) {
   check_cpu(q, "q");
   at::Tensor out = new_output(q), lse = new_lse(q);
-  cpu::forward(make_params(q, k, v, out, lse, masks, args.causal, args.scale, args.dropout_p, args.seed));
+  AttentionParams p = make_params(q, k, v, out, lse, masks, args.causal, args.scale, args.dropout_p, args.seed);
+  const auto held = set_score_mods(p, args);
+  cpu::forward(p);
   return {out, lse};
 }
 
@@ -83,8 +109,10 @@ TensorTriple cpu_backward(const at::Tensor& dout, const std::optional<at::Tensor
              dv = new_output({B, H, Nk, D}, f32);
   std::optional<at::Tensor> dlse32;
   if (dlse) dlse32 = dlse->to(at::kFloat).contiguous();
-  cpu::backward(make_bwd_params(dout, q, k, v, out, lse, dlse32, masks, args.causal, args.scale, args.dropout_p,
-                                args.seed, dq, dk, dv));
+  AttentionBwdParams p = make_bwd_params(dout, q, k, v, out, lse, dlse32, masks, args.causal, args.scale,
+                                         args.dropout_p, args.seed, dq, dk, dv);
+  const auto held = set_score_mods(p, args);
+  cpu::backward(p);
   return {dq.to(q.scalar_type()), finish_kv_grad(dk, k), finish_kv_grad(dv, v)};
 }
 

@@ -35,14 +35,60 @@ struct KeyRange {
   int64_t begin, end;
 };
 
-// Everything that masks one (batch, head): applied to a transposed score tile in log2 units.
+// The keys a query tile [i0, i0 + mq) of a sequence can see, by position: [begin, end) within
+// the valid ones, narrowed by causality and the window (aligned by seq.offset).
+KeyRange visible_keys(const AttentionParams& p, const SeqInfo& seq, int64_t i0, int64_t mq) {
+  KeyRange keys{seq.key_begin, seq.key_end};
+  const int64_t first = i0 + seq.offset, last = i0 + mq - 1 + seq.offset;  // the tile's queries' key positions
+  if (p.causal) keys.end = std::min(keys.end, last + 1);
+  if (p.window_right >= 0) keys.end = std::min(keys.end, last + p.window_right + 1);
+  if (p.window_left >= 0 && first - p.window_left > keys.begin)  // an even step: packed bf16 keys come in pairs
+    keys.begin += (first - p.window_left - keys.begin) & ~int64_t{1};
+  return keys;
+}
+
+// The query tiles that can see some key of the key tile [j0, j0 + nk): from begin (a tile's first
+// query) to end (at most Nq); none when begin = end.
+KeyRange visible_queries(const AttentionParams& p, const SeqInfo& seq, int64_t j0, int64_t nk) {
+  int64_t begin = 0, end = seq.q_len;
+  if (p.causal) begin = std::max(begin, j0 - seq.offset);
+  if (p.window_right >= 0) begin = std::max(begin, j0 - seq.offset - p.window_right);
+  if (p.window_left >= 0) end = std::min(end, j0 + nk - 1 + p.window_left - seq.offset + 1);
+  end = std::max<int64_t>(end, 0);
+  return begin < end ? KeyRange{begin / kBlockQ * kBlockQ, end} : KeyRange{end, end};  // from a tile's start
+}
+
+// s *= f over a kBlockQ-wide tile's nk rows and mq columns.
+void scale_by(float* s, const float* f, int nk, int mq) {
+  for (int j = 0; j < nk; ++j)
+    for (int i = 0; i < mq; ++i) s[j * kBlockQ + i] *= f[j * kBlockQ + i];
+}
+
+// Everything that masks one (batch, head): applied to a transposed score tile in log2 units,
+// after the score modifiers (softcap, ALiBi).
 struct TileMasker {
   const AttentionParams& p;
   const SeqInfo& seq;
   int64_t b, h;
   int64_t ld = kBlockQ;  // the tile's row length (its queries)
 
-  void apply(float* s, int64_t j0, int nk, int64_t i0, int mq) const {
+  // cap: where given (the backward, with a softcap), the softcap's derivative 1 - tanh^2 per score
+  // (0 where masked), by which dS scales.
+  void apply(float* s, int64_t j0, int nk, int64_t i0, int mq, float* cap = nullptr) const {
+    if (p.softcap > 0.f) {
+      const float c = p.softcap * kLog2e, inv_c = 1.f / c;  // the tile's log2 units
+      for (int j = 0; j < nk; ++j)
+        for (int i = 0; i < mq; ++i) {
+          const float t = std::tanh(s[j * ld + i] * inv_c);
+          s[j * ld + i] = c * t;
+          if (cap != nullptr) cap[j * ld + i] = 1.f - t * t;
+        }
+    }
+    if (p.alibi_slopes != nullptr) {
+      const float slope = p.alibi_slopes[b * p.alibi_stride + h] * kLog2e;
+      for (int j = 0; j < nk; ++j)
+        for (int i = 0; i < mq; ++i) s[j * ld + i] -= slope * static_cast<float>(std::abs(j0 + j - i0 - i - seq.offset));
+    }
     if (p.mask_kind != MaskKind::kNone) {
       const int64_t* st = p.mask_stride;
       const int64_t base = b * st[0] + h * st[1] + i0 * st[2] + j0 * st[3];
@@ -64,12 +110,26 @@ struct TileMasker {
       for (int j = 0; j < nk; ++j)
         if (pad[(j0 + j) * p.kpm_stride[1]]) std::fill(s + j * ld, s + j * ld + mq, kNegInf);
     }
-    if (p.causal && j0 + nk - 1 > i0) {  // only tiles crossing the diagonal
+    // By position, only on tiles a bound crosses: key j0 + j, query i0 + i at i0 + i + offset.
+    const int64_t at = i0 + seq.offset;
+    const bool upper = p.causal || p.window_right >= 0;  // keys past the query (+ window_right) hidden
+    const int64_t right = p.window_right < 0 ? 0 : (p.causal ? std::min<int64_t>(p.window_right, 0) : p.window_right);
+    if (upper && j0 + nk - 1 - at > right) {
       for (int j = 0; j < nk; ++j) {
-        const int64_t hidden = std::min<int64_t>(mq, j0 + j - i0);  // queries i < key j
+        const int64_t hidden = std::min<int64_t>(mq, j0 + j - at - right);  // queries i < key - right
         if (hidden > 0) std::fill(s + j * ld, s + j * ld + hidden, kNegInf);
       }
     }
+    if (p.window_left >= 0 && j0 - (at + mq - 1) < -p.window_left) {
+      for (int j = 0; j < nk; ++j) {
+        const int64_t first = std::max<int64_t>(0, j0 + j - at + p.window_left + 1);  // queries i > key + left
+        if (first < mq) std::fill(s + j * ld + first, s + j * ld + mq, kNegInf);
+      }
+    }
+    if (cap != nullptr)
+      for (int j = 0; j < nk; ++j)
+        for (int i = 0; i < mq; ++i)
+          if (s[j * ld + i] == kNegInf) cap[j * ld + i] = 0.f;
   }
 
   // Multiplies the tile by keep / (1 - p) (or writes that factor into `out` when given).
@@ -169,7 +229,9 @@ struct PackedKV {
             int64_t D, int64_t Dp, bool bf16_dots) {
     n = rows;
     if (bf16_dots) {  // zero keys up to whole tiles, zero head dims up to Dk
-      n = round_up(rows, kBf16BlockK);
+      // and 32 more keys: a tile that starts off the tile grid (at a window's first key) reads on
+      // to whole 16-key blocks (K) and 32-key pairs of blocks (V^T)
+      n = round_up(rows + (rows > 0 ? 32 : 0), kBf16BlockK);
       ldk2 = round_up(D, kBf16Depth) / 2;
       k2.assign(n * ldk2, 0u);
       pack_pairs_along_rows(ks, krs, kcs, rows, D, k2.data(), ldk2);
@@ -210,8 +272,7 @@ void forward_impl(const AttentionParams& p) {
                               const auto& kv) {
     if (i0 >= seq.q_len) return;  // past a packed sequence's queries
     const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, seq.q_len - i0));
-    KeyRange keys{seq.key_begin, seq.key_end};
-    if (p.causal) keys.end = std::min(keys.end, i0 + mq);
+    const KeyRange keys = visible_keys(p, seq, i0, mq);
     const TileMasker masker{p, seq, b, h, ldq};
     std::fill(buf.m.begin(), buf.m.end(), kNegInf);
     std::fill(buf.l.begin(), buf.l.end(), 0.f);
@@ -251,12 +312,21 @@ void forward_impl(const AttentionParams& p) {
     T* o = out + b * os[0] + h * os[1] + (seq.q_off + i0) * os[2];
     float* lse = seq.lse(p, b, h) + i0;
     const int64_t acc_i = bf16_dots ? 1 : Dp, acc_d = bf16_dots ? ldq : 1;  // O^T or O
+    const float sink = p.sinks == nullptr ? kNegInf : p.sinks[h] * kLog2e;
     for (int i = 0; i < mq; ++i) {
-      const bool seen = buf.l[i] > 0.f;  // false: no visible key, the row is zero
-      const float inv_l = seen ? 1.f / buf.l[i] : 0.f;
+      float m = buf.m[i], l = buf.l[i], keep = 1.f;
+      if (sink > m) {  // the sink joins the denominator, rescaled to the larger of it and the max
+        keep = m == kNegInf ? 0.f : std::exp2(m - sink);
+        l = l * keep + 1.f;
+        m = sink;
+      } else if (p.sinks != nullptr) {
+        l += std::exp2(sink - m);
+      }
+      const bool seen = l > 0.f;  // false: no visible key and no sink, the row is zero
+      const float inv_l = seen ? keep / l : 0.f;
       for (int64_t d = 0; d < D; ++d)
         o[i * os[2] + d * os[3]] = static_cast<T>(buf.acc[i * acc_i + d * acc_d] * inv_l);
-      lse[i] = seen ? buf.m[i] * kLn2 + std::log(buf.l[i]) : kNegInf;
+      lse[i] = seen ? m * kLn2 + std::log(l) : kNegInf;
     }
   };
 
@@ -375,7 +445,8 @@ void backward_impl(const AttentionBwdParams& p) {
         lse2(Nq_pad), delta(Nq_pad), dq(fp32_only * Nq_pad * Dp);
     std::vector<float> kt(fp32_only * kBwdBlockK * Dp), vt(fp32_only * kBwdBlockK * Dp);  // serve every query tile
     constexpr int64_t kTile = kBwdBlockK * kBlockQ;
-    std::vector<float> s(kTile), dp(kTile), pd(kTile), keep(kTile), dk(kBwdBlockK * Dp), dv(kBwdBlockK * Dp);
+    std::vector<float> s(kTile), dp(kTile), pd(kTile), keep(kTile), dk(kBwdBlockK * Dp), dv(kBwdBlockK * Dp),
+        cap(p.softcap > 0.f ? kTile : 0);
     std::optional<BackwardBf16> x16;
     if (bf16_dots) x16.emplace(Nq_pad, Dp, Dk);
     for (int64_t bh = next(); bh >= 0; bh = next()) {
@@ -439,8 +510,8 @@ void backward_impl(const AttentionBwdParams& p) {
         }
         std::fill(dk.begin(), dk.end(), 0.f);
         std::fill(dv.begin(), dv.end(), 0.f);
-        const int64_t first_q = p.causal ? j0 / kBlockQ * kBlockQ : 0;  // queries i >= j0
-        for (int64_t i0 = first_q; i0 < Nq; i0 += kBlockQ) {
+        const KeyRange queries = visible_queries(p, seq, j0, nk);
+        for (int64_t i0 = queries.begin; i0 < queries.end; i0 += kBlockQ) {
           const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, Nq - i0));
           const int kq = static_cast<int>(round_up(mq, 32) / 2);  // query pairs of the bf16 products
           if (bf16_dots)
@@ -448,7 +519,7 @@ void backward_impl(const AttentionBwdParams& p) {
                          kBlockQ, false);
           else
             mk.gemm(nk, kBlockQ, Dp, kt.data(), Dp, 1, qt.data() + i0 * Dp, kBlockQ, s.data(), kBlockQ, false);
-          masker.apply(s.data(), j0, nk, i0, mq);
+          masker.apply(s.data(), j0, nk, i0, mq, cap.empty() ? nullptr : cap.data());
           mk.exp2_shifted(s.data(), nk, mq, kBlockQ, lse2.data() + i0);  // P^T
           if (bf16_dots)
             mk.gemm_bf16(nk16, kBlockQ, Dk / 2, x16->v.data(), Dk / 2, x16->dot.data() + i0 * Dk / 2, kBlockQ,
@@ -468,6 +539,7 @@ void backward_impl(const AttentionBwdParams& p) {
           if (!bf16_dots) {
             mk.gemm(nk, Dp, mq, p_used, kBlockQ, 1, dor.data() + i0 * Dp, Dp, dv.data(), Dp, true);
             mk.softmax_grad(s.data(), dp.data(), nk, mq, kBlockQ, delta.data() + i0);  // dS^T
+            if (!cap.empty()) scale_by(s.data(), cap.data(), nk, mq);  // through the softcap
             mk.gemm(nk, Dp, mq, s.data(), kBlockQ, 1, qr.data() + i0 * Dp, Dp, dk.data(), Dp, true);
             mk.gemm(mq, Dp, nk, s.data(), 1, kBlockQ, kt.data(), Dp, dq.data() + i0 * Dp, Dp, true);
             continue;
@@ -477,6 +549,7 @@ void backward_impl(const AttentionBwdParams& p) {
           mk.gemm_bf16(nk16, Dp, kq, x16->rows_of(mk, p_used, nk, mq, kq), kBlockQ / 2, do_pairs, Dp, dv.data(), Dp,
                        true);
           mk.softmax_grad(s.data(), dp.data(), nk, mq, kBlockQ, delta.data() + i0);  // dS^T
+          if (!cap.empty()) scale_by(s.data(), cap.data(), nk, mq);  // through the softcap
           mk.gemm_bf16(nk16, Dp, kq, x16->rows_of(mk, s.data(), nk, mq, kq), kBlockQ / 2, q_pairs, Dp, dk.data(), Dp,
                        true);
           const int kk = static_cast<int>(round_up(nk, 32) / 2);  // dQ^T += K^T dS^T, over key pairs

@@ -28,6 +28,7 @@ class Problem(NamedTuple):
     nq: int = 1  # Nq and Nk rounded up to powers of two (length_bucket)
     nk: int = 1
     gqa: bool = False  # fewer kv heads than query heads
+    score_mods: tuple[str, ...] = ()  # of SCORE_MODS, in its order: what the call's scores take beyond q.k
 
 
 def length_bucket(n, traced: bool = False) -> int:
@@ -55,6 +56,13 @@ def head_dim_value(n, traced: bool = False) -> int:
     return value
 
 
+# The score modifiers (fastattn.reference defines them), as a Problem and Capabilities name them;
+# "bottom_right" is the alignment where it matters (causal, a window or ALiBi with Nq != Nk).
+SCORE_MODS = ("window", "softcap", "alibi", "sinks", "bottom_right")
+_MOD_NAMES = {"window": "window_size", "softcap": "softcap", "alibi": "alibi_slopes", "sinks": "sinks",
+              "bottom_right": "align='bottom_right' (with Nq != Nk)"}
+
+
 @dataclass(frozen=True)
 class Capabilities:
     devices: frozenset[str]
@@ -65,11 +73,13 @@ class Capabilities:
     backward: bool = True
     varlen: bool = True
     decode: bool = True
+    score_mods: frozenset[str] = frozenset()  # of SCORE_MODS
 
 
 @dataclass(frozen=True)
 class Masks:
-    """Masks as the op hands them to a backend, normalised once by fastattn.attention."""
+    """Masks as the op hands them to a backend, normalised once by fastattn.attention, and the
+    score modifiers, which only a backend whose caps name them receives."""
 
     key_padding: Tensor | None  # (B, Nk) bool, True = ignore
     key_ranges: Tensor | None  # (3, B) int32 from masks.key_ranges: begin, end, holes
@@ -79,10 +89,22 @@ class Masks:
     cu_seqlens_k: Tensor | None = None
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
+    window_left: int = -1  # keys before the aligned diagonal a query sees; -1: unbounded
+    window_right: int = -1  # keys after it
+    softcap: float = 0.0  # 0: off
+    alibi_slopes: Tensor | None = None  # (H,) or (B, H) float32
+    sinks: Tensor | None = None  # (H,) float32
+    bottom_right: bool = False  # causal, window and ALiBi aligned bottom-right (else top-left)
 
     @property
     def varlen(self) -> bool:
         return self.cu_seqlens_q is not None
+
+    def score_mods(self) -> dict:
+        """The score modifiers as fastattn.reference's keywords."""
+        return dict(window_size=(self.window_left, self.window_right), softcap=self.softcap,
+                    alibi_slopes=self.alibi_slopes, sinks=self.sinks,
+                    align="bottom_right" if self.bottom_right else "top_left")
 
 
 class Backend:
@@ -123,6 +145,9 @@ class Backend:
             why.append("backward not supported")
         if problem.varlen and not caps.varlen:
             why.append("packed (varlen) sequences not supported")
+        for mod in problem.score_mods:
+            if mod not in caps.score_mods:
+                why.append(f"{_MOD_NAMES[mod]} not supported")
         if problem.decode and not caps.decode:
             why.append("KV-cache decoding not supported")
         return why

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Backend, Capabilities
+from .base import SCORE_MODS, Backend, Capabilities
 
 
 class CpuBackend(Backend):
@@ -13,6 +13,7 @@ class CpuBackend(Backend):
         devices=frozenset({"cpu"}),
         dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
         max_head_dim=256,
+        score_mods=frozenset(SCORE_MODS),  # the forward and backward; decoding takes none yet
     )
 
     def probe(self):

@@ -1,0 +1,159 @@
+"""Windows, softcapping, ALiBi, sinks and the alignment through fastattn.attention: validated
+before any kernel runs, carried by the one op (sinks' gradient included), taken by the backends
+that declare them (cpu, reference) against float64, and declined by name by the others."""
+import pytest
+import torch
+from helpers import CPU_BACKENDS, TOL, count_fastattn_nodes, qkv, rel_err
+
+import fastattn
+from fastattn.backends import Problem, select_backend
+
+CASES = [  # keywords of fastattn.attention beyond q, k, v
+    dict(window_size=(4, 0), causal=True),
+    dict(window_size=(3, 2), align="bottom_right"),
+    dict(causal=True, align="bottom_right"),
+    dict(softcap=5.0),
+    dict(alibi_slopes="heads", causal=True),
+    dict(alibi_slopes="batch", align="bottom_right", window_size=(-1, 3)),
+    dict(sinks=True, causal=True, window_size=(2, -1), softcap=3.0),
+    dict(sinks=True, padding=True),
+]
+
+
+def materialise(case, B, H):
+    kw = dict(case)
+    torch.manual_seed(2)
+    if kw.get("alibi_slopes") == "heads":
+        kw["alibi_slopes"] = torch.rand(H)
+    elif kw.get("alibi_slopes") == "batch":
+        kw["alibi_slopes"] = torch.rand(B, H)
+    if kw.pop("sinks", False):
+        kw["sinks"] = torch.randn(H)
+    return kw
+
+
+def reference_kw(kw):
+    """The same call's keywords for fastattn.reference_attention, in float64."""
+    out = {n: (t.double() if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
+    out.pop("key_padding_mask", None)
+    out.pop("causal", None)
+    return out
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("lengths", [(20, 33), (33, 20)], ids=["Nq<Nk", "Nq>Nk"])
+def test_forward_and_gradients_equal_the_float64_reference(case, lengths, backend):
+    check(case, 2, 4, 2, *lengths, 16, torch.float32, backend)
+
+
+# Long enough for several key tiles (64 fp32, 256 with bf16 dot products) and windows that start
+# off their grid; B x Hkv = 1 takes the CPU kernel's per-tile path, 4 its per-kv-head packing.
+LONG = [dict(window_size=(100, 0), causal=True, align="bottom_right"), dict(window_size=(37, 70), softcap=4.0),
+        dict(sinks=True, window_size=(300, -1), alibi_slopes="heads", padding=True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", LONG, ids=str)
+@pytest.mark.parametrize("B, Hkv", [(1, 1), (2, 2)], ids=["per-tile", "per-kv-head"])
+def test_cpu_kernel_over_many_tiles(case, B, Hkv, dtype):
+    check(case, B, 2 * Hkv, Hkv, 300, 700, 64, dtype, "cpu")
+
+
+def check(case, B, H, Hkv, Nq, Nk, D, dtype, backend):
+    """Forward, lse and every gradient (the sinks' too) of one call against float64."""
+    lengths = (Nq, Nk)
+    q, k, v = qkv(B, H, Hkv, *lengths, D, dtype=dtype, transposed=True)
+    kw = materialise(case, B, H)
+    kpm = (torch.rand(B, lengths[1]) < 0.3) if kw.pop("padding", False) else None
+    sinks = kw.get("sinks")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)] + ([sinks.clone().requires_grad_()] if sinks is not None
+                                                                 else [])
+    call_kw = dict(kw, sinks=leaves[3]) if sinks is not None else kw
+    out, lse = fastattn.attention(*leaves[:3], key_padding_mask=kpm, return_lse=True, backend=backend, **call_kw)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    grads = torch.autograd.grad((out * dout).sum() + (torch.where(torch.isfinite(lse), lse, 0.0) * dlse).sum(),
+                                leaves)
+
+    dleaves = [t.detach().double().requires_grad_() for t in leaves]
+    rkw = reference_kw(dict(kw, sinks=dleaves[3]) if sinks is not None else kw)
+    ref, ref_lse = fastattn.reference_attention(*dleaves[:3], kpm, None, kw.get("causal", False), **rkw)
+    want = torch.autograd.grad((ref * dout.double()).sum()
+                               + (torch.where(torch.isfinite(ref_lse), ref_lse, 0.0) * dlse.double()).sum(), dleaves)
+    assert rel_err(out, ref) < TOL[dtype]
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    lse_tol = max(1e-5, 0.1 * TOL[dtype])  # 16-bit scores: lse within a tenth of the output's bound
+    assert rel_err(torch.where(torch.isfinite(lse), lse, 0.0), torch.where(torch.isfinite(ref_lse), ref_lse, 0.0)) < lse_tol
+    for got, w in zip(grads, want):
+        assert rel_err(got, w) < TOL[dtype]
+
+
+def test_backends_without_them_decline_by_name_and_auto_takes_the_cpu_kernel():
+    q, k, v = qkv(1, 2, 2, 8, 12, 16)
+    with pytest.raises(fastattn.NoBackendError, match="window_size not supported; softcap not supported"):
+        fastattn.attention(q, k, v, window_size=(2, 2), softcap=1.0, backend="sdpa")
+    kw = dict(alibi_slopes=torch.rand(2), sinks=torch.rand(2), causal=True, align="bottom_right")
+    assert fastattn.explain(q, k, v, **kw).endswith("-> cpu")
+    with pytest.raises(fastattn.NoBackendError, match="alibi_slopes not supported; sinks not supported; align="):
+        fastattn.attention(q, k, v, backend="sdpa", **kw)
+
+
+def test_alignment_only_where_it_matters():
+    """Bottom-right equals top-left for square calls and for calls without positions: such calls
+    do not ask the backends for it."""
+    q, k, v = qkv(1, 2, 2, 8, 8, 16)
+    assert "score_mods=()" in fastattn.explain(q, k, v, causal=True, align="bottom_right")
+    q2 = qkv(1, 2, 2, 5, 8, 16)[0]
+    assert "score_mods=()" in fastattn.explain(q2, k, v, align="bottom_right")
+    assert "score_mods=('bottom_right',)" in fastattn.explain(q2, k, v, causal=True, align="bottom_right")
+    torch.testing.assert_close(fastattn.attention(q, k, v, causal=True, align="bottom_right"),
+                               fastattn.attention(q, k, v, causal=True))
+    problem = Problem("cpu", torch.float32, 16, None, False, True, False, False, score_mods=("bottom_right",))
+    assert select_backend("auto", problem).name == "cpu"
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(window_size=(2,)), TypeError, "window_size: expected two ints"),
+    (dict(window_size=(2.0, 1)), TypeError, "window_size: expected two ints"),
+    (dict(window_size=(-2, 1)), ValueError, r"window_size: expected ints >= -1.*\(-2, 1\)"),
+    (dict(softcap=-1.0), ValueError, "softcap: expected a finite float >= 0"),
+    (dict(softcap=float("inf")), ValueError, "softcap: expected a finite float >= 0"),
+    (dict(softcap="1"), TypeError, "softcap: expected a float, got str"),
+    (dict(align="bottom-right"), ValueError, "align: expected one of"),
+    (dict(alibi_slopes=torch.rand(3)), ValueError, r"alibi_slopes: expected shape \(2,\) or \(1, 2\).*got \(3,\)"),
+    (dict(alibi_slopes=torch.rand(2, dtype=torch.float64)), TypeError, "alibi_slopes: expected dtype torch.float32"),
+    (dict(alibi_slopes=[0.5, 0.25]), TypeError, "alibi_slopes: expected a torch.Tensor, got list"),
+    (dict(alibi_slopes=torch.rand(2, requires_grad=True)), ValueError, "alibi_slopes: gradients"),
+    (dict(sinks=torch.rand(1, 2)), ValueError, r"sinks: expected shape \(2,\)"),
+    (dict(sinks=torch.rand(2).half()), TypeError, "sinks: expected dtype torch.float32, got torch.float16"),
+    (dict(sinks=torch.rand(2, device="meta")), ValueError, "sinks: expected device cpu"),
+])
+def test_bad_input_names_the_argument(kw, error, match):
+    q, k, v = qkv(1, 2, 2, 8, 12, 16)
+    with pytest.raises(error, match=match):
+        fastattn.attention(q, k, v, **kw)
+
+
+def test_one_node_under_compile_and_the_same_gradients():
+    q, k, v = qkv(2, 4, 2, 12, 20, 16)
+    sinks = torch.randn(4, requires_grad=True)
+    slopes = torch.rand(4)
+    leaves = (q, k, v, sinks)
+
+    def f(q, k, v, sinks):
+        return fastattn.attention(q, k, v, causal=True, window_size=(5, 0), softcap=4.0, alibi_slopes=slopes,
+                                  sinks=sinks, align="bottom_right").sum()
+
+    assert count_fastattn_nodes(f, *leaves) == 1
+    eager = torch.autograd.grad(f(*leaves), leaves)
+    compiled = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves), leaves)
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck_with_score_mods(backend):
+    q, k, v = qkv(2, 4, 2, 9, 14, 16, transposed=True)
+    args = (q, k, v, None, None, None, None, None, 0, 0, True, 0.3, 0.0, 0, backend, 3, 1, 2.0, torch.rand(2, 4),
+            torch.randn(4, requires_grad=True), True)
+    torch.library.opcheck(torch.ops.fastattn.attention_forward.default, args)
