@@ -116,8 +116,10 @@ def test_alignment_only_where_it_matters():
     (dict(window_size=(2,)), TypeError, "window_size: expected two ints"),
     (dict(window_size=(2.0, 1)), TypeError, "window_size: expected two ints"),
     (dict(window_size=(-2, 1)), ValueError, r"window_size: expected ints >= -1.*\(-2, 1\)"),
-    (dict(softcap=-1.0), ValueError, "softcap: expected a finite float >= 0"),
-    (dict(softcap=float("inf")), ValueError, "softcap: expected a finite float >= 0"),
+    (dict(softcap=-1.0), ValueError, "softcap: expected 0 .off. or a positive float32"),
+    (dict(softcap=float("inf")), ValueError, "softcap: expected 0 .off. or a positive float32"),
+    (dict(softcap=1e-50), ValueError, "softcap: expected 0 .off. or a positive float32"),
+    (dict(softcap=float("nan")), ValueError, "softcap: expected 0 .off. or a positive float32"),
     (dict(softcap="1"), TypeError, "softcap: expected a float, got str"),
     (dict(align="bottom-right"), ValueError, "align: expected one of"),
     (dict(alibi_slopes=torch.rand(3)), ValueError, r"alibi_slopes: expected shape \(2,\) or \(1, 2\).*got \(3,\)"),
@@ -149,6 +151,38 @@ def test_one_node_under_compile_and_the_same_gradients():
     compiled = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves), leaves)
     for e, c in zip(eager, compiled):
         torch.testing.assert_close(c, e)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_windows_wider_than_any_distance_are_unbounded(backend):
+    """The kernel's position arithmetic must not overflow (a window of sys.maxsize keys)."""
+    import sys
+
+    q, k, v = qkv(1, 2, 2, 40, 50, 16)
+    for window in ((-1, sys.maxsize), (sys.maxsize, -1), (0, sys.maxsize), (sys.maxsize, sys.maxsize)):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fastattn.attention(*leaves, window_size=window, backend=backend)
+        unbounded = [t.clone().requires_grad_() for t in (q, k, v)]
+        want = fastattn.attention(*unbounded, window_size=tuple(-1 if w == sys.maxsize else w for w in window),
+                                  backend=backend)
+        torch.testing.assert_close(out, want)
+        for g, w in zip(torch.autograd.grad(out.sum(), leaves), torch.autograd.grad(want.sum(), unbounded)):
+            torch.testing.assert_close(g, w)
+
+
+def test_the_op_checks_slopes_and_sinks_shapes_itself():
+    """torch.ops.fastattn.attention_forward is public: shapes the front door would reject must not
+    be read out of bounds or transposed by the CPU kernel; (1, H) slopes broadcast."""
+    q, k, v = qkv(3, 4, 2, 9, 14, 16)
+    op = torch.ops.fastattn.attention_forward.default
+    args = (q, k, v, None, None, None, None, None, 0, 0, False, 0.3, 0.0, 0, "cpu", -1, -1, 0.0)
+    for bad in (torch.rand(12), torch.rand(4, 3), torch.rand(2, 4)):
+        with pytest.raises(RuntimeError, match="alibi_slopes: expected"):
+            op(*args, bad, None, False)
+    with pytest.raises(RuntimeError, match="sinks: expected"):
+        op(*args, None, torch.rand(2, 2), False)
+    slopes = torch.rand(1, 4)
+    torch.testing.assert_close(op(*args, slopes, None, False)[0], op(*args, slopes[0], None, False)[0])
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

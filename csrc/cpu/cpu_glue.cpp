@@ -59,23 +59,33 @@ at::Tensor new_lse(const at::Tensor& q) {
 // Per-query-head fp32 gradients (B, H, N, D) -> the inputs' dtype, dK/dV summed over each GQA group.
 // The score modifiers into the kernel's params; slopes and sinks as fastattn.attention checked
 // them (float32, on the CPU), made contiguous. Returns the tensors the params point into.
+// A window wider than every query-key distance is that distance (|j - i - offset| < Nq + Nk):
+// the kernels' position sums stay far from int64's end.
 std::pair<at::Tensor, at::Tensor> set_score_mods(AttentionParams& p, const CallArgs& args) {
-  p.window_left = args.window_left;
-  p.window_right = args.window_right;
+  const auto bounded = [&](int64_t w) { return w < 0 ? int64_t{-1} : std::min(w, p.q_len + p.kv_len); };
+  p.window_left = bounded(args.window_left);
+  p.window_right = bounded(args.window_right);
   p.softcap = static_cast<float>(args.softcap);
+  TORCH_CHECK(args.softcap == 0.0 || (p.softcap > 0.f && std::isfinite(p.softcap)),
+              "softcap: expected 0 or a positive float32, got ", args.softcap);
   p.bottom_right = args.bottom_right;
   at::Tensor slopes, sinks;
   if (args.alibi_slopes) {
     slopes = args.alibi_slopes->to(at::kFloat).contiguous();
     check_cpu(slopes, "alibi_slopes");
-    TORCH_CHECK(slopes.numel() == p.heads || slopes.numel() == p.batch * p.heads, "alibi_slopes: (H,) or (B, H)");
+    const bool per_head = slopes.dim() == 1 && slopes.size(0) == p.heads;
+    const bool per_batch = slopes.dim() == 2 && slopes.size(1) == p.heads &&
+                           (slopes.size(0) == 1 || slopes.size(0) == p.batch);
+    TORCH_CHECK(per_head || per_batch, "alibi_slopes: expected (H,), (1, H) or (B, H) with H = ", p.heads, ", B = ",
+                p.batch, ", got ", slopes.sizes());
     p.alibi_slopes = slopes.data_ptr<float>();
-    p.alibi_stride = slopes.dim() == 2 ? p.heads : 0;
+    p.alibi_stride = per_batch && slopes.size(0) > 1 ? p.heads : 0;
   }
   if (args.sinks) {
     sinks = args.sinks->to(at::kFloat).contiguous();
     check_cpu(sinks, "sinks");
-    TORCH_CHECK(sinks.numel() == p.heads, "sinks: (H,)");
+    TORCH_CHECK(sinks.dim() == 1 && sinks.size(0) == p.heads, "sinks: expected (H,) with H = ", p.heads, ", got ",
+                sinks.sizes());
     p.sinks = sinks.data_ptr<float>();
   }
   return {slopes, sinks};

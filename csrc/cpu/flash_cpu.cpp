@@ -224,14 +224,14 @@ struct PackedKV {
   std::vector<uint32_t> k2, v2;
   int64_t n = 0, ldk2 = 0;
 
+  // off_grid: tiles may start anywhere (even) in the rows, at a window's first key, and read on to
+  // whole 16-key blocks (K) and 32-key pairs of blocks (V^T): 32 more zero keys.
   template <typename T>
   void pack(const T* ks, int64_t krs, int64_t kcs, const T* vs, int64_t vrs, int64_t vcs, int64_t rows,
-            int64_t D, int64_t Dp, bool bf16_dots) {
+            int64_t D, int64_t Dp, bool bf16_dots, bool off_grid = false) {
     n = rows;
     if (bf16_dots) {  // zero keys up to whole tiles, zero head dims up to Dk
-      // and 32 more keys: a tile that starts off the tile grid (at a window's first key) reads on
-      // to whole 16-key blocks (K) and 32-key pairs of blocks (V^T)
-      n = round_up(rows + (rows > 0 ? 32 : 0), kBf16BlockK);
+      n = round_up(rows + (off_grid && rows > 0 ? 32 : 0), kBf16BlockK);
       ldk2 = round_up(D, kBf16Depth) / 2;
       k2.assign(n * ldk2, 0u);
       pack_pairs_along_rows(ks, krs, kcs, rows, D, k2.data(), ldk2);
@@ -344,7 +344,7 @@ void forward_impl(const AttentionParams& p) {
         const int64_t first = seq.k_off + seq.key_begin;
         packed.pack(k + b * ks[0] + hk * ks[1] + first * ks[2], ks[2], ks[3],
                     v + b * vs[0] + hk * vs[1] + first * vs[2], vs[2], vs[3],
-                    std::max<int64_t>(seq.key_end - seq.key_begin, 0), D, Dp, bf16_dots);
+                    std::max<int64_t>(seq.key_end - seq.key_begin, 0), D, Dp, bf16_dots, p.window_left >= 0);
         const auto kv = [&](int64_t j0, int) { return packed.from(j0 - seq.key_begin, Dp, bf16_dots); };
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
           for (int64_t qb = q_blocks - 1; qb >= 0; --qb) query_tile(buf, seq, b, h, qb * kBlockQ, kv);
