@@ -166,11 +166,9 @@ def attention(
                                                            alibi_slopes, sinks, align)
     chosen = select_backend(backend, problem)
     ranges = None if key_padding_mask is None else key_ranges(key_padding_mask)
-    mods = problem.score_mods
     out, lse = ops.attention_forward(query, key, value, key_padding_mask, ranges, attn_mask, None, None, 0, 0,
                                      causal, float(scale), float(dropout_p), dropout_seed(dropout_p), chosen.name,
-                                     *(window_size if "window" in mods else (-1, -1)), float(softcap), alibi_slopes,
-                                     sinks, "bottom_right" in mods)
+                                     *score_mod_args(problem.score_mods, window_size, softcap, alibi_slopes, sinks))
     return (out, lse) if return_lse else out
 
 
@@ -186,7 +184,7 @@ def explain(query: Tensor, key: Tensor, value: Tensor, *, key_padding_mask: Tens
     return explain_selection(backend, problem)
 
 
-def check_score_mods(window_size, softcap, alibi_slopes, sinks, align, query: Tensor) -> list[str]:
+def check_score_mods(window_size, softcap, alibi_slopes, sinks, align, B: int, H: int, device) -> list[str]:
     """Validates the score modifiers; returns those the call has, by SCORE_MODS' names
     ("bottom_right" left to the caller, who knows whether the alignment matters)."""
     if (type(window_size) is tuple and window_size == (-1, -1) and type(softcap) is float and softcap == 0.0
@@ -205,7 +203,6 @@ def check_score_mods(window_size, softcap, alibi_slopes, sinks, align, query: Te
                          f"got {softcap!r}")
     if align not in ALIGNS:
         raise ValueError(f"align: expected one of {ALIGNS}, got {align!r}")
-    B, H = query.shape[0], query.shape[1]
     for name, t, shapes in (("alibi_slopes", alibi_slopes, ((H,), (B, H))), ("sinks", sinks, ((H,),))):
         if t is None:
             continue
@@ -216,14 +213,24 @@ def check_score_mods(window_size, softcap, alibi_slopes, sinks, align, query: Te
         if tuple(t.shape) not in shapes:
             want = " or ".join(str(s) for s in shapes)
             raise ValueError(f"{name}: expected shape {want} (H = {H}, B = {B}), got {tuple(t.shape)}")
-        if t.device != query.device:
-            raise ValueError(f"{name}: expected device {query.device} (query's), got {t.device}")
+        if t.device != device:
+            raise ValueError(f"{name}: expected device {device} (query's), got {t.device}")
     if alibi_slopes is not None and alibi_slopes.requires_grad and torch.is_grad_enabled():
         raise ValueError("alibi_slopes: gradients with respect to the slopes are not supported; pass "
                          "alibi_slopes.detach()")
     present = {"window": max(window_size) >= 0, "softcap": softcap > 0, "alibi": alibi_slopes is not None,
                "sinks": sinks is not None}
     return [name for name, on in present.items() if on]
+
+
+def sinks_need_grad(sinks) -> bool:
+    return sinks is not None and sinks.requires_grad and torch.is_grad_enabled()
+
+
+def score_mod_args(mods, window_size, softcap, alibi_slopes, sinks) -> tuple:
+    """The op's score-modifier arguments (after the backend's name) for the call's mods."""
+    return (*(window_size if "window" in mods else (-1, -1)), float(softcap), alibi_slopes, sinks,
+            "bottom_right" in mods)
 
 
 def _problem(query, key, value, key_padding_mask, attn_mask, causal, scale, dropout_p, backend,
@@ -235,7 +242,7 @@ def _problem(query, key, value, key_padding_mask, attn_mask, causal, scale, drop
     qs, ks = query.shape, key.shape
     D = qs[3]
     scale = check_scalars(causal, scale, dropout_p, backend, D)
-    mods = check_score_mods(window_size, softcap, alibi_slopes, sinks, align, query)
+    mods = check_score_mods(window_size, softcap, alibi_slopes, sinks, align, qs[0], qs[1], query.device)
     device = "cpu" if query.is_cpu else query.device.type
     needs_grad = (query.requires_grad or key.requires_grad or value.requires_grad) and torch.is_grad_enabled()
     mask_kind = None if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "float")
@@ -250,8 +257,7 @@ def _problem(query, key, value, key_padding_mask, attn_mask, causal, scale, drop
         dropout, gqa, square = dropout_p > 0.0, ks[1] != qs[1], qs[2] == ks[2]
     if align == "bottom_right" and not square and (causal or "window" in mods or "alibi" in mods):
         mods.append("bottom_right")
-    if sinks is not None and sinks.requires_grad and torch.is_grad_enabled():
-        needs_grad = True
+    needs_grad = needs_grad or sinks_need_grad(sinks)
     problem = Problem(device, query.dtype, head_dim_value(D, traced), mask_kind, key_padding_mask is not None, causal,
                       dropout, needs_grad, aligned(device, query, key, value), False, False,
                       length_bucket(qs[2], traced), length_bucket(ks[2], traced), gqa, tuple(mods))

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .api import aligned, check_scalars, check_tensors, dropout_seed
+from .api import aligned, check_scalars, check_score_mods, check_tensors, dropout_seed, score_mod_args, \
+    sinks_need_grad
 from .backends import Problem, select_backend
 
 
@@ -59,6 +60,11 @@ def attention_varlen(
     causal: bool = False,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    sinks: Tensor | None = None,
+    align: str = "top_left",
     return_lse: bool = False,
     backend: str = "auto",
 ):
@@ -66,26 +72,35 @@ def attention_varlen(
 
     q (total_q, H, D); k and v (total_k, Hkv, D) with H % Hkv == 0; any strides with a unit
     head-dim stride. cu_seqlens_q/k: (B + 1,) int32, sequence b holds rows [cu[b], cu[b + 1]),
-    from 0 to total; max_seqlen_q/k bound their steps. causal: top-left within each sequence.
-    No work is spent on padding: there is none. Returns out (total_q, H, D), or (out, lse) with
-    lse (H, total_q) float32. With dropout, sequence b draws what a lone fastattn.attention call
-    with seed + b * H would."""
+    from 0 to total; max_seqlen_q/k bound their steps. causal, window_size, softcap,
+    alibi_slopes ((H,) or (B, H): per sequence), sinks and align as fastattn.attention's, within
+    each sequence (align="bottom_right": FlashAttention's, query i of a sequence at key
+    i + Nk - Nq of it). No work is spent on padding: there is none. Returns out (total_q, H, D),
+    or (out, lse) with lse (H, total_q) float32. With dropout, sequence b draws what a lone
+    fastattn.attention call with seed + b * H would."""
     _check_packed(q, k, v)
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, q.device, None)
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, q.device, cu_seqlens_q.shape[0] - 1)
     scale = check_scalars(causal, scale, dropout_p, backend, q.shape[-1])
+    mods = check_score_mods(window_size, softcap, alibi_slopes, sinks, align, cu_seqlens_q.shape[0] - 1, q.shape[1],
+                            q.device)
+    # Where the two are one tensor every sequence is square and the alignment cannot matter; else
+    # it may (the lengths are on the device: no host sync to find out).
+    if align == "bottom_right" and cu_seqlens_k is not cu_seqlens_q and (causal or "window" in mods or "alibi" in mods):
+        mods.append("bottom_right")
 
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, heads, total, D) views
     problem = Problem(
         device=q.device.type, dtype=q.dtype, head_dim=q.shape[-1], mask_kind=None, key_padding=False,
         causal=causal, dropout=True if dropout_p > 0.0 else False,  # branches: see api._problem
-        needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
+        needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) or sinks_need_grad(sinks),
         aligned=aligned(q.device.type, q4, k4, v4), varlen=True, gqa=True if k.shape[1] != q.shape[1] else False,
+        score_mods=tuple(mods),
     )  # no length bucket: the longest sequence is often known only from the data (unpad)
     chosen = select_backend(backend, problem)
     out, lse = ops.attention_forward(q4, k4, v4, None, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                      max_seqlen_k, causal, scale, float(dropout_p), dropout_seed(dropout_p),
-                                     chosen.name)
+                                     chosen.name, *score_mod_args(mods, window_size, softcap, alibi_slopes, sinks))
     out = out[0].transpose(0, 1)
     return (out, lse[0]) if return_lse else out
 

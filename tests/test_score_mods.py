@@ -191,3 +191,52 @@ def test_opcheck_with_score_mods(backend):
     args = (q, k, v, None, None, None, None, None, 0, 0, True, 0.3, 0.0, 0, backend, 3, 1, 2.0, torch.rand(2, 4),
             torch.randn(4, requires_grad=True), True)
     torch.library.opcheck(torch.ops.fastattn.attention_forward.default, args)
+
+
+VARLEN = [dict(causal=True, align="bottom_right", window_size=(6, 0)), dict(softcap=3.0, alibi_slopes="batch"),
+          dict(sinks=True, causal=True, alibi_slopes="heads", align="bottom_right")]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", VARLEN, ids=str)
+def test_packed_sequences_each_equal_a_lone_reference_call(case, backend):
+    """attention_varlen: sequence b as a lone float64 call, its own alignment (Nq != Nk) and slopes."""
+    lens_q, lens_k = (5, 17, 1, 30, 0), (9, 17, 4, 20, 3)
+    H, Hkv, D = 4, 2, 16
+    cu = [torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32) for lens in (lens_q, lens_k)]
+    torch.manual_seed(3)
+    q = torch.randn(sum(lens_q), H, D, requires_grad=True)
+    k, v = (torch.randn(sum(lens_k), Hkv, D, requires_grad=True) for _ in range(2))
+    kw = materialise(case, len(lens_q), H)
+    sinks = kw.get("sinks")
+    if sinks is not None:
+        kw["sinks"] = sinks.requires_grad_()
+    out, lse = fastattn.attention_varlen(q, k, v, *cu, max(lens_q), max(lens_k), return_lse=True, backend=backend,
+                                         **kw)
+    dout = torch.randn_like(out)
+    leaves = [q, k, v] + ([kw["sinks"]] if sinks is not None else [])
+    grads = torch.autograd.grad((out * dout).sum(), leaves)
+    want_sinks = 0
+    for b in range(len(lens_q)):
+        qs, ks = slice(cu[0][b], cu[0][b + 1]), slice(cu[1][b], cu[1][b + 1])
+        lone = [t[rows].detach().double().transpose(0, 1)[None].requires_grad_() for t, rows in ((q, qs), (k, ks), (v, ks))]
+        rkw = reference_kw(kw)
+        if rkw.get("alibi_slopes") is not None and rkw["alibi_slopes"].dim() == 2:
+            rkw["alibi_slopes"] = rkw["alibi_slopes"][b:b + 1]
+        if sinks is not None:
+            rkw["sinks"] = rkw["sinks"].detach().requires_grad_()
+        ref, ref_lse = fastattn.reference_attention(*lone, None, None, kw.get("causal", False), **rkw)
+        assert rel_err(out[qs], ref[0].transpose(0, 1)) < TOL[torch.float32], f"out of sequence {b}"
+        finite = torch.isfinite(ref_lse[0])
+        assert torch.equal(torch.isfinite(lse[:, qs]), finite)
+        if lens_q[b]:
+            assert rel_err(lse[:, qs][finite], ref_lse[0][finite]) < 1e-5, f"lse of sequence {b}"
+            ref_leaves = lone + ([rkw["sinks"]] if sinks is not None else [])
+            want = torch.autograd.grad((ref * dout[qs].double().transpose(0, 1)[None]).sum(), ref_leaves,
+                                       allow_unused=True)
+            for name, got, w in zip("qkv", (grads[0][qs], grads[1][ks], grads[2][ks]), want):
+                assert rel_err(got, w[0].transpose(0, 1)) < 1e-5, f"d{name} of sequence {b}"
+            if sinks is not None:
+                want_sinks = want_sinks + want[3]
+    if sinks is not None:
+        assert rel_err(grads[3], want_sinks) < 1e-5
