@@ -74,10 +74,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
          const OptTensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale,
          double dropout_p, int64_t seed, const std::string& backend, int64_t window_left, int64_t window_right,
          double softcap, const OptTensor& alibi_slopes, const OptTensor& sinks, bool bottom_right) {
-        const fastattn::CallArgs mods{false,   0.0,          0.0,   0, window_left, window_right,
-                                      softcap, alibi_slopes, sinks, bottom_right};
-        return fastattn::call_forward(q, k, v, key_padding, key_ranges, attn_mask, cu_seqlens_q, cu_seqlens_k,
-                                      max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, seed, backend, mods);
+        return fastattn::call_forward(
+            q, k, v, key_padding, key_ranges, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+            scale, dropout_p, seed, backend,
+            fastattn::score_mods(window_left, window_right, softcap, alibi_slopes, sinks, bottom_right));
       },
       "fastattn::attention_forward through the dispatcher, in one call", py::call_guard<py::gil_scoped_release>());
   m.def(

@@ -9,6 +9,12 @@
 #include "ops.h"
 
 namespace fastattn {
+
+CallArgs score_mods(int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                    const std::optional<at::Tensor>& sinks, bool bottom_right) {
+  return CallArgs{false, 0.0, 0.0, 0, window_left, window_right, softcap, alibi_slopes, sinks, bottom_right};
+}
+
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
@@ -96,12 +102,6 @@ TensorPair call_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at
 }
 
 namespace {
-
-// The score modifiers of a call as CallArgs (its other fields unused here).
-CallArgs score_mods(int64_t window_left, int64_t window_right, double softcap, const OptTensor& alibi_slopes,
-                    const OptTensor& sinks, bool bottom_right) {
-  return CallArgs{false, 0.0, 0.0, 0, window_left, window_right, softcap, alibi_slopes, sinks, bottom_right};
-}
 
 // d sinks (H,) from what the backward has at hand, for every backend (fastattn.reference's
 // sink_gradient): -sum over the head's rows of exp(sink - lse) * (rowsum(dO * O) - dlse).

@@ -31,11 +31,12 @@ struct CallArgs {
   double softcap = 0.0;
   std::optional<at::Tensor> alibi_slopes, sinks;
   bool bottom_right = false;
-
-  bool score_mods() const {
-    return window_left >= 0 || window_right >= 0 || softcap != 0.0 || alibi_slopes || sinks || bottom_right;
-  }
 };
+
+// The score modifiers of a call as CallArgs (its fields before them unused).
+CallArgs score_mods(int64_t window_left, int64_t window_right, double softcap,
+                    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks,
+                    bool bottom_right);
 
 // The CPU kernels, allocating their outputs: out in q's dimension order, lse (B, H, Nq) fp32;
 // gradients contiguous in the inputs' dtypes, dK/dV summed over each GQA group.

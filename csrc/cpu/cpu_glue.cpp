@@ -56,7 +56,6 @@ at::Tensor new_lse(const at::Tensor& q) {
   return new_output({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
 }
 
-// Per-query-head fp32 gradients (B, H, N, D) -> the inputs' dtype, dK/dV summed over each GQA group.
 // The score modifiers into the kernel's params; slopes and sinks as fastattn.attention checked
 // them (float32, on the CPU), made contiguous. Returns the tensors the params point into.
 // A window wider than every query-key distance is that distance (|j - i - offset| < Nq + Nk):
@@ -91,6 +90,7 @@ std::pair<at::Tensor, at::Tensor> set_score_mods(AttentionParams& p, const CallA
   return {slopes, sinks};
 }
 
+// Per-query-head fp32 gradients (B, H, N, D) -> the inputs' dtype, dK/dV summed over each GQA group.
 at::Tensor finish_kv_grad(const at::Tensor& g, const at::Tensor& like) {
   const int64_t B = g.size(0), H = g.size(1), Hkv = like.size(1);
   at::Tensor summed = H == Hkv ? g : g.view({B, Hkv, H / Hkv, g.size(2), g.size(3)}).sum(2);

@@ -72,8 +72,8 @@ struct TileMasker {
   int64_t b, h;
   int64_t ld = kBlockQ;  // the tile's row length (its queries)
 
-  // cap: where given (the backward, with a softcap), the softcap's derivative 1 - tanh^2 per score
-  // (0 where masked), by which dS scales.
+  // cap: where given (the backward, with a softcap), the softcap's derivative 1 - tanh^2 per score,
+  // by which dS scales (finite everywhere: where a mask hides a score, dS is 0 already).
   void apply(float* s, int64_t j0, int nk, int64_t i0, int mq, float* cap = nullptr) const {
     if (p.softcap > 0.f) {
       const float c = p.softcap * kLog2e, inv_c = 1.f / c;  // the tile's log2 units
@@ -126,10 +126,6 @@ struct TileMasker {
         if (first < mq) std::fill(s + j * ld + first, s + j * ld + mq, kNegInf);
       }
     }
-    if (cap != nullptr)
-      for (int j = 0; j < nk; ++j)
-        for (int i = 0; i < mq; ++i)
-          if (s[j * ld + i] == kNegInf) cap[j * ld + i] = 0.f;
   }
 
   // Multiplies the tile by keep / (1 - p) (or writes that factor into `out` when given).

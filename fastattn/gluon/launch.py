@@ -72,7 +72,7 @@ MAXNREG = 168  # registers a thread at launch; setmaxnreg moves them: 240 to the
 
 
 @functools.cache
-def launched(variant: Variant, head_dim: int, padded: bool) -> Variant:
+def launched(variant: Variant, padded: bool) -> Variant:
     """The variant a call runs: with a padding mask the overlap, which keeps two score tiles
     live, spills (python -m fastattn report: at D 128, and on triton 3.6 at D 64 too), so padded
     calls run without it."""
@@ -159,7 +159,7 @@ def forward(q, k, v, out, lse, causal: bool, scale: float, key_padding=None, key
     if variant is None:
         raise RuntimeError(f"no Gluon variant has passed its check at D = {D} (benchmarks/gluon_check.py)")
     has_kpm = key_padding is not None
-    variant = launched(variant, D, has_kpm)
+    variant = launched(variant, has_kpm)
     ranges, kpm, kpm_stride = _padding_args(key_padding, key_ranges, lse)
     tiles = -(-Nq // variant.tile_m) * B * H
     if variant.persistent:

@@ -114,7 +114,7 @@ def report(head_dims=(64, 128)) -> list[str]:
     run on every CPU (a minute each of them takes about 3 s)."""
     masks = ((False, False), (True, False), (True, True))
     # a call that runs another variant (launched) has no line of its own
-    jobs = [(False, v, D, c, p) for D in head_dims for c, p in masks for v in VARIANTS if launched(v, D, p) == v]
+    jobs = [(False, v, D, c, p) for D in head_dims for c, p in masks for v in VARIANTS if launched(v, p) == v]
     jobs += [(True, v, D, c, p) for D in head_dims for c, p in masks for v in BWD_VARIANTS]
     print(f"\nGluon, sm_90a:        {'kernel':<6} {'variant':<21} {'D':>4} {'mask':>13} {'regs':>5} {'stack':>6} "
           f"{'smem KiB':>8} {'wgmma':>6} {'tma':>4} {'setmaxnreg':>10}")
