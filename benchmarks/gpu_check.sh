@@ -15,6 +15,7 @@
 #   tune       python -m fastattn tune, leaving BENCH_RESERVE=150 s; its winners become    TUNE_BUDGET=150
 #              fastattn/triton/tuned/sm<arch>.json, the defaults the benchmark then runs
 #   bench      the benchmark grid (QUICK=1: the quick subset; END_TO_END=1: whole models)  BENCH_TIMEOUT=240
+#              then, last, the window, softcap and sinks rows (their kernels tune at first use)
 #   dispatch   this GPU's dispatch table from the grid's rows (python -m fastattn tune       (60 s)
 #              --dispatch --from-record): dispatch-table.json, to ship as
 #              fastattn/backends/tables/<gpu>.json, which backend="auto" then follows

@@ -50,9 +50,10 @@ TensorTriple python_backward(const at::Tensor& dout, const std::optional<at::Ten
 
 TensorPair python_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                           const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
-                          const std::optional<at::Tensor>& v_new, bool causal, double scale, std::string_view backend) {
+                          const std::optional<at::Tensor>& v_new, const CallArgs& args, std::string_view backend) {
   py::gil_scoped_acquire gil;
-  return backends()[2](q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, std::string(backend))
+  return backends()[2](q, k_cache, v_cache, cache_seqlens, k_new, v_new, mask_args(MaskTensors{}, args), args.causal,
+                       args.scale, std::string(backend))
       .cast<TensorPair>();
 }
 
@@ -83,8 +84,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "attention_kvcache",
       [](const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
-         const OptTensor& k_new, const OptTensor& v_new, bool causal, double scale, const std::string& backend) {
-        return fastattn::call_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, backend);
+         const OptTensor& k_new, const OptTensor& v_new, bool causal, double scale, const std::string& backend,
+         int64_t window_left, int64_t window_right, double softcap, const OptTensor& alibi_slopes,
+         const OptTensor& sinks) {
+        return fastattn::call_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, backend,
+                                      fastattn::score_mods(window_left, window_right, softcap, alibi_slopes, sinks,
+                                                           true));
       },
       "fastattn::attention_kvcache through the dispatcher, in one call", py::call_guard<py::gil_scoped_release>());
   pybind11::class_<fastattn::MaskTensors>(m, "MaskTensors")

@@ -55,11 +55,16 @@ TensorTriple backward(const at::Tensor& dout, const OptTensor& dlse, const at::T
   return python_backward(dout, dlse, q, k, v, out, lse, masks, args, backend);
 }
 
+// Decoding is end-aligned (bottom-right): its score modifiers take no alignment.
 TensorPair kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& cache_seqlens, const OptTensor& k_new, const OptTensor& v_new, bool causal,
-                   double scale, c10::string_view backend) {
-  if (backend == "cpu") return cpu_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale);
-  return python_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, backend);
+                   double scale, c10::string_view backend, int64_t window_left, int64_t window_right, double softcap,
+                   const OptTensor& alibi_slopes, const OptTensor& sinks) {
+  CallArgs args = score_mods(window_left, window_right, softcap, alibi_slopes, sinks, true);
+  args.causal = causal;
+  args.scale = scale;
+  if (backend == "cpu") return cpu_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, args);
+  return python_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, args, backend);
 }
 
 }  // namespace
@@ -94,11 +99,12 @@ TensorTriple call_backward(const at::Tensor& dout, const OptTensor& dlse, const 
 
 TensorPair call_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const at::Tensor& cache_seqlens, const OptTensor& k_new, const OptTensor& v_new, bool causal,
-                        double scale, c10::string_view backend) {
+                        double scale, c10::string_view backend, const CallArgs& mods) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fastattn::attention_kvcache", "")
                              .typed<decltype(fastattn::kvcache)>();
-  return op.call(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, backend);
+  return op.call(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, backend, mods.window_left,
+                 mods.window_right, mods.softcap, mods.alibi_slopes, mods.sinks);
 }
 
 namespace {
@@ -199,7 +205,9 @@ TensorPair forward_autograd(const at::Tensor& q, const at::Tensor& k, const at::
 // fresh, so no fallback would bump them.
 TensorPair kvcache_bumping_versions(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                     const at::Tensor& cache_seqlens, const OptTensor& k_new, const OptTensor& v_new,
-                                    bool causal, double scale, c10::string_view backend) {
+                                    bool causal, double scale, c10::string_view backend, int64_t window_left,
+                                    int64_t window_right, double softcap, const OptTensor& alibi_slopes,
+                                    const OptTensor& sinks) {
   const auto wants_grad = [](const OptTensor& t) { return t.has_value() && t->requires_grad(); };
   TORCH_CHECK(!at::GradMode::is_enabled() || !(q.requires_grad() || k_cache.requires_grad() || v_cache.requires_grad() ||
                                                 wants_grad(k_new) || wants_grad(v_new)),
@@ -207,7 +215,8 @@ TensorPair kvcache_bumping_versions(const at::Tensor& q, const at::Tensor& k_cac
   TensorPair result;
   {
     at::AutoDispatchBelowADInplaceOrView below;
-    result = call_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, backend);
+    result = call_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, backend,
+                          score_mods(window_left, window_right, softcap, alibi_slopes, sinks, true));
   }
   torch::autograd::impl::bump_version(k_cache);
   torch::autograd::impl::bump_version(v_cache);
@@ -233,7 +242,8 @@ TORCH_LIBRARY(fastattn, m) {
       "Tensor? alibi_slopes=None, Tensor? sinks=None, bool bottom_right=False) -> (Tensor, Tensor, Tensor)");
   m.def(
       "attention_kvcache(Tensor q, Tensor(a1!) k_cache, Tensor(a2!) v_cache, Tensor cache_seqlens, "
-      "Tensor? k_new, Tensor? v_new, bool causal, float scale, str backend) -> (Tensor, Tensor)");
+      "Tensor? k_new, Tensor? v_new, bool causal, float scale, str backend, int window_left=-1, "
+      "int window_right=-1, float softcap=0., Tensor? alibi_slopes=None, Tensor? sinks=None) -> (Tensor, Tensor)");
 }
 
 // One kernel for every device: the backend named in the call decides (dispatch chose it outside

@@ -48,7 +48,7 @@ TensorTriple cpu_backward(const at::Tensor& dout, const std::optional<at::Tensor
 // Writes k_new/v_new into the caches at rows cache_seqlens[b]..., then attends (flash-decoding).
 TensorPair cpu_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                        const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
-                       const std::optional<at::Tensor>& v_new, bool causal, double scale);
+                       const std::optional<at::Tensor>& v_new, const CallArgs& args);
 
 // The backends written in Python (reference, triton; cuda for now), as fastattn.ops registers
 // them: each takes the op's own arguments and the GIL.
@@ -59,7 +59,7 @@ TensorTriple python_backward(const at::Tensor& dout, const std::optional<at::Ten
                              const MaskTensors& masks, const CallArgs& args, std::string_view backend);
 TensorPair python_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                           const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
-                          const std::optional<at::Tensor>& v_new, bool causal, double scale, std::string_view backend);
+                          const std::optional<at::Tensor>& v_new, const CallArgs& args, std::string_view backend);
 
 // The ops through the dispatcher, every key on the way (autograd, Python modes, the kernel):
 // for the autograd formula, and for Python's front door, which reaches them in one call
@@ -80,7 +80,8 @@ TensorTriple call_backward(const at::Tensor& dout, const std::optional<at::Tenso
                            c10::string_view backend, const CallArgs& mods = {});
 TensorPair call_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
-                        const std::optional<at::Tensor>& v_new, bool causal, double scale, c10::string_view backend);
+                        const std::optional<at::Tensor>& v_new, bool causal, double scale, c10::string_view backend,
+                        const CallArgs& mods = {});
 
 // The CPU helpers Python calls (fastattn._C): the padding mask's kernel form of a CPU mask, in
 // one pass; the kernels' dropout keep mask, materialised (tests); the micro-kernel tables (the

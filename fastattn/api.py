@@ -188,8 +188,7 @@ def check_score_mods(window_size, softcap, alibi_slopes, sinks, align, B: int, H
     """Validates the score modifiers; returns those the call has, by SCORE_MODS' names
     ("bottom_right" left to the caller, who knows whether the alignment matters)."""
     if (type(window_size) is tuple and window_size == (-1, -1) and type(softcap) is float and softcap == 0.0
-            and alibi_slopes is None and sinks is None
-            and align == "top_left"):
+            and alibi_slopes is None and sinks is None and (align == "top_left" or align == "bottom_right")):
         return []  # the defaults, in a few comparisons (a small call's host time)
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
             or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)):

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .api import check_scalars, check_tensors
+from .api import check_scalars, check_score_mods, check_tensors, score_mod_args
 from .backends import Problem, select_backend
 from .backends.base import head_dim_value, length_bucket
 
@@ -56,6 +56,11 @@ def attention_with_kvcache(
     v_new: Tensor | None = None,
     causal: bool = True,
     scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    sinks: Tensor | None = None,
+    align: str = "bottom_right",
     return_lse: bool = False,
     backend: str = "auto",
 ):
@@ -67,18 +72,26 @@ def attention_with_kvcache(
     advances cache_seqlens). The queries then attend to the first cache_seqlens[b] + Nnew keys;
     causal is aligned to the end: query i sees keys j <= total - Nq + i. The cache is split
     across CTAs (GPU) or threads (CPU) and the splits merged (flash-decoding).
+    window_size, softcap, alibi_slopes and sinks as in fastattn.attention, aligned to the end as
+    causal is (align="bottom_right", the only alignment decoding has): query i sits at key
+    position total - Nq + i, and the window's left edge bounds the keys read.
     Returns out (B, H, Nq, D), or (out, lse) with lse (B, H, Nq) float32."""
     _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new)
     scale = check_scalars(causal, scale, 0.0, backend, q.shape[-1])
+    if align != "bottom_right":
+        raise ValueError(f"align: expected 'bottom_right' (decoding is aligned to the end of the cache), got {align!r}")
+    mods = check_score_mods(window_size, softcap, alibi_slopes, sinks, align, q.shape[0], q.shape[1], q.device)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, k_new, v_new)):
         raise ValueError("attention_with_kvcache: forward only; call it under torch.no_grad() or on detached tensors")
     traced = torch.compiler.is_compiling()
     problem = Problem(device=q.device.type, dtype=q.dtype, head_dim=head_dim_value(q.shape[-1], traced),
                       mask_kind=None, key_padding=False, causal=causal, dropout=False, needs_grad=False, decode=True,
                       nq=length_bucket(q.shape[2], traced), nk=length_bucket(k_cache.shape[2], traced),
-                      gqa=True if k_cache.shape[1] != q.shape[1] else False)  # a branch: see api._problem
+                      gqa=True if k_cache.shape[1] != q.shape[1] else False,  # a branch: see api._problem
+                      score_mods=tuple(mods))
     chosen = select_backend(backend, problem)
     if chosen.name != "cpu":
         _check_lengths(cache_seqlens, k_cache.shape[2] - (0 if k_new is None else k_new.shape[2]))
-    out, lse = ops.attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, chosen.name)
+    out, lse = ops.attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, chosen.name,
+                                     *score_mod_args(mods, window_size, softcap, alibi_slopes, sinks)[:-1])
     return (out, lse) if return_lse else out

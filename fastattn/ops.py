@@ -41,9 +41,12 @@ def attention_forward(q, k, v, key_padding_mask, key_ranges, attn_mask, cu_seqle
               sinks, bottom_right)
 
 
-def attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, backend):
-    op = _C.attention_kvcache if _in_one_call(q, k_cache, v_cache, cache_seqlens, k_new, v_new) else _kvcache_op
-    return op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, backend)
+def attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, backend, window_left=-1,
+                      window_right=-1, softcap=0.0, alibi_slopes=None, sinks=None):
+    op = _C.attention_kvcache if _in_one_call(q, k_cache, v_cache, cache_seqlens, k_new, v_new, alibi_slopes,
+                                              sinks) else _kvcache_op
+    return op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, backend, window_left, window_right,
+              softcap, alibi_slopes, sinks)
 
 
 @torch.library.register_fake("fastattn::attention_forward")
@@ -64,14 +67,14 @@ def _(q, k_cache, v_cache, *args):
 def python_backends():
     """What the op's C++ kernel calls for a backend it does not run itself: (forward, backward,
     kvcache), each with the op's arguments, the masks and score modifiers as one tuple in Masks'
-    order."""
+    order (decoding's: no masks, bottom-right)."""
     def forward(q, k, v, masks, causal, scale, dropout_p, seed, backend):
         return REGISTRY[backend].forward(q, k, v, Masks(*masks), causal, scale, dropout_p, seed)
 
     def backward(dout, dlse, q, k, v, out, lse, masks, causal, scale, dropout_p, seed, backend):
         return REGISTRY[backend].backward(dout, dlse, q, k, v, out, lse, Masks(*masks), causal, scale, dropout_p, seed)
 
-    def kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, backend):
+    def kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, masks, causal, scale, backend):
         """Writes k_new/v_new (B, Hkv, Nnew, D) into the caches at rows cache_seqlens[b] + t, then
         attends q to the first cache_seqlens[b] + Nnew keys of each row. No host sync."""
         seqlens = cache_seqlens
@@ -82,7 +85,7 @@ def python_backends():
             k_cache.scatter_(2, index, k_new)
             v_cache.scatter_(2, index, v_new)
             seqlens = cache_seqlens + Nnew
-        return REGISTRY[backend].decode(q, k_cache, v_cache, seqlens.contiguous(), causal, scale)
+        return REGISTRY[backend].decode(q, k_cache, v_cache, seqlens.contiguous(), Masks(*masks), causal, scale)
 
     return forward, backward, kvcache
 

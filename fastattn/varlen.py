@@ -64,7 +64,7 @@ def attention_varlen(
     softcap: float = 0.0,
     alibi_slopes: Tensor | None = None,
     sinks: Tensor | None = None,
-    align: str = "top_left",
+    align: str = "bottom_right",
     return_lse: bool = False,
     backend: str = "auto",
 ):
@@ -74,8 +74,8 @@ def attention_varlen(
     head-dim stride. cu_seqlens_q/k: (B + 1,) int32, sequence b holds rows [cu[b], cu[b + 1]),
     from 0 to total; max_seqlen_q/k bound their steps. causal, window_size, softcap,
     alibi_slopes ((H,) or (B, H): per sequence), sinks and align as fastattn.attention's, within
-    each sequence (align="bottom_right": FlashAttention's, query i of a sequence at key
-    i + Nk - Nq of it). No work is spent on padding: there is none. Returns out (total_q, H, D),
+    each sequence, but aligned bottom-right by default as FlashAttention's: query i of a sequence
+    at key i + Nk - Nq of it (align="top_left": at key i). No work is spent on padding: there is none. Returns out (total_q, H, D),
     or (out, lse) with lse (H, total_q) float32. With dropout, sequence b draws what a lone
     fastattn.attention call with seed + b * H would."""
     _check_packed(q, k, v)

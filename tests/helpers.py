@@ -89,3 +89,16 @@ def count_fastattn_nodes(f, *args) -> int:
     torch._dynamo.reset()
     torch.compile(f, fullgraph=True, backend=backend)(*args)
     return count
+
+
+def materialise(case, B, H, device="cpu"):
+    """A score-mods case's keywords with its tensors drawn: alibi_slopes "heads" (H,) or "batch"
+    (B, H), sinks=True (H,)."""
+    kw = dict(case)
+    if kw.get("alibi_slopes") == "heads":
+        kw["alibi_slopes"] = torch.rand(H, device=device)
+    elif kw.get("alibi_slopes") == "batch":
+        kw["alibi_slopes"] = torch.rand(B, H, device=device)
+    if kw.pop("sinks", False):
+        kw["sinks"] = torch.randn(H, device=device)
+    return kw

@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import fastattn
 from fastattn.bench import attention, cases, report, run, timing
 from fastattn.bench.decode import decode_rows
 from fastattn.bench.packed import varlen_rows
+from fastattn.bench.score_mods import eager_attention, score_mod_rows, window_pairs
 
 SCHEMA = {"backend", "case", "ms", "tflops", "best_peer", "best_peer_ms", "speedup_vs_best_peer"}
 
@@ -63,6 +65,24 @@ def test_decode_and_varlen_rows_follow_the_schema():
     assert all(r["tflops"] > 0 for r in varlen)
 
 
+def test_score_mod_rows_and_their_eager_peer():
+    """The eager formula a user would run instead is right (against fastattn's kernel), the pair
+    count is the window's, and every provider of every row runs (FlexAttention compiles: seconds)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 40, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    sinks = torch.randn(4)
+    for kw in (dict(window=8, sinks=sinks), dict(softcap=2.0), dict()):
+        want = fastattn.attention(q, k, v, causal=True, window_size=(kw.get("window", 0) - 1, 0),
+                                  softcap=kw.get("softcap", 0.0), sinks=kw.get("sinks"))
+        torch.testing.assert_close(eager_attention(q, k, v, 0.25, **kw), want, atol=1e-5, rtol=1e-5)
+    assert window_pairs(5, 2) == 1 + 2 * 4 and window_pairs(5, 8) == 15
+    rows = score_mod_rows("cpu", False, 0.01, seq=128)
+    assert {r["backend"] for r in rows} >= {"fastattn (window 32)", "fastattn (full causal)", "sdpa:default (window as a mask)",
+                                           "fastattn (softcap)", "eager (softcap)", "fastattn (sinks)", "eager (sinks)"}
+    for r in rows:
+        assert {"backend", "case", "ms", "tflops", "best_peer", "speedup_vs_best_peer"} <= r.keys(), r
+
+
 def test_grid_sizes():
     gpu = cases.grid("cuda", quick=False)
     assert all(c.batch * c.seq == 16384 and c.heads * c.head_dim == 2048 for c in gpu)
@@ -91,10 +111,11 @@ def test_no_row_passes_the_hardware_peak(monkeypatch, tmp_path):
     monkeypatch.setattr(run, "grid", lambda device, quick: tiny)
     monkeypatch.setattr(run, "decode_rows", lambda device, quick, t: decode_rows(device, quick, t, shapes=[(2, 256)]))
     monkeypatch.setattr(run, "varlen_rows", lambda device, quick, t: varlen_rows(device, quick, t, seqs=[128]))
+    monkeypatch.setattr(run, "score_mod_rows", lambda device, quick, t: score_mod_rows(device, quick, t, seq=128))
     monkeypatch.setattr(run, "module_rows", lambda *args: [])
     record = run.run(quick=True, json_path=str(tmp_path / "record.json"), device="cpu", end_to_end=False)
-    timed = [r for r in record["rows"] + record["varlen"] if "tflops" in r]
-    assert len(timed) >= 4 * 2 + 2 * 3 and {r["dtype"] for r in timed} == {"fp32", "bf16"}
+    timed = [r for r in record["rows"] + record["varlen"] + record["score_mods"] if "tflops" in r]
+    assert len(timed) >= 4 * 2 + 2 * 3 + 3 + 2 and {r["dtype"] for r in timed} == {"fp32", "bf16"}
     assert all(0 < r["pct_of_peak"] <= 100 for r in timed), [(r["case"], r["backend"], r["pct_of_peak"]) for r in timed]
     assert json.loads((tmp_path / "record.json").read_text())["complete"]
     peak = record["peaks"]["tflops"]

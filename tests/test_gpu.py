@@ -1,5 +1,5 @@
 """What only a GPU shows: torch.compile on CUDA tensors, no host syncs, fp32 precision, tuning
-counts during decoding. benchmarks/gpu_check.sh runs this file with test_triton and test_cuda."""
+counts during decoding, the score modifiers at the tuned tile sizes. benchmarks/gpu_check.sh runs this file with test_triton and test_cuda."""
 import pytest
 import torch
 
@@ -45,6 +45,21 @@ def test_no_host_sync_in_forward_or_backward(backend):
     kpm = padding_mask("random", 2, 300).cuda()  # scattered: the per-key test stays on
     step = lambda: fastattn.attention(q, k, v, key_padding_mask=kpm, causal=True, backend=backend).sum().backward()  # noqa: E731
     without_syncs(step)  # the first run compiles (and, with no shipped defaults, tunes: syncs allowed)
+
+
+def test_no_host_sync_with_score_mods():
+    """Sinks' gradient included (computed from out and lse on the device)."""
+    q, k, v = cuda_inputs(2, 4, 2, 200, 300, 64)
+    sinks = torch.randn(4, device="cuda", requires_grad=True)
+    kw = dict(causal=True, window_size=(64, 0), softcap=20.0, alibi_slopes=torch.rand(4, device="cuda"), sinks=sinks,
+              align="bottom_right", backend="triton")
+    without_syncs(lambda: fastattn.attention(q, k, v, **kw).sum().backward())
+    k_cache, v_cache = (torch.randn(3, 2, 4096, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    lengths = torch.tensor([0, 1000, 4000], dtype=torch.int32, device="cuda")
+    q1 = torch.randn(3, 4, 1, 64, device="cuda", dtype=torch.bfloat16)
+    kw = dict(window_size=(512, 0), softcap=20.0, sinks=sinks.detach(), backend="triton")
+    with torch.no_grad():
+        without_syncs(lambda: fastattn.attention_with_kvcache(q1, k_cache, v_cache, lengths, **kw))
 
 
 def test_no_host_sync_in_varlen_or_decoding():
@@ -231,3 +246,16 @@ def test_reduce_overhead_compiles_the_decode_step():
             out = torch.cat([out, new], dim=1)
     assert torch.equal(out, want)
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("case", range(11))
+def test_triton_score_mods_at_real_tile_sizes(case, D, dtype):
+    """test_score_mods' cases (windows, softcap, ALiBi, sinks, both alignments, padding) through
+    the compiled Triton kernels, forward and every gradient against float64."""
+    from test_score_mods import CASES, LONG, check
+
+    if "triton" not in GPU_BACKENDS:
+        pytest.skip("triton is not installed")
+    check((CASES + LONG)[case], 2, 4, 2, 300, 700, D, dtype, "triton", device="cuda")

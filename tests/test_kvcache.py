@@ -5,7 +5,7 @@ import torch
 
 import fastattn
 from fastattn import attention_with_kvcache
-from helpers import CPU_BACKENDS, TOL, count_fastattn_nodes, rel_err
+from helpers import CPU_BACKENDS, TOL, count_fastattn_nodes, materialise, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # On a GPU, the backends that run CUDA tensors; without one, the CPU's and Triton's interpreter.
@@ -128,3 +128,66 @@ def test_writing_the_cache_bumps_its_version(backend):
     assert k_cache._version > before[0] and v_cache._version > before[1]
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward()
+
+
+DECODE_MODS = [  # keywords beyond the cache's, each row's queries at its end
+    dict(window_size=(40, 0), causal=True),
+    dict(window_size=(7, 2)),
+    dict(softcap=3.0, causal=True),
+    dict(alibi_slopes="heads", window_size=(500, -1), causal=True),
+    dict(alibi_slopes="batch"),
+    dict(sinks=True, causal=True, window_size=(1, 0)),
+    dict(sinks=True, softcap=2.0, window_size=(1500, 0), causal=True),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("Nq", [1, 5])
+@pytest.mark.parametrize("case", DECODE_MODS, ids=str)
+def test_score_mods_aligned_to_the_end(backend, dtype, Nq, case):
+    """Against a lone float64 reference call per row on its valid keys, bottom-right: long rows
+    are split (the window's left edge first), an empty one gives zeros (lse: its sink)."""
+    torch.manual_seed(3)
+    B, H, Hkv, D, Nmax = 4, 4, 2, 32, 3100
+    kw = materialise(case, B, H, DEVICE)
+    causal = kw.pop("causal", False)  # decoding's default is causal
+    k_cache, v_cache = (torch.randn(B, Hkv, Nmax, D, device=DEVICE).to(dtype) for _ in range(2))
+    lengths = torch.tensor([0, 3, 700, Nmax], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(B, H, Nq, D, device=DEVICE).to(dtype)
+    out, lse = attention_with_kvcache(q, k_cache, v_cache, lengths, causal=causal, return_lse=True, backend=backend,
+                                      **kw)
+    for b, n in enumerate(lengths.tolist()):
+        rkw = {name: t.double()[b:b + 1] if name == "alibi_slopes" and t.dim() == 2 else
+               t.double() if isinstance(t, torch.Tensor) else t for name, t in kw.items()}
+        ref, ref_lse = fastattn.reference_attention(*(t[b:b + 1].double() for t in (q, k_cache[:, :, :n],
+                                                                                    v_cache[:, :, :n])),
+                                                    causal=causal, align="bottom_right", **rkw)
+        assert rel_err(out[b:b + 1], ref) < TOL[dtype], f"row {b}: {rel_err(out[b:b + 1], ref):.2e}"
+        finite = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse[b:b + 1]), finite)
+        assert rel_err(lse[b:b + 1][finite], ref_lse[finite]) < max(TOL[dtype], 1e-5)
+
+
+def test_decoding_has_one_alignment():
+    q, cache = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="align: expected 'bottom_right'.*got 'top_left'"):
+        attention_with_kvcache(q, cache, cache, torch.tensor([4], dtype=torch.int32), align="top_left")
+    with pytest.raises(ValueError, match="window_size: expected ints >= -1"):
+        attention_with_kvcache(q, cache, cache, torch.tensor([4], dtype=torch.int32), window_size=(-2, 0))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_cache_rows_before_the_window_are_never_read(backend):
+    """Two queries at the end of 3000 cached keys with a 40-key window see keys 2958 on: NaN rows
+    before 2000 would reach the output from any split that loaded them."""
+    torch.manual_seed(4)
+    k_cache, v_cache = (torch.randn(2, 2, 3000, 32, device=DEVICE) for _ in range(2))
+    for t in (k_cache, v_cache):
+        t[:, :, :2000] = float("nan")
+    q = torch.randn(2, 4, 2, 32, device=DEVICE)
+    lengths = torch.full((2,), 3000, dtype=torch.int32, device=DEVICE)
+    out = attention_with_kvcache(q, k_cache, v_cache, lengths, window_size=(40, 0), backend=backend)
+    ref = fastattn.reference_attention(q.double(), k_cache[:, :, 2900:].double(), v_cache[:, :, 2900:].double(),
+                                       causal=True, window_size=(40, 0), align="bottom_right")[0]
+    assert rel_err(out, ref) < TOL[torch.float32]

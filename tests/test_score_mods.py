@@ -1,12 +1,15 @@
 """Windows, softcapping, ALiBi, sinks and the alignment through fastattn.attention: validated
 before any kernel runs, carried by the one op (sinks' gradient included), taken by the backends
-that declare them (cpu, reference) against float64, and declined by name by the others."""
+that declare them (cpu, reference, triton through its interpreter) against float64, and declined
+by name by the others."""
 import pytest
 import torch
-from helpers import CPU_BACKENDS, TOL, count_fastattn_nodes, qkv, rel_err
+from helpers import CPU_BACKENDS, TOL, count_fastattn_nodes, materialise, qkv, rel_err
 
 import fastattn
 from fastattn.backends import Problem, select_backend
+
+BACKENDS = CPU_BACKENDS + [b for b in ("triton",) if b in fastattn.available_backends()]
 
 CASES = [  # keywords of fastattn.attention beyond q, k, v
     dict(window_size=(4, 0), causal=True),
@@ -20,16 +23,6 @@ CASES = [  # keywords of fastattn.attention beyond q, k, v
 ]
 
 
-def materialise(case, B, H):
-    kw = dict(case)
-    torch.manual_seed(2)
-    if kw.get("alibi_slopes") == "heads":
-        kw["alibi_slopes"] = torch.rand(H)
-    elif kw.get("alibi_slopes") == "batch":
-        kw["alibi_slopes"] = torch.rand(B, H)
-    if kw.pop("sinks", False):
-        kw["sinks"] = torch.randn(H)
-    return kw
 
 
 def reference_kw(kw):
@@ -40,7 +33,7 @@ def reference_kw(kw):
     return out
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("lengths", [(20, 33), (33, 20)], ids=["Nq<Nk", "Nq>Nk"])
 def test_forward_and_gradients_equal_the_float64_reference(case, lengths, backend):
@@ -60,12 +53,40 @@ def test_cpu_kernel_over_many_tiles(case, B, Hkv, dtype):
     check(case, B, 2 * Hkv, Hkv, 300, 700, 64, dtype, "cpu")
 
 
-def check(case, B, H, Hkv, Nq, Nk, D, dtype, backend):
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", LONG, ids=str)
+def test_triton_kernels_over_many_tiles(case, dtype):
+    """The interpreter's 32-query, 32-key tiles: windows over many of them, edges off the grid."""
+    check(case, 1, 2, 1, 150, 350, 32, dtype, "triton")
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_keys_outside_the_window_are_never_read(backend, dtype):
+    """32 queries at the end of 1024 keys (bottom-right) see keys 952 on: NaN keys and values
+    before 700 would reach the output, or a gradient, from any tile that loaded them."""
+    q, k, v = qkv(1, 2, 2, 32, 1024, 32, dtype=dtype)
+    with torch.no_grad():
+        for t in (k, v):
+            t[:, :, :700] = float("nan")
+    out = fastattn.attention(q, k, v, causal=True, window_size=(40, 0), align="bottom_right", backend=backend)
+    assert torch.isfinite(out).all()
+    dq, dk, dv = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    assert torch.isfinite(dq).all() and torch.isfinite(dk[:, :, 700:]).all() and torch.isfinite(dv[:, :, 700:]).all()
+    assert (dk[:, :, :952] == 0).all() and (dv[:, :, :952] == 0).all()
+    ref = fastattn.reference_attention(q.double(), k[:, :, 900:].double(), v[:, :, 900:].double(), causal=True,
+                                       window_size=(40, 0), align="bottom_right")[0]
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def check(case, B, H, Hkv, Nq, Nk, D, dtype, backend, device="cpu"):
     """Forward, lse and every gradient (the sinks' too) of one call against float64."""
     lengths = (Nq, Nk)
-    q, k, v = qkv(B, H, Hkv, *lengths, D, dtype=dtype, transposed=True)
-    kw = materialise(case, B, H)
-    kpm = (torch.rand(B, lengths[1]) < 0.3) if kw.pop("padding", False) else None
+    torch.manual_seed(Nq * Nk + D)  # reproducible draws
+    q, k, v = qkv(B, H, Hkv, *lengths, D, dtype=dtype, transposed=True, device=device)
+    kw = materialise(case, B, H, device)
+    kpm = (torch.rand(B, lengths[1], device=device) < 0.3) if kw.pop("padding", False) else None
     sinks = kw.get("sinks")
     leaves = [t.clone().requires_grad_() for t in (q, k, v)] + ([sinks.clone().requires_grad_()] if sinks is not None
                                                                  else [])
@@ -84,8 +105,11 @@ def check(case, B, H, Hkv, Nq, Nk, D, dtype, backend):
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
     lse_tol = max(1e-5, 0.1 * TOL[dtype])  # 16-bit scores: lse within a tenth of the output's bound
     assert rel_err(torch.where(torch.isfinite(lse), lse, 0.0), torch.where(torch.isfinite(ref_lse), ref_lse, 0.0)) < lse_tol
-    for got, w in zip(grads, want):
+    for got, w in zip(grads[:3], want):
         assert rel_err(got, w) < TOL[dtype]
+    if sinks is not None:  # a sum over rows of terms of either sign: its error relative to theirs
+        terms = torch.exp(dleaves[3].view(1, -1, 1) - ref_lse) * ((dout.double() * ref).sum(-1) - dlse.double())
+        assert (grads[3] - want[3]).norm() / terms.abs().sum((0, 2)).norm() < TOL[dtype]
 
 
 def test_backends_without_them_decline_by_name_and_auto_takes_the_cpu_kernel():
@@ -153,7 +177,7 @@ def test_one_node_under_compile_and_the_same_gradients():
         torch.testing.assert_close(c, e)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_windows_wider_than_any_distance_are_unbounded(backend):
     """The kernel's position arithmetic must not overflow (a window of sys.maxsize keys)."""
     import sys
@@ -197,7 +221,7 @@ VARLEN = [dict(causal=True, align="bottom_right", window_size=(6, 0)), dict(soft
           dict(sinks=True, causal=True, alibi_slopes="heads", align="bottom_right")]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", VARLEN, ids=str)
 def test_packed_sequences_each_equal_a_lone_reference_call(case, backend):
     """attention_varlen: sequence b as a lone float64 call, its own alignment (Nq != Nk) and slopes."""
@@ -220,7 +244,7 @@ def test_packed_sequences_each_equal_a_lone_reference_call(case, backend):
     for b in range(len(lens_q)):
         qs, ks = slice(cu[0][b], cu[0][b + 1]), slice(cu[1][b], cu[1][b + 1])
         lone = [t[rows].detach().double().transpose(0, 1)[None].requires_grad_() for t, rows in ((q, qs), (k, ks), (v, ks))]
-        rkw = reference_kw(kw)
+        rkw = dict(align="bottom_right") | reference_kw(kw)  # attention_varlen's default
         if rkw.get("alibi_slopes") is not None and rkw["alibi_slopes"].dim() == 2:
             rkw["alibi_slopes"] = rkw["alibi_slopes"][b:b + 1]
         if sinks is not None:
@@ -240,3 +264,17 @@ def test_packed_sequences_each_equal_a_lone_reference_call(case, backend):
                 want_sinks = want_sinks + want[3]
     if sinks is not None:
         assert rel_err(grads[3], want_sinks) < 1e-5
+
+
+def test_packed_sequences_align_bottom_right_by_default():
+    """As flash_attn_varlen_func: causal query i of a sequence sees keys j <= i + Nk - Nq."""
+    cu_q, cu_k = torch.tensor([0, 3, 8], dtype=torch.int32), torch.tensor([0, 7, 12], dtype=torch.int32)
+    torch.manual_seed(5)
+    q, k, v = torch.randn(8, 2, 16), torch.randn(12, 2, 16), torch.randn(12, 2, 16)
+    args = (q, k, v, cu_q, cu_k, 5, 7)
+    default = fastattn.attention_varlen(*args, causal=True)
+    torch.testing.assert_close(default, fastattn.attention_varlen(*args, causal=True, align="bottom_right"))
+    assert not torch.allclose(default, fastattn.attention_varlen(*args, causal=True, align="top_left"))
+    lone = fastattn.reference_attention(*(t.transpose(0, 1)[None] for t in (q[:3], k[:7], v[:7])), causal=True,
+                                        align="bottom_right")[0]
+    torch.testing.assert_close(default[:3], lone[0].transpose(0, 1))

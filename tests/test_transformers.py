@@ -169,11 +169,23 @@ CAUSAL_LMS = {
     "llama-gqa": lambda: (transformers.LlamaForCausalLM, transformers.LlamaConfig(
         vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, use_cache=False)),
+    "mistral-windowed": lambda: (transformers.MistralForCausalLM, transformers.MistralConfig(
+        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=4, initializer_range=0.3, use_cache=False)),
+    "gpt-oss-windowed": lambda: (transformers.GptOssForCausalLM, transformers.GptOssConfig(
+        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1, sliding_window=4,
+        initializer_range=0.3, use_cache=False)),
 }
 
 
-@pytest.mark.parametrize("arch", CAUSAL_LMS)
-@pytest.mark.parametrize("rows,flash_kwargs", [(1, False), (1, True), (2, False)])
+# transformers' gpt-oss builds its masks without position_ids, so only the collator's kwargs pack
+# it (eager, given packed position_ids alone, lets the sequences see each other).
+PACKINGS = [(arch, rows, flash_kwargs) for arch in CAUSAL_LMS for rows, flash_kwargs in [(1, False), (1, True), (2, False)]
+            if flash_kwargs or arch != "gpt-oss-windowed"]
+
+
+@pytest.mark.parametrize("arch,rows,flash_kwargs", PACKINGS)
 def test_causal_lm_packed_training(tmp_path, monkeypatch, arch, rows, flash_kwargs):
     model_cls, config = CAUSAL_LMS[arch]()
     eager, ours = load_both(model_cls, config, tmp_path)
@@ -183,11 +195,15 @@ def test_causal_lm_packed_training(tmp_path, monkeypatch, arch, rows, flash_kwar
     labels = ids.masked_fill(mask == 0, -100)
     assert_same_training(eager, ours, dict(input_ids=ids, attention_mask=mask, labels=labels), packed)
     assert dense == [] and len(varlen) == 2  # no mask tensor: every layer went to attention_varlen
-    kv_heads = 2 if arch == "llama-gqa" else 4
+    kv_heads = getattr(config, "num_key_value_heads", 4)
     for call in varlen:
         assert call["q"].shape == (24, 4, 8) and call["k"].shape == (24, kv_heads, 8)
         assert torch.equal(call["args"][0], cu_seqlens) and torch.equal(call["args"][1], cu_seqlens)
         assert call["args"][2:] == (9, 9) and call["causal"] is True
+        assert (call["sinks"] is not None) == (arch == "gpt-oss-windowed")
+    # windows of 4 over sequences up to 9 long: every Mistral layer, gpt-oss's first
+    windows = {"mistral-windowed": [(3, 0)] * 2, "gpt-oss-windowed": [(3, 0), (-1, -1)]}
+    assert [call["window_size"] for call in varlen] == windows.get(arch, [(-1, -1)] * 2)
     assert len(derived) == (0 if flash_kwargs else 1)  # once per forward, not per layer
 
     built = transformers.masking_utils.create_causal_mask(
@@ -234,9 +250,9 @@ def call_forward(module=None, S=6, mask=None, **kw):
     return hf.fastattn_attention_forward(module or _Attention(), q, k, v, mask, **kw)[0]
 
 
-@pytest.mark.parametrize("name", ["softcap", "s_aux", "sinks", "indices", "block_indices"])
+@pytest.mark.parametrize("name", ["sinks", "indices", "block_indices"])
 def test_unsupported_keywords_raise(name):
-    value = 30.0 if name == "softcap" else torch.zeros(4)
+    value = torch.zeros(4)
     with pytest.raises(ValueError, match=rf"fastattn: {name} .* not supported"):
         call_forward(**{name: value})
     call_forward(**{name: None})  # unset: nothing to honour
@@ -245,7 +261,7 @@ def test_unsupported_keywords_raise(name):
 def test_sinks_on_the_module_raise_even_without_s_aux():
     module = _Attention()
     module.sinks = torch.nn.Parameter(torch.zeros(4))
-    with pytest.raises(ValueError, match="_Attention.sinks"):
+    with pytest.raises(ValueError, match="_Attention.sinks .* came without s_aux"):
         call_forward(module)
 
 
@@ -270,50 +286,109 @@ def test_sliding_window_needs_its_mask():
     torch.testing.assert_close(got, call_forward(mask=window[None, None].expand(2, 1, 6, 6)))
 
 
-def test_gpt_oss_sinks_raise(tmp_path):
-    config = transformers.GptOssConfig(vocab_size=101, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                       num_local_experts=2, num_experts_per_tok=1, sliding_window=4)
-    _, ours = load_both(transformers.GptOssForCausalLM, config, tmp_path)
-    ids, mask = padded_ids(101, 2, 9)
-    with pytest.raises(ValueError, match="s_aux .*attention sinks.* not supported"):
-        ours(input_ids=ids, attention_mask=mask)
+def modern_config(cls, **kw):
+    """A tiny random config of a model family with sliding windows of 4 (over 13 tokens) on some
+    layers, weights large enough that windows, softcaps and sinks change the logits."""
+    return cls(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, sliding_window=4, initializer_range=0.3, **kw)
 
 
-def test_gemma2_softcap_raises(tmp_path):
-    config = transformers.Gemma2Config(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4)
-    _, ours = load_both(transformers.Gemma2ForCausalLM, config, tmp_path)
-    ids, mask = padded_ids(101, 2, 9)
-    with pytest.raises(ValueError, match="softcap .*softcapping.* not supported"):
-        ours(input_ids=ids, attention_mask=mask)
-
-
-WINDOWED = {  # sliding windows of 4 over 13 tokens, some layers full: the window comes in the mask
-    "mistral": lambda: (transformers.MistralForCausalLM, transformers.MistralConfig(
-        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, sliding_window=4)),
-    "qwen2": lambda: (transformers.Qwen2ForCausalLM, transformers.Qwen2Config(
-        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=1)),
-    "gemma3": lambda: (transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig(
-        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, sliding_window=4, query_pre_attn_scalar=16,
+MODERN = {  # every layer windowed (Mistral) or alternate layers (the others: layer_types or max_window_layers)
+    "mistral": lambda: (transformers.MistralForCausalLM, modern_config(transformers.MistralConfig)),
+    "qwen2": lambda: (transformers.Qwen2ForCausalLM, modern_config(
+        transformers.Qwen2Config, use_sliding_window=True, max_window_layers=1)),
+    "gemma2": lambda: (transformers.Gemma2ForCausalLM, modern_config(
+        transformers.Gemma2Config, head_dim=8, query_pre_attn_scalar=8, attn_logit_softcapping=1.5)),
+    "gemma3": lambda: (transformers.Gemma3ForCausalLM, modern_config(
+        transformers.Gemma3TextConfig, head_dim=8, query_pre_attn_scalar=16,
         layer_types=["sliding_attention", "full_attention"])),
+    "gpt-oss": lambda: (transformers.GptOssForCausalLM, modern_config(
+        transformers.GptOssConfig, head_dim=8, num_local_experts=2, num_experts_per_tok=1)),
 }
 
 
-@pytest.mark.parametrize("arch", WINDOWED)
-def test_sliding_window_models_match_eager(tmp_path, arch):
-    model_cls, config = WINDOWED[arch]()
-    eager, ours = load_both(model_cls, config, tmp_path)
-    ids, mask = padded_ids(101, 3, 13)
+def load_modern(arch, tmp_path):
+    """Both models, gpt-oss's sinks drawn at random (its init leaves them near zero)."""
+    model_cls, config = MODERN[arch]()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        init = model_cls(config)
+        for name, p in init.named_parameters():
+            if name.endswith(".sinks"):
+                p.copy_(torch.randn_like(p))
+    init.save_pretrained(tmp_path)
+    eager = model_cls.from_pretrained(tmp_path, attn_implementation="eager")
+    return eager, model_cls.from_pretrained(tmp_path, attn_implementation="fastattn")
+
+
+def assert_score_mods_reached_the_kernel(arch, calls):
+    """No 4-D mask; the window as window_size on the windowed layers, softcap and sinks as theirs."""
+    assert calls and all(kw["attn_mask"] is None for kw in calls)
+    windows = {kw["window_size"] for kw in calls}
+    assert (3, 0) in windows and windows <= {(3, 0), (-1, -1)}
+    assert all(kw["softcap"] == (1.5 if arch == "gemma2" else 0.0) for kw in calls)
+    assert all((kw["sinks"] is not None) == (arch == "gpt-oss") for kw in calls)
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
+@pytest.mark.parametrize("arch", MODERN)
+def test_modern_models_train_as_eager(tmp_path, monkeypatch, arch, left):
+    eager, ours = load_modern(arch, tmp_path)
+    ids, mask = padded_ids(101, 3, 13, left=left)
+    predicted_from_pad = torch.nn.functional.pad(mask[:, :-1], (1, 0)) == 0  # see test_gpt2_padded_and_trained
+    labels = ids.masked_fill((mask == 0) | predicted_from_pad, -100)
+    calls = spy_on_kernel(monkeypatch)
+    outputs = []
+    for model in (eager, ours):
+        out = model.train()(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        outputs.append(out)
     valid = mask.bool()[..., None]
-    want = eager(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits * valid, want * valid,
-                               atol=1e-5, rtol=1e-4)
-    args = dict(input_ids=ids[:1, :6], max_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert torch.equal(ours.generate(**args), eager.generate(**args))  # past the window, from a cache
+    torch.testing.assert_close(outputs[1].logits * valid, outputs[0].logits * valid, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(outputs[1].loss, outputs[0].loss, atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(eager.named_parameters(), ours.parameters()):  # gpt-oss's sinks included
+        torch.testing.assert_close(q.grad, p.grad, atol=2e-5, rtol=1e-4, msg=name)
+    assert_score_mods_reached_the_kernel(arch, calls)
+
+
+@pytest.mark.parametrize("arch", MODERN)
+def test_modern_models_generate_as_eager(tmp_path, monkeypatch, arch):
+    """Left-padded prompts decoded past the window, from a cache: bottom-right alignment, no 4-D mask."""
+    eager, ours = load_modern(arch, tmp_path)
+    ids, mask = padded_ids(101, 3, 9, left=True)
+    args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    want = eager.eval().generate(**args)
+    calls = spy_on_kernel(monkeypatch)
+    assert torch.equal(ours.eval().generate(**args), want)
+    assert_score_mods_reached_the_kernel(arch, calls)
+    decoding = [kw for kw in calls if kw["align"] == "bottom_right"]
+    assert len(decoding) >= 7 * 2 and all(kw["causal"] for kw in decoding)
+
+
+def test_a_window_the_mask_does_not_hold_raises():
+    window = hf.CausalKeys(padding=None, keys=6, window=4)
+    with pytest.raises(ValueError, match="sliding_window=None, but the layer's mask has a window of 4"):
+        call_forward(mask=window)
+    with pytest.raises(ValueError, match="sliding_window=3, but the layer's mask has a window of 4"):
+        call_forward(mask=window, sliding_window=3)
+    i = torch.arange(6)
+    seen = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - 4)
+    torch.testing.assert_close(call_forward(mask=window, sliding_window=4),
+                               call_forward(mask=seen[None, None].expand(2, 1, 6, 6)))
+
+
+def test_masks_the_kernel_cannot_take_stay_4d():
+    """A chunked mask (Llama 4) and a static cache's tensor offset: SDPA's 4-D mask, as before."""
+    from transformers.masking_utils import causal_mask_function, chunked_causal_mask_function
+    chunked = hf.fastattn_mask(2, 6, 6, mask_function=chunked_causal_mask_function(3, torch.zeros(2, dtype=int)),
+                               allow_is_causal_skip=False)
+    assert chunked.shape == (2, 1, 6, 6)
+    static = hf.fastattn_mask(2, 1, 8, q_offset=torch.tensor(5), mask_function=causal_mask_function,
+                              attention_mask=torch.ones(2, 6, dtype=torch.bool), allow_is_causal_skip=False)
+    assert static.shape == (2, 1, 1, 8)
+    cached = hf.fastattn_mask(2, 1, 8, q_offset=5, mask_function=causal_mask_function,
+                              attention_mask=torch.ones(2, 6, dtype=torch.bool))
+    assert cached == hf.CausalKeys(None, 6, None)  # a static cache's empty slots past the query dropped
 
 
 def test_t5_position_bias_matches_eager(tmp_path):

@@ -54,6 +54,22 @@ def test_shipped_defaults_mean_no_tuning(tuner, tmp_path):
     assert lookups(tuner, [(4096, 4096)], kernel="dq") == 1  # no default for that kernel
 
 
+def test_score_mods_tune_apart(tuner, tmp_path):
+    """A window, softcap or ALiBi change the kernels' registers: never the plain kind's default."""
+    from fastattn.triton.attention import Flags, _tuning_key
+    plain = Flags(64, True, 0, False, True, False, "tf32", False, False, False, False, False, 64)
+    keys = {_tuning_key("dkdv", plain._replace(**mods), 4096, 4096, torch.bfloat16)
+            for mods in ({}, {"HAS_SINKS": True, "BOTTOM_RIGHT": True}, {"WINDOW": True}, {"SOFTCAP": True},
+                         {"HAS_ALIBI": True})}
+    assert keys == {tuning.make_key("dkdv", "16bit", 64, kind, 4096, 4096) for kind in ("causal+padded",
+                                                                                      "causal+padded+mods")}
+    shipped = {tuning.make_key("dkdv", "16bit", 64, "causal+padded", 4096, 4096): [64, 64, 4, 2]}
+    (tmp_path / "shipped").mkdir()
+    (tmp_path / "shipped" / "sm90.json").write_text(json.dumps({"configs": shipped}))
+    key = tuning.make_key("dkdv", "16bit", 64, "causal+padded+mods", 4096, 4096)
+    assert tuner.config(key, "dkdv", 64, 4096, bench=lambda c: -c[2]) == (32, 64, 8, 2)  # tuned, not shipped
+
+
 def test_tuning_off_takes_the_first_candidate_that_fits(tuner, monkeypatch):
     monkeypatch.setenv("FASTATTN_TUNE", "0")
     assert lookups(tuner, [(500, 500)]) == 0

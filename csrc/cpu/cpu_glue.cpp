@@ -128,7 +128,7 @@ TensorTriple cpu_backward(const at::Tensor& dout, const std::optional<at::Tensor
 
 TensorPair cpu_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                        const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
-                       const std::optional<at::Tensor>& v_new, bool causal, double scale) {
+                       const std::optional<at::Tensor>& v_new, const CallArgs& args) {
   check_cpu(q, "q");
   const int64_t B = q.size(0), Nmax = k_cache.size(2), Nnew = k_new ? k_new->size(2) : 0;
   TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B &&
@@ -163,8 +163,9 @@ TensorPair cpu_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at:
     }
   }
   at::Tensor out = new_output(q), lse = new_lse(q);
-  AttentionParams p = make_params(q, k_cache, v_cache, out, lse, MaskTensors{}, causal, scale, 0.0, 0);
+  AttentionParams p = make_params(q, k_cache, v_cache, out, lse, MaskTensors{}, args.causal, args.scale, 0.0, 0);
   p.seqused_k = seqused.data_ptr<int32_t>();
+  const auto held = set_score_mods(p, args);
   cpu::decode(p);
   return {out, lse};
 }

@@ -35,6 +35,46 @@ void prefetch_rows(const T* k, const int64_t* ks, const T* v, const int64_t* vs,
     }
 }
 
+// The score modifiers on one task's score tile (log2 units), s(r, j) at s[r * row_step + j *
+// key_step]: softcap, ALiBi, then the causal and window bounds. Row r is query i = r % Nq of head
+// hk * group + r / Nq, at key position len - Nq + i (end-aligned).
+struct DecodeMasker {
+  const AttentionParams& p;
+  int64_t Nq, group, row_step, key_step;
+
+  // Whether a tile [j0, j0 + nk) of a row with len keys needs apply.
+  bool needed(int64_t j0, int nk, int64_t len) const {
+    const int64_t last = len - 1;  // the last query's position; the first's is len - Nq
+    const bool crosses_upper = (p.causal || p.window_right >= 0) && j0 + nk - 1 > len - Nq + upper();
+    const bool crosses_left = p.window_left >= 0 && j0 < last - p.window_left;
+    return p.softcap > 0.f || p.alibi_slopes != nullptr || crosses_upper || crosses_left;
+  }
+
+  // How far past its position a query sees (causal: 0, at most window_right).
+  int64_t upper() const {
+    if (p.window_right < 0) return 0;
+    return p.causal ? std::min<int64_t>(p.window_right, 0) : p.window_right;
+  }
+
+  void apply(float* s, int64_t j0, int nk, int64_t b, int64_t hk, int64_t len, int64_t R) const {
+    const float c = p.softcap * kLog2e, inv_c = c > 0.f ? 1.f / c : 0.f;
+    const bool bounded_above = p.causal || p.window_right >= 0;
+    const int64_t right = upper();
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t at = len - Nq + r % Nq;
+      const float slope =
+          p.alibi_slopes == nullptr ? 0.f : p.alibi_slopes[b * p.alibi_stride + hk * group + r / Nq] * kLog2e;
+      for (int j = 0; j < nk; ++j) {
+        float& x = s[r * row_step + j * key_step];
+        const int64_t key = j0 + j;
+        if (c > 0.f) x = c * std::tanh(x * inv_c);
+        x -= slope * static_cast<float>(std::abs(key - at));
+        if ((bounded_above && key - at > right) || (p.window_left >= 0 && at - key > p.window_left)) x = kNegInf;
+      }
+    }
+  }
+};
+
 template <typename T>
 void decode_impl(const AttentionParams& p) {
   const MicroKernels& mk = micro_kernels();
@@ -44,9 +84,15 @@ void decode_impl(const AttentionParams& p) {
   const int64_t row_step = few ? kDecodeBlockK : 1, key_step = few ? 1 : ldr;  // score (r, j): s[r * row_step + j * key_step]
   const float qk_scale = p.scale * kLog2e;
   const int64_t threads = at::get_num_threads();
+  // The keys some query sees: from len - Nq - window_left (the first query's left edge) to len.
+  const auto first_key = [&](int64_t len) {
+    return p.window_left < 0 ? int64_t{0} : std::max<int64_t>(0, len - Nq - p.window_left);
+  };
+  const int64_t span = p.window_left < 0 ? p.kv_len : std::min(p.kv_len, p.window_left + Nq);
   const int64_t splits = std::clamp<int64_t>((2 * threads + B * Hkv - 1) / (B * Hkv), 1,
-                                             std::max<int64_t>(1, p.kv_len / kMinSplit));
-  const int64_t split_len = round_up((p.kv_len + splits - 1) / splits, kDecodeBlockK);
+                                             std::max<int64_t>(1, span / kMinSplit));
+  const int64_t split_len = round_up((span + splits - 1) / splits, kDecodeBlockK);
+  const DecodeMasker masker{p, Nq, group, row_step, key_step};
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
@@ -60,7 +106,7 @@ void decode_impl(const AttentionParams& p) {
     RowTile<T> kt(kDecodeBlockK, Dp), vt(kDecodeBlockK, Dp);
     for (int64_t item = next(); item >= 0; item = next()) {
       const int64_t b = item / (Hkv * splits), hk = item / splits % Hkv, split = item % splits;
-      const int64_t len = p.seqused_k[b], lo = split * split_len, hi = std::min(lo + split_len, len);
+      const int64_t len = p.seqused_k[b], lo = first_key(len) + split * split_len, hi = std::min(lo + split_len, len);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.f);
       std::fill(acc.begin(), acc.end(), 0.f);
@@ -87,11 +133,7 @@ void decode_impl(const AttentionParams& p) {
           mk.row_dots(static_cast<int>(R), nk, Dp, qr.data(), Dp, kt.data, kt.ld, s.data(), row_step);
         else
           mk.gemm(nk, static_cast<int>(ldr), Dp, kt.data, kt.ld, 1, qt.data(), ldr, s.data(), ldr, false);
-        if (p.causal && j0 + nk > len - Nq + 1) {  // keys past some query's last: hide them
-          for (int j = 0; j < nk; ++j)
-            for (int64_t r = 0; r < R; ++r)
-              if (j0 + j > len - Nq + r % Nq) s[r * row_step + j * key_step] = kNegInf;
-        }
+        if (masker.needed(j0, nk, len)) masker.apply(s.data(), j0, nk, b, hk, len, R);
         if (few)
           mk.softmax_step_rows(s.data(), static_cast<int>(R), nk, row_step, m.data(), l.data(), alpha.data());
         else
@@ -115,9 +157,10 @@ void decode_impl(const AttentionParams& p) {
     for (int64_t row = first; row < last; ++row) {
       const int64_t bhk = row / R, r = row % R, b = bhk / Hkv, h = bhk % Hkv * group + r / Nq, i = r % Nq;
       const auto part = [&](int64_t split) { return (bhk * splits + split) * R + r; };
-      float top = kNegInf;
+      const float sink = p.sinks == nullptr ? kNegInf : p.sinks[h];  // a split of its own, with no value
+      float top = sink;
       for (int64_t sp = 0; sp < splits; ++sp) top = std::max(top, lse_part[part(sp)]);
-      float total = 0.f;
+      float total = p.sinks == nullptr ? 0.f : std::exp(sink - top);
       std::fill(o.begin(), o.end(), 0.f);
       for (int64_t sp = 0; sp < splits; ++sp) {
         const float wt = top == kNegInf ? 0.f : std::exp(lse_part[part(sp)] - top);

@@ -162,10 +162,10 @@ class Backend:
         """(dq, dk, dv), contiguous, in the inputs' dtypes; dlse may be None."""
         raise NotImplementedError(f"backend {self.name} has no Python backward")
 
-    def decode(self, q, k_cache, v_cache, seqlens, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    def decode(self, q, k_cache, v_cache, seqlens, masks: Masks, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
         """(out, lse) of q (B, H, Nq, D) against the first seqlens[b] (int32) keys of each cache
-        row (B, Hkv, Nmax, D), causal aligned to the last of them. Backends whose caps declare
-        decode override this."""
+        row (B, Hkv, Nmax, D), causal and masks' score modifiers aligned to the last of them.
+        Backends whose caps declare decode override this."""
         raise NotImplementedError(f"backend {self.name} declares no KV-cache decoding")
 
 

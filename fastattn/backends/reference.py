@@ -1,6 +1,8 @@
 """Backend `reference`: plain PyTorch, any device, every feature; slow and O(N^2) memory."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..reference import reference_attention, reference_attention_backward
@@ -51,16 +53,17 @@ class ReferenceBackend(Backend):
                                    **masks.score_mods())
         return out.copy_(o), lse.copy_(l)
 
-    def decode(self, q, k_cache, v_cache, seqlens, causal, scale):
-        Nq, Nmax = q.shape[2], k_cache.shape[2]
-        keys = torch.arange(Nmax, device=q.device)
-        lengths = seqlens.long()[:, None, None, None]  # (B, 1, 1, 1)
-        valid = keys < lengths
-        visible = valid & (keys <= lengths - Nq + torch.arange(Nq, device=q.device)[:, None]) if causal else valid
-        # Rows past the valid ones may hold anything (an uninitialised cache): 0 * NaN is NaN.
-        k_cache, v_cache = (t.masked_fill(~valid.transpose(-1, -2), 0) for t in (k_cache, v_cache))
-        out, lse = reference_attention(q, k_cache, v_cache, attn_mask=visible, scale=scale)
-        return empty_out(q).copy_(out), empty_lse(q).copy_(lse)
+    def decode(self, q, k_cache, v_cache, seqlens, masks: Masks, causal, scale):
+        """Each row as a lone call on its valid keys, end-aligned (one host sync: the lengths)."""
+        out, lse = empty_out(q), empty_lse(q)
+        slopes = masks.alibi_slopes
+        for b, length in enumerate(seqlens.tolist()):
+            own = dataclasses.replace(masks, alibi_slopes=slopes[b:b + 1] if slopes is not None and slopes.dim() == 2
+                                      else slopes)
+            o, l = reference_attention(q[b:b + 1], k_cache[b:b + 1, :, :length], v_cache[b:b + 1, :, :length],
+                                       causal=causal, scale=scale, **own.score_mods())
+            out[b:b + 1], lse[b:b + 1] = o, l
+        return out, lse
 
     def backward(self, dout, dlse, q, k, v, out, lse, masks: Masks, causal, scale, dropout_p, seed):
         if masks.varlen:

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from .base import Backend, Capabilities, Masks, Problem, empty_lse, empty_out, new_buffer
+from .base import SCORE_MODS, Backend, Capabilities, Masks, Problem, empty_lse, empty_out, new_buffer
 
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"  # read once, like Triton itself
@@ -22,9 +22,15 @@ def _kernels():
     return triton_attention
 
 
-def _mask_args(q, masks: Masks):
+def _mask_args(q, k, masks: Masks):
+    """The kernels' mask arguments; windows wider than any query-key distance are that distance,
+    so the kernels' position sums stay far from int64's end."""
+    def bounded(w):
+        return min(w, q.shape[2] + k.shape[2])
+
     return _kernels().MaskArgs(q, masks.key_padding, masks.key_ranges, masks.attn_mask, masks.cu_seqlens_q,
-                               masks.cu_seqlens_k)
+                               masks.cu_seqlens_k, (bounded(masks.window_left), bounded(masks.window_right)),
+                               masks.softcap, masks.alibi_slopes, masks.sinks, masks.bottom_right)
 
 
 class TritonBackend(Backend):
@@ -33,6 +39,7 @@ class TritonBackend(Backend):
         devices=frozenset({"cuda", "cpu"} if INTERPRETING else {"cuda"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         max_head_dim=256,
+        score_mods=frozenset(SCORE_MODS),
     )
 
     def probe(self):
@@ -51,16 +58,16 @@ class TritonBackend(Backend):
         rows = _kernels().rows_contiguous
         q, k, v = rows(q), rows(k), rows(v)
         out, lse = empty_out(q), empty_lse(q)
-        _kernels().forward(q, k, v, out, lse, _mask_args(q, masks), causal, scale, dropout_p, seed,
+        _kernels().forward(q, k, v, out, lse, _mask_args(q, k, masks), causal, scale, dropout_p, seed,
                            (masks.max_seqlen_q, masks.max_seqlen_k))
         return out, lse
 
-    def decode(self, q, k_cache, v_cache, seqlens, causal, scale):
+    def decode(self, q, k_cache, v_cache, seqlens, masks, causal, scale):
         from ..triton import decode as triton_decode
 
         q = _kernels().rows_contiguous(q)
         out, lse = empty_out(q), empty_lse(q)
-        triton_decode.decode(q, k_cache, v_cache, seqlens, out, lse, causal, scale)
+        triton_decode.decode(q, k_cache, v_cache, seqlens, out, lse, causal, scale, _mask_args(q, k_cache, masks))
         return out, lse
 
     def backward(self, dout, dlse, q, k, v, out, lse, masks, causal, scale, dropout_p, seed):
@@ -72,6 +79,6 @@ class TritonBackend(Backend):
         dk, dv = new_buffer(k, B, Hkv, Nk, D), new_buffer(v, B, Hkv, Nk, D)
         if dlse is not None:
             dlse = dlse.to(torch.float32).contiguous()
-        _kernels().backward(dout, dlse, q, k, v, out, lse, _mask_args(q, masks), causal, scale,
+        _kernels().backward(dout, dlse, q, k, v, out, lse, _mask_args(q, k, masks), causal, scale,
                             dropout_p, seed, dq, dk, dv, (masks.max_seqlen_q, masks.max_seqlen_k))
         return dq, dk, dv

@@ -151,12 +151,14 @@ def print_decode_and_packed(record: dict, console) -> None:
     for key, title, extra in (
             ("decode", "decoding: one new query per row against a KV cache, per step", ("GB/s", "gb_per_s")),
             ("varlen", "packed (varlen) batch against the same batch padded (TFLOPS: valid tokens)",
+             ("TFLOPS", "tflops")),
+            ("score_mods", "sliding windows, softcap and sinks (TFLOPS: the pairs each query sees)",
              ("TFLOPS", "tflops"))):
         if not record.get(key):
             continue
         table = Table(title=title)
-        cols = ["case", "provider", "ms", extra[0], *(["% peak"] if key == "varlen" else []),
-                "vs " + record[key][0]["best_peer"]]
+        peaked = key != "decode"
+        cols = ["case", "provider", "ms", extra[0], *(["% peak"] if peaked else []), "vs best peer"]
         for col in cols:
             table.add_column(col, justify="left" if col in ("case", "provider") else "right")
         last = None
@@ -165,12 +167,12 @@ def print_decode_and_packed(record: dict, console) -> None:
                 table.add_section()
             last = r["case"]
             if "ms" not in r:
-                table.add_row(r["case"], r["backend"], "—", "", *([""] if key == "varlen" else []),
+                table.add_row(r["case"], r["backend"], "—", "", *([""] if peaked else []),
                               r.get("error", ""), style="dim")
                 continue
-            speed = f"{r['speedup_vs_best_peer']:.2f}×" if r["speedup_vs_best_peer"] else ""
+            speed = f"{r['speedup_vs_best_peer']:.2f}× {r['best_peer']}" if r["speedup_vs_best_peer"] else ""
             table.add_row(r["case"], r["backend"], f"{r['ms']:.3f}", f"{r[extra[1]]:.2f}",
-                          *([percent(r)] if key == "varlen" else []), speed,
+                          *([percent(r)] if peaked else []), speed,
                           style="bold" if r["backend"].startswith("fastattn") else None)
         console.print(table)
 

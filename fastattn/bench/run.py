@@ -17,13 +17,15 @@ from .cases import grid
 from .decode import decode_rows
 from .models import encoder_rows, model_rows, module_rows
 from .packed import varlen_rows
+from .score_mods import score_mod_rows
 from .report import environment, plot, print_tables
 from .timing import add_peak_shares, peaks
 
 
 def steps(record: dict, device: str, quick: bool, min_run_time: float, end_to_end: bool) -> list:
     """(label, fn) in the order they run: small calls, decoding and packed rows first, then the attention grid,
-    the per-ISA table (CPU, full run), the modules and the whole models. Each fn adds its rows."""
+    the score modifiers, the per-ISA table (CPU, full run), the modules and the whole models. Each fn adds its
+    rows."""
     def add(key, rows_of):
         return lambda: record.setdefault(key, []).extend(rows_of())
 
@@ -32,6 +34,7 @@ def steps(record: dict, device: str, quick: bool, min_run_time: float, end_to_en
             ("packed sequences", add("varlen", lambda: varlen_rows(device, quick, min_run_time)))]
     todo += [(case.label, add("rows", lambda case=case: run_case(case, device, quick, min_run_time)))
              for case in grid(device, quick)]
+    todo.append(("windows, softcap and sinks", add("score_mods", lambda: score_mod_rows(device, quick, min_run_time))))
     if device == "cpu" and not quick:
         from .isa import isa_rows
 
@@ -57,7 +60,7 @@ def run(quick: bool = False, json_path: str | None = None, plot_path: str | None
         record["gpu_tests"] = dict(passed=passed, failed=failed, skipped=skipped)
     dtypes = sorted({case.dtype for case in grid(device, quick)} | {"fp32" if device == "cpu" else "bf16"})  # + packed
     record["peaks"] = peaks(device, dtypes)
-    record.update(rows=[], calls=[], decode=[], varlen=[], modules=[], end_to_end=[], complete=False)
+    record.update(rows=[], calls=[], decode=[], varlen=[], score_mods=[], modules=[], end_to_end=[], complete=False)
 
     def save():
         if json_path:
@@ -70,11 +73,11 @@ def run(quick: bool = False, json_path: str | None = None, plot_path: str | None
     for i, (label, step) in enumerate(todo, 1):
         print(f"[{i:2}/{len(todo)} {time.perf_counter() - began:5.0f} s] {label}", file=sys.stderr, flush=True)
         step()
-        add_peak_shares(record["rows"] + record["varlen"], record["peaks"])
+        add_peak_shares(record["rows"] + record["varlen"] + record["score_mods"], record["peaks"])
         save()
     if device == "cpu":  # the peak again: a slow phase at the start must not lower it
         record["peaks"] = peaks(device, dtypes, before=record["peaks"])
-        add_peak_shares(record["rows"] + record["varlen"], record["peaks"])
+        add_peak_shares(record["rows"] + record["varlen"] + record["score_mods"], record["peaks"])
     record["complete"] = True
     record["seconds"] = time.perf_counter() - began
     save()

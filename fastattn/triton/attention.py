@@ -6,8 +6,10 @@ inner loop and kernel, the backward pieces (preprocess, dK/dV, dQ), then the lau
 Scores are kept in log2 units (log2 e folded into the softmax scale) so the softmax is exp2.
 Key tiles are aligned to BLOCK_N from key 0. Per batch row, keys outside [kv_begin, kv_end)
 (the valid range of the padding mask) are never loaded; causal tiles above the diagonal are
-skipped. Only the tiles that straddle a range end or the diagonal pay for range/causal masking;
-a scattered padding mask or an attn_mask is applied on every visited tile.
+skipped, as are tiles outside a sliding window. Only the tiles that straddle a range end, the
+diagonal or a window edge pay for that masking; a scattered padding mask or an attn_mask is
+applied on every visited tile, softcapping and ALiBi on every score. Positions are aligned by
+`offset`: query i sits at key position i + offset (bottom-right: Nk - Nq of its sequence, else 0).
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ LN2 = 0.6931471805599453
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # Integer arguments that are not worth a compile of their own (see fastattn.triton.launch): they
 # follow the specialized strides in every kernel's arguments.
-UNSPECIALIZED = ["B", "H", "Hkv", "Nq", "Nk", "group", "seed", "num_splits"]
+UNSPECIALIZED = ["B", "H", "Hkv", "Nq", "Nk", "group", "seed", "num_splits", "window_left", "window_right",
+                 "alibi_stride"]
 FP32_DOTS = os.environ.get("FASTATTN_FP32_DOTS", "3xtf32")  # or "ieee": see dot_precision
 
 
@@ -45,9 +48,28 @@ def _mma(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
+def _tanh(x):
+    """tanh from exp2 (the interpreter has no tanh): exact at both ends, where exp2 saturates."""
+    return 2.0 / (1.0 + tl.math.exp2(x * -2.8853900817779268)) - 1.0
+
+
+@triton.jit
+def _score_mods(s, offs_m, offs_n, offset, cap, slope, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """Softcapping, then ALiBi, on s (BLOCK_M, BLOCK_N) in log2 units (cap and slope in them
+    too). Also returns the softcap's tanh t (dS scales by its derivative 1 - t^2), else 0."""
+    t = 0.0
+    if SOFTCAP:
+        t = _tanh(s / cap)
+        s = cap * t
+    if HAS_ALIBI:
+        s -= slope * tl.abs(offs_n[None, :] - offs_m[:, None] - offset).to(tl.float32)
+    return s, t
+
+
+@triton.jit
 def _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, holes, Nq, Nk, kpm_row, mask_bh,
-               stride_mm, stride_mn, BOUNDS: tl.constexpr, CAUSAL: tl.constexpr,
-               HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr):
+               stride_mm, stride_mn, offset, window_left, window_right, BOUNDS: tl.constexpr,
+               CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr):
     """s (BLOCK_M, BLOCK_N) in log2 units -> with -inf where a query may not see a key."""
     if MASK_KIND == 2:  # float attn_mask: added to the scores
         m = tl.load(mask_bh + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
@@ -61,10 +83,14 @@ def _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, holes, Nq, Nk, kpm_row, mask_bh,
         if holes != 0:
             pad = tl.load(kpm_row + offs_n, mask=offs_n < Nk, other=1)
             s = tl.where(pad[None, :] == 0, s, float("-inf"))
-    if BOUNDS:  # the valid key range, and causality, on the tiles that straddle them
+    if BOUNDS:  # the valid key range, causality and the window, on the tiles that straddle them
         keep = (offs_n[None, :] >= kv_lo) & (offs_n[None, :] < kv_hi)
+        at = offs_m[:, None] + offset  # each query's key position
         if CAUSAL:
-            keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            keep = keep & (offs_n[None, :] <= at)
+        if WINDOW:  # -1: unbounded
+            keep = keep & ((window_right < 0) | (offs_n[None, :] <= at + window_right))
+            keep = keep & ((window_left < 0) | (offs_n[None, :] >= at - window_left))
         s = tl.where(keep, s, float("-inf"))
     return s
 
@@ -90,6 +116,22 @@ def _tile_and_row(N, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _position_offset(q_len, k_len, BOTTOM_RIGHT: tl.constexpr):
+    """Where query i sits among the keys, i + offset: bottom-right aligned, or top-left."""
+    if BOTTOM_RIGHT:
+        return k_len - q_len
+    return 0
+
+
+@triton.jit
+def _slope(ALIBI, b, h, alibi_stride, HAS_ALIBI: tl.constexpr):
+    """Head h's ALiBi slope in log2 units (alibi_stride 0: (H,) slopes), else 0."""
+    if HAS_ALIBI:
+        return tl.load(ALIBI + b * alibi_stride + h) * 1.4426950408889634
+    return 0.0
+
+
+@triton.jit
 def _seq_info(CU_Q, CU_K, b, Nq, Nk, VARLEN: tl.constexpr):
     """Batch row b's first query and key rows in the seq dim, and its query and key counts:
     one sequence of a packed batch, or one padded row (FlashAttention's BlockInfo)."""
@@ -108,19 +150,24 @@ def _dropout_keep(seed, bh, offs_m, offs_n, Nk, dropout_p):
 
 
 @triton.jit
-def _tile_ranges(start_m, kv_lo, kv_hi, Nk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
-    """Key tiles a query tile visits: [t_lo, t_hi), of which [i_lo, i_hi) need no range or
-    causal masking (fully inside the valid range and below the diagonal)."""
-    hi = kv_hi
+def _tile_ranges(start_m, kv_lo, kv_hi, offset, window_left, window_right, CAUSAL: tl.constexpr,
+                 WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles a query tile visits: [t_lo, t_hi), of which [i_lo, i_hi) need no range, causal
+    or window masking (every key in them visible to every query of the tile)."""
+    first, last = start_m + offset, start_m + BLOCK_M - 1 + offset  # the tile's queries' key positions
+    lo, hi, all_lo, all_hi = kv_lo, kv_hi, kv_lo, kv_hi  # keys some query sees, keys all see
     if CAUSAL:
-        hi = tl.minimum(hi, start_m + BLOCK_M)
-    t_lo = (kv_lo // BLOCK_N) * BLOCK_N
-    i_lo = tl.cdiv(kv_lo, BLOCK_N) * BLOCK_N
-    i_hi = (kv_hi // BLOCK_N) * BLOCK_N
-    if CAUSAL:
-        i_hi = tl.minimum(i_hi, ((start_m + 1) // BLOCK_N) * BLOCK_N)
-    i_hi = tl.maximum(i_hi, i_lo)
+        hi = tl.minimum(hi, last + 1)
+        all_hi = tl.minimum(all_hi, first + 1)
+    if WINDOW:  # selects, not branches: the bounds may be compile-time ints (no padding mask)
+        right, left = window_right >= 0, window_left >= 0
+        hi = tl.where(right, tl.minimum(hi, last + window_right + 1), hi)
+        all_hi = tl.where(right, tl.minimum(all_hi, first + window_right + 1), all_hi)
+        lo = tl.where(left, tl.maximum(lo, first - window_left), lo)
+        all_lo = tl.where(left, tl.maximum(all_lo, last - window_left), all_lo)
+    t_lo = (lo // BLOCK_N) * BLOCK_N
+    i_lo = tl.cdiv(all_lo, BLOCK_N) * BLOCK_N
+    i_hi = tl.maximum((tl.maximum(all_hi, 0) // BLOCK_N) * BLOCK_N, i_lo)
     return t_lo, tl.minimum(i_lo, hi), i_lo, tl.minimum(i_hi, hi), hi
 
 
@@ -128,16 +175,18 @@ def _tile_ranges(start_m, kv_lo, kv_hi, Nk, CAUSAL: tl.constexpr, BLOCK_M: tl.co
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, start, end,
                kv_lo, kv_hi, holes, Nq, Nk, qk_scale, kpm_row, mask_bh, stride_mm, stride_mn, seed, bh,
-               dropout_p, D: tl.constexpr, BOUNDS: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-               MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+               dropout_p, offset, window_left, window_right, cap, slope, D: tl.constexpr, BOUNDS: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+               PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                BLOCK_N: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
         s = _mma(q, tl.trans(k), PREC) * qk_scale
-        s = _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, holes, Nq, Nk, kpm_row, mask_bh,
-                       stride_mm, stride_mn, BOUNDS, CAUSAL, HAS_KPM, MASK_KIND)
+        s, _ = _score_mods(s, offs_m, offs_n, offset, cap, slope, SOFTCAP, HAS_ALIBI)
+        s = _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, holes, Nq, Nk, kpm_row, mask_bh, stride_mm, stride_mn,
+                       offset, window_left, window_right, BOUNDS, CAUSAL, WINDOW, HAS_KPM, MASK_KIND)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet stays 0
         p = tl.math.exp2(s - m_use[:, None])
@@ -153,13 +202,14 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
 
 
 @triton.jit(do_not_specialize=UNSPECIALIZED)
-def _fwd_kernel(Q, K, V, O, LSE, KV_RANGES, KPM, MASK, CU_Q, CU_K,
+def _fwd_kernel(Q, K, V, O, LSE, KV_RANGES, KPM, MASK, CU_Q, CU_K, ALIBI, SINKS,
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                 stride_ob, stride_oh, stride_om, stride_kpb, stride_mb, stride_mh, stride_mm, stride_mn,
-                stride_lb, stride_lh, B, H, Nq, Nk, group, seed, qk_scale, dropout_p,
-                D: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, VARLEN: tl.constexpr,
-                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                stride_lb, stride_lh, B, H, Nq, Nk, group, seed, qk_scale, dropout_p, window_left, window_right,
+                alibi_stride, cap, D: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
+                VARLEN: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+                WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
+                BOTTOM_RIGHT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m, bh = _tile_and_row(Nq, BLOCK_M)
     b, h = bh // H, bh % H
     hk = h // group  # GQA: the kv head this query head reads
@@ -169,6 +219,8 @@ def _fwd_kernel(Q, K, V, O, LSE, KV_RANGES, KPM, MASK, CU_Q, CU_K,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     kv_lo, kv_hi, holes = _key_range(KV_RANGES, b, B, Nk, HAS_KPM)
+    offset = _position_offset(Nq, Nk, BOTTOM_RIGHT)
+    slope = _slope(ALIBI, b, h, alibi_stride, HAS_ALIBI)
 
     q = tl.load(Q + b * stride_qb + h * stride_qh + (q_off + offs_m[:, None]) * stride_qm + offs_d[None, :],
                 mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D), other=0.0)
@@ -180,22 +232,31 @@ def _fwd_kernel(Q, K, V, O, LSE, KV_RANGES, KPM, MASK, CU_Q, CU_K,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    t_lo, head_end, i_lo, i_hi, t_hi = _tile_ranges(start_m, kv_lo, kv_hi, Nk, CAUSAL, BLOCK_M, BLOCK_N)
-    # Range and causal masks only where a tile straddles them; interior tiles skip that work.
+    t_lo, head_end, i_lo, i_hi, t_hi = _tile_ranges(start_m, kv_lo, kv_hi, offset, window_left, window_right,
+                                                    CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+    # Range, causal and window masks only where a tile straddles them; interior tiles skip that work.
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, t_lo,
                                head_end, kv_lo, kv_hi, holes, Nq, Nk, qk_scale, kpm_row, mask_bh, stride_mm,
-                               stride_mn, seed, bh, dropout_p, D, True, CAUSAL, HAS_KPM, MASK_KIND, DROPOUT,
-                               PREC, BLOCK_N)
+                               stride_mn, seed, bh, dropout_p, offset, window_left, window_right, cap, slope, D,
+                               True, CAUSAL, HAS_KPM, MASK_KIND, DROPOUT, PREC, WINDOW, SOFTCAP, HAS_ALIBI, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, i_lo,
                                i_hi, kv_lo, kv_hi, holes, Nq, Nk, qk_scale, kpm_row, mask_bh, stride_mm,
-                               stride_mn, seed, bh, dropout_p, D, False, CAUSAL, HAS_KPM, MASK_KIND, DROPOUT,
-                               PREC, BLOCK_N)
+                               stride_mn, seed, bh, dropout_p, offset, window_left, window_right, cap, slope, D,
+                               False, CAUSAL, HAS_KPM, MASK_KIND, DROPOUT, PREC, WINDOW, SOFTCAP, HAS_ALIBI, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
                                tl.maximum(i_hi, head_end), t_hi, kv_lo, kv_hi, holes, Nq, Nk, qk_scale, kpm_row,
-                               mask_bh, stride_mm, stride_mn, seed, bh, dropout_p, D, True, CAUSAL, HAS_KPM,
-                               MASK_KIND, DROPOUT, PREC, BLOCK_N)
+                               mask_bh, stride_mm, stride_mn, seed, bh, dropout_p, offset, window_left, window_right,
+                               cap, slope, D, True, CAUSAL, HAS_KPM, MASK_KIND, DROPOUT, PREC, WINDOW, SOFTCAP,
+                               HAS_ALIBI, BLOCK_N)
+    if HAS_SINKS:  # the sink joins the denominator with no value: rescale to the larger of it and the max
+        sink = tl.load(SINKS + h) * 1.4426950408889634
+        m_new = tl.maximum(m_i, sink)
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.math.exp2(sink - m_new)
+        acc = acc * alpha[:, None]
+        m_i = m_new
 
-    seen = l_i > 0.0  # False: the row sees no key: zeros and lse = -inf
+    seen = l_i > 0.0  # False: the row sees no key (and has no sink): zeros and lse = -inf
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     tl.store(O + b * stride_ob + h * stride_oh + (q_off + offs_m[:, None]) * stride_om + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D))
@@ -204,6 +265,20 @@ def _fwd_kernel(Q, K, V, O, LSE, KV_RANGES, KPM, MASK, CU_Q, CU_K,
 
 
 # --------------------------------------------------------------------------- backward
+@triton.jit
+def _query_range(start_n, Nq, offset, window_left, window_right, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The queries [first_m, end_m) that may see a key of the tile [start_n, start_n + BLOCK_N),
+    first_m at a query tile's start: the others' tiles are skipped."""
+    first_m, end_m = 0, Nq
+    if CAUSAL:  # queries before the tile's first key (aligned) see none of it
+        first_m = tl.maximum(first_m, start_n - offset)
+    if WINDOW:  # past end_m, a query's window starts after the tile's last key
+        first_m = tl.where(window_right >= 0, tl.maximum(first_m, start_n - offset - window_right), first_m)
+        end_m = tl.where(window_left >= 0, tl.minimum(end_m, start_n + BLOCK_N + window_left - offset), end_m)
+    return (first_m // BLOCK_M) * BLOCK_M, end_m
+
+
 @triton.jit(do_not_specialize=UNSPECIALIZED)
 def _bwd_preprocess(O, DO, DLSE, DELTA, CU_Q, stride_ob, stride_oh, stride_om, stride_dob, stride_doh,
                     stride_dom, stride_lb, stride_lh, H, Nq, D: tl.constexpr, HAS_DLSE: tl.constexpr,
@@ -227,12 +302,14 @@ def _bwd_preprocess(O, DO, DLSE, DELTA, CU_Q, stride_ob, stride_oh, stride_om, s
 
 
 @triton.jit(do_not_specialize=UNSPECIALIZED)
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_RANGES, KPM, MASK, CU_Q, CU_K,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_RANGES, KPM, MASK, CU_Q, CU_K, ALIBI, SINKS,
                      stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
                      stride_vn, stride_dob, stride_doh, stride_dom, stride_kpb, stride_mb, stride_mh, stride_mm,
                      stride_mn, stride_lb, stride_lh, stride_gb, stride_gh, B, H, Nq, Nk, group, seed, qk_scale,
-                     sm_scale, dropout_p, D: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
-                     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+                     sm_scale, dropout_p, window_left, window_right, alibi_stride, cap, D: tl.constexpr,
+                     HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, VARLEN: tl.constexpr, CAUSAL: tl.constexpr,
+                     DROPOUT: tl.constexpr, PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                     HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one key tile of one kv head: the sum over the query heads of its GQA group
     and over every query tile that can see it. No atomics: deterministic. DK and DV are
@@ -252,18 +329,19 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_RANGES, KPM, MASK, CU_Q
     if (start_n + BLOCK_N > kv_lo) & (start_n < kv_hi):  # else no query sees these keys
         k = tl.load(K + b * stride_kb + hk * stride_kh + (k_off + offs_n[:, None]) * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
         v = tl.load(V + b * stride_vb + hk * stride_vh + (k_off + offs_n[:, None]) * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
-        first_m = 0
-        if CAUSAL:
-            first_m = (start_n // BLOCK_M) * BLOCK_M  # queries before start_n see none of these keys
+        offset = _position_offset(Nq, Nk, BOTTOM_RIGHT)
+        first_m, end_m = _query_range(start_n, Nq, offset, window_left, window_right, CAUSAL, WINDOW, BLOCK_M,
+                                      BLOCK_N)
         for g in range(0, group):
             h = hk * group + g
             bh = b * H + h
+            slope = _slope(ALIBI, b, h, alibi_stride, HAS_ALIBI)
             q_base = Q + b * stride_qb + h * stride_qh + q_off * stride_qm
             do_base = DO + b * stride_dob + h * stride_doh + q_off * stride_dom
             lse_row = b * stride_lb + h * stride_lh + q_off
             kpm_row = KPM + b * stride_kpb
             mask_bh = MASK + b * stride_mb + h * stride_mh
-            for start_m in range(first_m, Nq, BLOCK_M):
+            for start_m in range(first_m, end_m, BLOCK_M):
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 q_ok = (offs_m[:, None] < Nq) & (offs_d[None, :] < D)
                 q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_ok, other=0.0)
@@ -271,8 +349,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_RANGES, KPM, MASK, CU_Q
                 lse2 = tl.load(LSE + lse_row + offs_m, mask=offs_m < Nq, other=0.0) * 1.4426950408889634
                 delta = tl.load(DELTA + lse_row + offs_m, mask=offs_m < Nq, other=0.0)
                 s = _mma(q, tl.trans(k), PREC) * qk_scale
-                s = _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, holes, Nq, Nk, kpm_row, mask_bh,
-                               stride_mm, stride_mn, True, CAUSAL, HAS_KPM, MASK_KIND)
+                s, t = _score_mods(s, offs_m, offs_n, offset, cap, slope, SOFTCAP, HAS_ALIBI)
+                s = _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, holes, Nq, Nk, kpm_row, mask_bh, stride_mm,
+                               stride_mn, offset, window_left, window_right, True, CAUSAL, WINDOW, HAS_KPM,
+                               MASK_KIND)
                 # lse = -inf (a row with no key) has only -inf scores: p = 0 there.
                 p = tl.math.exp2(s - tl.where(lse2 == float("-inf"), 0.0, lse2)[:, None])
                 dp = _mma(do, tl.trans(v), PREC)
@@ -283,6 +363,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_RANGES, KPM, MASK, CU_Q
                     dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
                 dv += _mma(tl.trans(p_used.to(do.dtype)), do, PREC)
                 ds = p * (dp - delta[:, None])
+                if SOFTCAP:  # through the cap: finite where masked, where ds is 0 already
+                    ds = ds * (1.0 - t * t)
                 dk += _mma(tl.trans(ds.to(q.dtype)), q, PREC)
     at = b * stride_gb + hk * stride_gh + (k_off + offs_n[:, None]) * D + offs_d[None, :]
     tl.store(DK + at, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
@@ -290,12 +372,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_RANGES, KPM, MASK, CU_Q
 
 
 @triton.jit(do_not_specialize=UNSPECIALIZED)
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_RANGES, KPM, MASK, CU_Q, CU_K,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_RANGES, KPM, MASK, CU_Q, CU_K, ALIBI, SINKS,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
                    stride_vn, stride_dob, stride_doh, stride_dom, stride_kpb, stride_mb, stride_mh, stride_mm,
                    stride_mn, stride_lb, stride_lh, stride_gb, stride_gh, B, H, Nq, Nk, group, seed, qk_scale,
-                   sm_scale, dropout_p, D: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
-                   VARLEN: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+                   sm_scale, dropout_p, window_left, window_right, alibi_stride, cap, D: tl.constexpr,
+                   HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, VARLEN: tl.constexpr, CAUSAL: tl.constexpr,
+                   DROPOUT: tl.constexpr, PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                   HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query tile: the key tiles the forward visited, probabilities recomputed. DQ
     is (B, H, Nq, D) with rows of D, batch and head strides stride_gb, stride_gh."""
@@ -321,21 +405,27 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_RANGES, KPM, MASK, CU_Q, CU_K
     kpm_row = KPM + b * stride_kpb
     mask_bh = MASK + b * stride_mb + h * stride_mh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    t_lo, _, _, _, t_hi = _tile_ranges(start_m, kv_lo, kv_hi, Nk, CAUSAL, BLOCK_M, BLOCK_N)
+    offset = _position_offset(Nq, Nk, BOTTOM_RIGHT)
+    slope = _slope(ALIBI, b, h, alibi_stride, HAS_ALIBI)
+    t_lo, _, _, _, t_hi = _tile_ranges(start_m, kv_lo, kv_hi, offset, window_left, window_right, CAUSAL, WINDOW,
+                                       BLOCK_M, BLOCK_N)
     for start_n in range(t_lo, t_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
         s = _mma(q, tl.trans(k), PREC) * qk_scale
-        s = _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, holes, Nq, Nk, kpm_row, mask_bh,
-                       stride_mm, stride_mn, True, CAUSAL, HAS_KPM, MASK_KIND)
+        s, t = _score_mods(s, offs_m, offs_n, offset, cap, slope, SOFTCAP, HAS_ALIBI)
+        s = _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, holes, Nq, Nk, kpm_row, mask_bh, stride_mm, stride_mn,
+                       offset, window_left, window_right, True, CAUSAL, WINDOW, HAS_KPM, MASK_KIND)
         p = tl.math.exp2(s - lse2[:, None])
         dp = _mma(do, tl.trans(v), PREC)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, Nk, dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq += _mma(ds.to(k.dtype), k, PREC)
     tl.store(DQ + b * stride_gb + h * stride_gh + rows * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok)
 
@@ -359,10 +449,12 @@ def _dummy(device: torch.device) -> torch.Tensor:
 
 
 class MaskArgs:
-    """Kernel arguments for the masks: pointers (a dummy where absent), strides, flags."""
+    """Kernel arguments for the masks and the score modifiers: pointers (a dummy where absent),
+    strides, flags, the modifiers' scalars."""
 
     def __init__(self, q: torch.Tensor, key_padding, key_ranges, attn_mask, cu_seqlens_q=None,
-                 cu_seqlens_k=None):
+                 cu_seqlens_k=None, window=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None,
+                 bottom_right=False):
         dummy = _dummy(q.device)
         self.has_kpm = key_padding is not None
         self.varlen = cu_seqlens_q is not None
@@ -376,12 +468,25 @@ class MaskArgs:
         self.kind = 0 if attn_mask is None else (1 if attn_mask.dtype == torch.bool else 2)
         self.mask = dummy if attn_mask is None else (attn_mask.view(torch.uint8) if self.kind == 1 else attn_mask)
         self.mask_strides = (0, 0, 0, 0) if attn_mask is None else attn_mask.stride()
+        self.window, self.softcap, self.bottom_right = tuple(window), softcap, bottom_right
+        self.alibi = dummy if alibi_slopes is None else alibi_slopes.contiguous()
+        self.alibi_stride = alibi_slopes.shape[1] if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
+        self.sinks = dummy if sinks is None else sinks.contiguous()
+        self.has_alibi, self.has_sinks = alibi_slopes is not None, sinks is not None
 
     def pointers(self):
-        return self.ranges, self.kpm, self.mask, self.cu_q, self.cu_k
+        return self.ranges, self.kpm, self.mask, self.cu_q, self.cu_k, self.alibi, self.sinks
 
     def strides(self):
         return (self.kpm_stride, *self.mask_strides)
+
+    def scalars(self):
+        """window_left, window_right, alibi_stride and the softcap in log2 units, as the kernels take them."""
+        return (*self.window, self.alibi_stride, self.softcap * LOG2E)
+
+    def mod_flags(self):
+        """WINDOW, SOFTCAP, HAS_ALIBI, HAS_SINKS, BOTTOM_RIGHT."""
+        return max(self.window) >= 0, self.softcap > 0, self.has_alibi, self.has_sinks, self.bottom_right
 
 
 class Flags(NamedTuple):
@@ -393,6 +498,11 @@ class Flags(NamedTuple):
     CAUSAL: bool
     DROPOUT: bool
     PREC: str
+    WINDOW: bool
+    SOFTCAP: bool
+    HAS_ALIBI: bool
+    HAS_SINKS: bool
+    BOTTOM_RIGHT: bool
     BLOCK_D: int
 
 
@@ -451,15 +561,16 @@ def block_d(D: int) -> int:
     return max(16, next_pow2(D))
 
 
-_FWD = Launcher(_fwd_kernel, tensors=10, specialized=19)
+_FWD = Launcher(_fwd_kernel, tensors=12, specialized=19)
 _PREPROCESS = Launcher(_bwd_preprocess, tensors=5, specialized=8)
-_DKDV = Launcher(_bwd_dkdv_kernel, tensors=13, specialized=21)
-_DQ = Launcher(_bwd_dq_kernel, tensors=12, specialized=21)
+_DKDV = Launcher(_bwd_dkdv_kernel, tensors=15, specialized=21)
+_DQ = Launcher(_bwd_dq_kernel, tensors=14, specialized=21)
 _CONFIGS: dict[tuple, tuning.Config] = {}  # (kernel, dtype, Nq, Nk, flags) -> the tuner's answer
 
 
 def _tuning_key(name: str, flags: Flags, nq: int, nk: int, dtype: torch.dtype) -> str:
-    kind = tuning.mask_kind(flags.CAUSAL, flags.HAS_KPM or flags.VARLEN, flags.MASK_KIND, flags.DROPOUT)
+    kind = tuning.mask_kind(flags.CAUSAL, flags.HAS_KPM or flags.VARLEN, flags.MASK_KIND, flags.DROPOUT,
+                            flags.WINDOW or flags.SOFTCAP or flags.HAS_ALIBI)
     return tuning.make_key(name, tuning.dtype_name(dtype, flags.PREC), flags.BLOCK_D, kind, nq, nk)
 
 
@@ -517,7 +628,7 @@ def _batch_and_lengths(q, k, masks: MaskArgs, max_seqlens):
 def _flags(q, masks: MaskArgs, causal: bool, dropout_p: float) -> Flags:
     D = q.shape[3]
     return Flags(D, masks.has_kpm, masks.kind, masks.varlen, causal, dropout_p > 0, dot_precision(q.dtype),
-                 block_d(D))
+                 *masks.mod_flags(), block_d(D))
 
 
 def forward(q, k, v, out, lse, masks: MaskArgs, causal: bool, scale: float, dropout_p: float, seed: int,
@@ -527,7 +638,8 @@ def forward(q, k, v, out, lse, masks: MaskArgs, causal: bool, scale: float, drop
     H, Hkv, vl = q.shape[1], k.shape[1], masks.varlen
     B, Nq, Nk = _batch_and_lengths(q, k, masks, max_seqlens)
     args = (q, k, v, out, lse, *masks.pointers(), *_rows(q, vl), *_rows(k, vl), *_rows(v, vl), *_rows(out, vl),
-            *masks.strides(), *_batch_head(lse, vl), B, H, Nq, Nk, H // Hkv, seed, scale * LOG2E, dropout_p)
+            *masks.strides(), *_batch_head(lse, vl), B, H, Nq, Nk, H // Hkv, seed, scale * LOG2E, dropout_p,
+            *masks.scalars())
     _launch(_FWD, "fwd", lambda m, n: (cdiv(Nq, m) * B * H,), args, _flags(q, masks, causal, dropout_p),
             Nq, Nk, q.dtype)
 
@@ -558,7 +670,7 @@ def backward(dout, dlse, q, k, v, out, lse, masks: MaskArgs, causal: bool, scale
     delta = softmax_offsets(out, dout, lse, dlse, masks.cu_q if vl else None, B, Nq)
     common = (*masks.pointers(), *_rows(q, vl), *_rows(k, vl), *_rows(v, vl), *do_strides, *masks.strides(),
               *lse_strides)
-    tail = (B, H, Nq, Nk, H // Hkv, seed, scale * LOG2E, scale, dropout_p)
+    tail = (B, H, Nq, Nk, H // Hkv, seed, scale * LOG2E, scale, dropout_p, *masks.scalars())
     _launch(_DKDV, "dkdv", lambda m, n: (cdiv(Nk, n) * B * Hkv,),
             (q, k, v, dout, lse, delta, dk, dv, *common, *_batch_head(dk, vl), *tail), flags, Nq, Nk, q.dtype)
     _launch(_DQ, "dq", lambda m, n: (cdiv(Nq, m) * B * H,),

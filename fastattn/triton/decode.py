@@ -5,7 +5,9 @@ with one CTA per (batch, head): too few to fill the GPU at small batches. Here t
 into splits, one CTA per (split, kv head): it attends every query of the head's GQA group (rows
 r = g * Nq + i: query i of head hk * group + g, so a key tile is loaded once for the whole group)
 to its split of the valid keys, and writes a normalised partial output and lse. A small merge
-kernel combines the splits by their lse. Causal is aligned to the last valid key."""
+kernel combines the splits by their lse, and a sink's logit as one more split with no value.
+Causal, the window and ALiBi are aligned to the last valid key; the window's left edge narrows
+the keys split to those some query sees."""
 from __future__ import annotations
 
 import functools
@@ -14,16 +16,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import INTERPRETING, LOG2E, UNSPECIALIZED, _mma, block_d, cdiv, dot_precision, next_pow2
+from .attention import INTERPRETING, LOG2E, UNSPECIALIZED, MaskArgs, _mma, _tanh, block_d, cdiv, dot_precision, \
+    next_pow2
 from .launch import Launcher
 
 
 @triton.jit(do_not_specialize=UNSPECIALIZED)
-def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, SEQLENS,
+def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, SEQLENS, ALIBI,
                          stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_kd,
                          stride_vb, stride_vh, stride_vn, stride_vd, split_len, H, Hkv, Nq, group, num_splits,
-                         qk_scale, D: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                         qk_scale, window_left, window_right, alibi_stride, cap, D: tl.constexpr,
+                         CAUSAL: tl.constexpr, PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                         HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
     """q with contiguous rows of D (the caches: any strides)."""
     bhk = tl.program_id(0)  # on the first axis: a grid's others stop at 65535
     split = tl.program_id(1)
@@ -35,12 +40,21 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, SEQLENS,
     offs_d = tl.arange(0, BLOCK_D)
     length = tl.load(SEQLENS + b)
     lo = split * split_len
+    if WINDOW:  # from the first query's left edge
+        lo += tl.where(window_left >= 0, tl.maximum(length - Nq - window_left, 0), 0)
     hi = tl.minimum(lo + split_len, length)
     q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + i[:, None] * stride_qm + offs_d[None, :],
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    last = length - Nq + i  # causal: the last key query i sees
+    at = length - Nq + i  # query i's key position: causal, the last key it sees
+    key_lo, key_hi = tl.zeros_like(at), (at if CAUSAL else tl.zeros_like(at) + length)  # each row's keys, both in
+    if WINDOW:  # once per row, not per score
+        key_lo = tl.where(window_left >= 0, at - window_left, key_lo)
+        key_hi = tl.where(window_right >= 0, tl.minimum(key_hi, at + window_right), key_hi)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI + b * alibi_stride + h, mask=row_ok, other=0.0) * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -49,9 +63,13 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, SEQLENS,
         kv_ok = (offs_n[:, None] < hi) & (offs_d[None, :] < D)
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
         s = _mma(q, tl.trans(k), PREC) * qk_scale
+        if SOFTCAP:
+            s = cap * _tanh(s / cap)
+        if HAS_ALIBI:
+            s -= slope[:, None] * tl.abs(offs_n[None, :] - at[:, None]).to(tl.float32)
         keep = offs_n[None, :] < hi
-        if CAUSAL:
-            keep = keep & (offs_n[None, :] <= last[:, None])
+        if CAUSAL or WINDOW:
+            keep = keep & (offs_n[None, :] >= key_lo[:, None]) & (offs_n[None, :] <= key_hi[:, None])
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -70,19 +88,24 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, SEQLENS,
 
 
 @triton.jit(do_not_specialize=UNSPECIALIZED)
-def _decode_merge_kernel(O_PART, LSE_PART, O, LSE, stride_ob, stride_oh, stride_om, H, Nq, num_splits,
-                         D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out = sum_s 2^(lse_s - lse) out_s and lse = log2-sum-exp2 of lse_s, for one query row;
-    out with contiguous rows of D."""
+def _decode_merge_kernel(O_PART, LSE_PART, O, LSE, SINKS, stride_ob, stride_oh, stride_om, H, Nq, num_splits,
+                         D: tl.constexpr, HAS_SINKS: tl.constexpr, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out = sum_s 2^(lse_s - lse) out_s and lse = log2-sum-exp2 of lse_s (and of the sink), for
+    one query row; out with contiguous rows of D."""
     row = tl.program_id(0)  # (b * H + h) * Nq + i
     b, h, i = row // (H * Nq), row // Nq % H, row % Nq
     offs_s = tl.arange(0, SPLITS)
     offs_d = tl.arange(0, BLOCK_D)
     lse2 = tl.load(LSE_PART + row * num_splits + offs_s, mask=offs_s < num_splits, other=float("-inf"))
     top = tl.max(lse2, 0)
+    if HAS_SINKS:
+        sink = tl.load(SINKS + h) * 1.4426950408889634
+        top = tl.maximum(top, sink)
     top = tl.where(top == float("-inf"), 0.0, top)
     w = tl.math.exp2(lse2 - top)
     total = tl.sum(w, 0)
+    if HAS_SINKS:
+        total += tl.math.exp2(sink - top)
     o = tl.load(O_PART + (row * num_splits + offs_s)[:, None] * D + offs_d[None, :],
                 mask=(offs_s[:, None] < num_splits) & (offs_d[None, :] < D), other=0.0)
     out = tl.sum(w[:, None] * o, 0) / tl.where(total > 0.0, total, 1.0)
@@ -106,29 +129,31 @@ def split_count(ctas: int, cache_len: int, block_n: int, multiprocessors: int) -
     return max(1, min(wanted, cache_len // (2 * block_n), 128))
 
 
-_SPLIT = Launcher(_decode_split_kernel, tensors=6, specialized=12)
-_MERGE = Launcher(_decode_merge_kernel, tensors=4, specialized=3)
+_SPLIT = Launcher(_decode_split_kernel, tensors=7, specialized=12)
+_MERGE = Launcher(_decode_merge_kernel, tensors=5, specialized=3)
 
 
-def decode(q, k_cache, v_cache, seqlens, out, lse, causal: bool, scale: float) -> None:
+def decode(q, k_cache, v_cache, seqlens, out, lse, causal: bool, scale: float, mods: MaskArgs) -> None:
     """q (B, H, Nq, D) with contiguous rows of D; caches (B, Hkv, Nmax, D); seqlens (B,) int32
-    valid keys per row; writes out (B, H, Nq, D), contiguous rows of D, and lse (B, H, Nq),
-    contiguous."""
+    valid keys per row; mods: the score modifiers (no masks); writes out (B, H, Nq, D),
+    contiguous rows of D, and lse (B, H, Nq), contiguous."""
     B, H, Nq, D = q.shape
     Hkv, Nmax = k_cache.shape[1], k_cache.shape[2]
+    window, softcap, alibi, sinks, _ = mods.mod_flags()
+    span = Nmax if mods.window[0] < 0 else min(Nmax, mods.window[0] + Nq)  # the keys some query sees
     group = H // Hkv
     block_m = max(16, min(64, next_pow2(group * Nq)))
     m_blocks = cdiv(group * Nq, block_m)
     # 64 keys a tile; 32 for fp32 at D = 256, whose 64-key tiles take 148 KiB of shared memory
     # on sm_90 (one CTA an SM; 82 KiB at 32, compiled here)
     block_n = 32 if INTERPRETING or block_d(D) * q.element_size() > 512 else 64
-    splits = split_count(B * Hkv * m_blocks, Nmax, block_n, _multiprocessors(q.device))
-    split_len = cdiv(cdiv(Nmax, splits), block_n) * block_n
+    splits = split_count(B * Hkv * m_blocks, span, block_n, _multiprocessors(q.device))
+    split_len = cdiv(cdiv(span, splits), block_n) * block_n
     o_part = torch.empty(B, H, Nq, splits, D, device=q.device, dtype=torch.float32)
     lse_part = torch.empty(B, H, Nq, splits, device=q.device, dtype=torch.float32)
     _SPLIT((B * Hkv, splits, m_blocks),
-           (q, k_cache, v_cache, o_part, lse_part, seqlens, *q.stride()[:3], *k_cache.stride(), *v_cache.stride(),
-            split_len, H, Hkv, Nq, group, splits, scale * LOG2E),
-           (D, causal, dot_precision(q.dtype), block_m, block_n, block_d(D)), 4, 2)
-    _MERGE((B * H * Nq,), (o_part, lse_part, out, lse, *out.stride()[:3], H, Nq, splits),
-           (D, next_pow2(splits), block_d(D)), 4, 3)
+           (q, k_cache, v_cache, o_part, lse_part, seqlens, mods.alibi, *q.stride()[:3], *k_cache.stride(),
+            *v_cache.stride(), split_len, H, Hkv, Nq, group, splits, scale * LOG2E, *mods.scalars()),
+           (D, causal, dot_precision(q.dtype), window, softcap, alibi, block_m, block_n, block_d(D)), 4, 2)
+    _MERGE((B * H * Nq,), (o_part, lse_part, out, lse, mods.sinks, *out.stride()[:3], H, Nq, splits),
+           (D, sinks, next_pow2(splits), block_d(D)), 4, 3)

@@ -10,6 +10,7 @@ Run it without TRITON_INTERPRET (the interpreter replaces the kernels).
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 import subprocess
 import sys
@@ -17,8 +18,11 @@ import tempfile
 from pathlib import Path
 
 POINTERS = {"LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32", "KV_RANGES": "*i32", "KPM": "*u8", "MASK": "*u8",
-            "CU_Q": "*i32", "CU_K": "*i32", "O_PART": "*fp32", "LSE_PART": "*fp32", "SEQLENS": "*i32"}
-FLOATS = {"qk_scale", "sm_scale", "dropout_p"}
+            "CU_Q": "*i32", "CU_K": "*i32", "O_PART": "*fp32", "LSE_PART": "*fp32", "SEQLENS": "*i32",
+            "ALIBI": "*fp32", "SINKS": "*fp32"}
+FLOATS = {"qk_scale", "sm_scale", "dropout_p", "cap"}
+NO_MODS = dict(WINDOW=False, SOFTCAP=False, HAS_ALIBI=False, HAS_SINKS=False, BOTTOM_RIGHT=False)
+ALL_MODS = dict.fromkeys(NO_MODS, True)  # "+mods": window, softcap, ALiBi, sinks, bottom-right at once
 UNIT_STRIDES = {"stride_kd", "stride_vd"}  # the decode kernel's caches (the others' rows are contiguous)
 
 
@@ -92,41 +96,47 @@ def main(argv=None, more=()) -> int:
     failures = []
     print(f"sm_{args.arch}, causal, key padding; local = spilled bytes (stack), spill insts = LDL/STL; "
           f"a config over {limit // 1024} KiB of shared memory cannot launch (the launch takes the next)")
-    print(f"{'kernel':<18} {'dtype':>5} {'D':>4} {'BM,BN,warps,stages':>18} {'regs':>5} {'stack':>6} "
+    print(f"{'kernel':<24} {'dtype':>5} {'D':>4} {'BM,BN,warps,stages':>18} {'regs':>5} {'stack':>6} "
           f"{'spill insts':>11} {'smem KiB':>8} {'wgmma':>6} {'mma.sync':>8}")
     for name, table in kernels.items():
         for dtype in args.dtypes.split(","):
             for D in map(int, args.head_dims.split(",")):
-                clean = 0
-                for m, n, w, s in table:
+                clean = {False: 0, True: 0}  # configs that neither spill nor overflow, without and with score mods
+                for (m, n, w, s), mods in itertools.product(table, (False, True)):
                     if not fits((m, n, w, s), D):
                         continue  # never launched at this head dim
                     flags = dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, HAS_KPM=True, MASK_KIND=0, VARLEN=False,
-                                 CAUSAL=True, DROPOUT=False, PREC=FP32_PRECISION.get(dtype, "tf32"), D=D, BLOCK_D=D)
+                                 CAUSAL=True, DROPOUT=False, PREC=FP32_PRECISION.get(dtype, "tf32"), D=D, BLOCK_D=D,
+                                 **(ALL_MODS if mods else NO_MODS))
                     kernel = compile_kernel(getattr(ta, name), dtype, args.arch, flags)
                     st = cubin_stats(kernel.asm["cubin"])
                     smem = kernel.metadata.shared
                     # fp32's dots (IEEE on the FMA units, or three TF32 products) spill at every tile size: there only
                     # the fit in shared memory is required
                     spills = not dtype.startswith("fp32") and (st["stack"] or st["spill insts"])
-                    clean += not spills and smem <= limit
-                    print(f"{name:<18} {dtype:>5} {D:>4} {f'{m},{n},{w},{s}':>18} {st['regs']:>5} {st['stack']:>6} "
+                    clean[mods] += not spills and smem <= limit
+                    label = name + (" +mods" if mods else "")
+                    print(f"{label:<24} {dtype:>5} {D:>4} {f'{m},{n},{w},{s}':>18} {st['regs']:>5} {st['stack']:>6} "
                           f"{st['spill insts']:>11} {smem // 1024:>8}{'!' if smem > limit else ' '}"
                           f"{st['wgmma']:>5} {st['mma.sync']:>8}", flush=True)
                     if args.arch == 90 and not dtype.startswith("fp32") and not st["wgmma"]:
-                        failures.append(f"{name} {dtype} D={D} {m},{n}: no wgmma")
-                if not clean:
-                    failures.append(f"{name} {dtype} D={D}: every config spills or exceeds shared memory")
+                        failures.append(f"{label} {dtype} D={D} {m},{n}: no wgmma")
+                for mods, count in clean.items():
+                    if not count:
+                        failures.append(f"{name}{' +mods' if mods else ''} {dtype} D={D}: every config spills or "
+                                        f"exceeds shared memory")
     for dtype in args.dtypes.split(","):  # the decode split kernel: mma.sync tiles of 16 or 64 rows
         for D in map(int, args.head_dims.split(",")):
-            for m in (16, 64):
+            for m, mods in itertools.product((16, 64), (False, True)):
                 flags = dict(BLOCK_M=m, BLOCK_N=64, num_warps=4, num_stages=2, CAUSAL=True,
-                             PREC=FP32_PRECISION.get(dtype, "tf32"), D=D, BLOCK_D=D)
+                             PREC=FP32_PRECISION.get(dtype, "tf32"), D=D, BLOCK_D=D, WINDOW=mods, SOFTCAP=mods,
+                             HAS_ALIBI=mods)
                 st = cubin_stats(compile_kernel(triton_decode._decode_split_kernel, dtype, args.arch, flags).asm["cubin"])
-                print(f"{'_decode_split_kernel':<18} {dtype:>5} {D:>4} {f'{m},64,4,2':>18} {st['regs']:>5} "
+                label = "_decode_split_kernel" + (" +mods" if mods else "")
+                print(f"{label:<24} {dtype:>5} {D:>4} {f'{m},64,4,2':>18} {st['regs']:>5} "
                       f"{st['stack']:>6} {st['spill insts']:>11} {'':>8} {st['wgmma']:>5} {st['mma.sync']:>8}")
                 if not dtype.startswith("fp32") and (st["stack"] or st["spill insts"]):
-                    failures.append(f"_decode_split_kernel {dtype} D={D} BLOCK_M={m}: spills")
+                    failures.append(f"{label} {dtype} D={D} BLOCK_M={m}: spills")
     if args.arch == 90:
         for other in more:
             failures += other(tuple(map(int, args.head_dims.split(","))))

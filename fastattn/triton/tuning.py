@@ -28,10 +28,11 @@ Config = tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, num_warps, num_stages
 # What a run-time tuning tries, per kernel, best first (the H200 sweep's usual winners): configs
 # that compile for sm_90 without spilling at D = 64 and 128 (python -m fastattn report) and
 # give right results there (test_gpu). dK/dV at (32, 128, 8 warps) gave wrong dK at D = 128 in
-# 16 bits on an H200 (triton 3.6): left out.
+# 16 bits on an H200 (triton 3.6): left out. dK/dV at (32, 64, 8 warps) is the one that holds
+# every score modifier at D = 128 without spilling (triton 3.6 and 3.9).
 CANDIDATES: dict[str, list[Config]] = {
     "fwd": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 32, 4, 2)],
-    "dkdv": [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (16, 64, 4, 2)],
+    "dkdv": [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (16, 64, 4, 2), (32, 64, 8, 2)],
     "dq": [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2)],
 }
 # The wider space `python -m fastattn tune` sweeps.
@@ -67,9 +68,10 @@ def bucket(n: int) -> int:
     return 1 << max(4, math.ceil(math.log2(max(n, 1))))
 
 
-def mask_kind(causal: bool, padding: bool, attn_mask: int, dropout: bool) -> str:
+def mask_kind(causal: bool, padding: bool, attn_mask: int, dropout: bool, mods: bool = False) -> str:
+    """mods: a window, softcap or ALiBi, whose registers change the best tiles (they tune apart)."""
     parts = [name for name, on in (("causal", causal), ("padded", padding), ("bool-mask", attn_mask == 1),
-                                   ("float-mask", attn_mask == 2), ("dropout", dropout)) if on]
+                                   ("float-mask", attn_mask == 2), ("dropout", dropout), ("mods", mods)) if on]
     return "+".join(parts) or "dense"
 
 
