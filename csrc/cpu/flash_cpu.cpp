@@ -64,6 +64,28 @@ void scale_by(float* s, const float* f, int nk, int mq) {
     for (int i = 0; i < mq; ++i) s[j * kBlockQ + i] *= f[j * kBlockQ + i];
 }
 
+// s = c tanh(s / c) over a tile's nk rows and mq columns (row length ld), through the micro-kernels'
+// vector exp2: tanh y = sign(y) (1 - e) / (1 + e), e = exp(-2|y|), which cannot overflow; below
+// |y| = 1/8, where 1 - e would lose digits, its series to y^7 (next term under 4e-9 relative).
+// cap (the backward): 1 - tanh^2 per score. Some 5x faster than std::tanh score by score.
+void softcap_tile(float* s, int nk, int mq, int64_t ld, float c, float* cap) {
+  thread_local std::vector<float> e;
+  e.resize(static_cast<size_t>(nk) * ld);
+  static const float zeros[kBlockQ] = {};
+  const float inv_c = 1.f / c, k = -2.f * kLog2e * inv_c;
+  for (int j = 0; j < nk; ++j)
+    for (int i = 0; i < mq; ++i) e[j * ld + i] = k * std::fabs(s[j * ld + i]);
+  micro_kernels().exp2_shifted(e.data(), nk, mq, ld, zeros);
+  for (int j = 0; j < nk; ++j)
+    for (int i = 0; i < mq; ++i) {
+      const float x = s[j * ld + i], y = x * inv_c, y2 = y * y, ex = e[j * ld + i];
+      const float series = y * (1.f + y2 * (-1.f / 3 + y2 * (2.f / 15 + y2 * (-17.f / 315))));
+      const float t = y2 < 1.f / 64 ? series : std::copysign((1.f - ex) / (1.f + ex), x);
+      s[j * ld + i] = c * t;
+      if (cap != nullptr) cap[j * ld + i] = 1.f - t * t;
+    }
+}
+
 // Everything that masks one (batch, head): applied to a transposed score tile in log2 units,
 // after the score modifiers (softcap, ALiBi).
 struct TileMasker {
@@ -75,15 +97,7 @@ struct TileMasker {
   // cap: where given (the backward, with a softcap), the softcap's derivative 1 - tanh^2 per score,
   // by which dS scales (finite everywhere: where a mask hides a score, dS is 0 already).
   void apply(float* s, int64_t j0, int nk, int64_t i0, int mq, float* cap = nullptr) const {
-    if (p.softcap > 0.f) {
-      const float c = p.softcap * kLog2e, inv_c = 1.f / c;  // the tile's log2 units
-      for (int j = 0; j < nk; ++j)
-        for (int i = 0; i < mq; ++i) {
-          const float t = std::tanh(s[j * ld + i] * inv_c);
-          s[j * ld + i] = c * t;
-          if (cap != nullptr) cap[j * ld + i] = 1.f - t * t;
-        }
-    }
+    if (p.softcap > 0.f) softcap_tile(s, nk, mq, ld, p.softcap * kLog2e, cap);  // the tile's log2 units
     if (p.alibi_slopes != nullptr) {
       const float slope = p.alibi_slopes[b * p.alibi_stride + h] * kLog2e;
       for (int j = 0; j < nk; ++j)
