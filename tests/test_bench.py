@@ -81,6 +81,8 @@ def test_score_mod_rows_and_their_eager_peer():
                                            "fastattn (softcap)", "eager (softcap)", "fastattn (sinks)", "eager (sinks)"}
     for r in rows:
         assert {"backend", "case", "ms", "tflops", "best_peer", "speedup_vs_best_peer"} <= r.keys(), r
+        peers = [p for p in rows if p["case"] == r["case"] and not p["backend"].startswith("fastattn")]
+        assert r["best_peer"] == min(peers, key=lambda p: p["ms"])["backend"]  # the fastest alternative
 
 
 def test_grid_sizes():
