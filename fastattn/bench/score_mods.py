@@ -65,7 +65,9 @@ def _rows(calls: dict, case: str, device: str, min_run_time: float, peers: tuple
 
 def window_rows(device: str, quick: bool, min_run_time: float, seq: int | None = None) -> list[dict]:
     """A causal window over a long sequence: GPU 4k over 16k (bf16, H16 D128), CPU 256 over 8k
-    (fp32 and bf16, H8 D64; quick: 256 over 2k, fp32). seq: another length, a window of a quarter."""
+    (fp32 and bf16, H8 D64; quick: 256 over 2k, fp32), beside full causal calls: the fastest
+    (whichever backend fastattn picks) and the window's own backend's (the skip). seq: another
+    length, a window of a quarter."""
     if device == "cuda":
         N, window, H, D, dtypes, modes = 16384, 4096, 16, 128, [torch.bfloat16], ["fwd", "fwd+bwd"]
     else:
@@ -81,9 +83,11 @@ def window_rows(device: str, quick: bool, min_run_time: float, seq: int | None =
                        for _ in range(3))
             i, j = torch.arange(N, device=device)[:, None], torch.arange(N, device=device)[None, :]
             allowed = (j <= i) & (j > i - window)
+            own = "triton" if device == "cuda" else "cpu"  # the backend that runs windows: its skip
             calls = {
                 f"fastattn (window {window})": lambda: attention(q, k, v, causal=True, window_size=(window - 1, 0)),
                 "fastattn (full causal)": lambda: attention(q, k, v, causal=True),
+                f"fastattn {own} (full causal)": lambda: attention(q, k, v, causal=True, backend=own),
                 "sdpa:default (window as a mask)": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=allowed),
             }
             if not quick:
@@ -94,7 +98,8 @@ def window_rows(device: str, quick: bool, min_run_time: float, seq: int | None =
             case = f"causal window {window} {mode} B1 H{H} N{N} D{D} {str(dtype).removeprefix('torch.')}"
             rows += _rows(calls, case, device, min_run_time,
                           ("sdpa:default (window as a mask)", "flex (sliding-window BlockMask)"), flops, mode, dtype,
-                          {"fastattn (full causal)": 4.0 * H * D * N * (N + 1) / 2})
+                          dict.fromkeys(["fastattn (full causal)", f"fastattn {own} (full causal)"],
+                                        4.0 * H * D * N * (N + 1) / 2))
     return rows
 
 
