@@ -6,9 +6,10 @@ from .integrations import register_transformers
 from .reference import reference_attention
 from .varlen import attention_varlen, pad, unpad
 from .kvcache import attention_with_kvcache
+from .merge import merge_attention
 
 __version__ = "0.1.0"
 
 __all__ = ["MultiHeadAttention", "NoBackendError", "attention", "attention_varlen", "attention_with_kvcache",
-           "available_backends", "explain", "pad", "reference_attention", "register_transformers", "replace_attention",
+           "available_backends", "explain", "merge_attention", "pad", "reference_attention", "register_transformers", "replace_attention",
            "unavailable_backends", "unpad"]

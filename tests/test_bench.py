@@ -11,6 +11,7 @@ import fastattn
 from fastattn.bench import attention, cases, report, run, timing
 from fastattn.bench.decode import decode_rows
 from fastattn.bench.packed import varlen_rows
+from fastattn.bench.context_parallel import context_parallel_rows
 from fastattn.bench.score_mods import eager_attention, score_mod_rows, window_pairs
 
 SCHEMA = {"backend", "case", "ms", "tflops", "best_peer", "best_peer_ms", "speedup_vs_best_peer"}
@@ -114,10 +115,15 @@ def test_no_row_passes_the_hardware_peak(monkeypatch, tmp_path):
     monkeypatch.setattr(run, "decode_rows", lambda device, quick, t: decode_rows(device, quick, t, shapes=[(2, 256)]))
     monkeypatch.setattr(run, "varlen_rows", lambda device, quick, t: varlen_rows(device, quick, t, seqs=[128]))
     monkeypatch.setattr(run, "score_mod_rows", lambda device, quick, t: score_mod_rows(device, quick, t, seq=128))
+    monkeypatch.setattr(run, "context_parallel_rows",
+                        lambda device, quick, t: context_parallel_rows(device, quick, t, seq=128))
     monkeypatch.setattr(run, "module_rows", lambda *args: [])
     record = run.run(quick=True, json_path=str(tmp_path / "record.json"), device="cpu", end_to_end=False)
-    timed = [r for r in record["rows"] + record["varlen"] + record["score_mods"] if "tflops" in r]
-    assert len(timed) >= 4 * 2 + 2 * 3 + 3 + 2 and {r["dtype"] for r in timed} == {"fp32", "bf16"}
+    timed = [r for r in record["rows"] + record["varlen"] + record["score_mods"] + record["context_parallel"]
+             if "tflops" in r]
+    ring = record["context_parallel"][0]
+    assert ring["backend"].startswith("fastattn ring") and ring["comm_ms"] > 0 and 0 <= ring["hidden_comm_share"] <= 1
+    assert len(timed) >= 4 * 2 + 2 * 3 + 3 + 2 + 2 and {r["dtype"] for r in timed} == {"fp32", "bf16"}
     assert all(0 < r["pct_of_peak"] <= 100 for r in timed), [(r["case"], r["backend"], r["pct_of_peak"]) for r in timed]
     assert json.loads((tmp_path / "record.json").read_text())["complete"]
     peak = record["peaks"]["tflops"]

@@ -4,7 +4,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "fastattn"
-PARTS = {"backends", "triton", "gluon", "nn", "integrations", "models", "bench"}
+PARTS = {"backends", "triton", "gluon", "nn", "integrations", "models", "bench", "distributed"}
 
 
 def module_name(path: Path) -> str:
@@ -53,4 +53,4 @@ def test_one_folder_per_part():
     folders = {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     assert folders == PARTS
     front_door = {p.stem for p in ROOT.glob("*.py")}
-    assert front_door == {"__init__", "__main__", "api", "varlen", "kvcache", "masks", "ops", "reference"}
+    assert front_door == {"__init__", "__main__", "api", "varlen", "kvcache", "masks", "merge", "ops", "reference"}

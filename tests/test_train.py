@@ -95,6 +95,9 @@ def test_lm_on_a_file_with_torch_attention(tmp_path):
     (["--batch-size", "8", "--resume", "LM_CKPT"], ["vocabulary mismatch", "'lm'", "'reverse'"]),
     (["--pack", "--attention", "torch"], ["--pack", "--attention fastattn"]),
     (["--pack", "--task", "lm"], ["--pack", "--task lm", "equal-length"]),
+    (["--context-parallel", "2"], ["--context-parallel", "--task lm", "--dropout 0"]),
+    (["--context-parallel", "0"], ["--context-parallel", ">= 1", "got 0"]),
+    (["--context-parallel", "2", "--task", "lm", "--dropout", "0"], ["torchrun's 2 processes, got 1"]),
 ])
 def test_bad_input_exits_2_with_a_message(args, words, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
@@ -127,3 +130,20 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4, msg=name)
     start = torch.load(tmp_path / "one.pt", weights_only=False)
     assert start["step"] == 4
+
+
+def test_context_parallel_two_processes_equal_one_process(tmp_path):
+    """torchrun with 2 CPU ranks, every LM sequence split across them (ring attention): the loss
+    curve of one process over 20 steps, and each rank's peak memory recorded."""
+    data = tmp_path / "text.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog while the cat sleeps by the warm fire. " * 60)
+    args = ["--quiet", "--steps", "20", "--eval-every", "100", "--batch-size", "4", "--d-model", "32", "--heads", "2",
+            "--layers", "2", "--task", "lm", "--dropout", "0", "--data", str(data)]
+    main([*args, "--json", str(tmp_path / "one.json")])
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "-m", "fastattn", "train", *args, "--context-parallel", "2", "--json", str(tmp_path / "two.json")],
+                   check=True, timeout=300)
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two["context_parallel"] == 2 and len(two["peak_memory_mb"]) == 2 and two["tokens_per_s"] > 0
+    assert len(one["losses"]) == len(two["losses"]) == 20
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), atol=1e-5, rtol=1e-5)

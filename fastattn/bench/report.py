@@ -153,7 +153,8 @@ def print_decode_and_packed(record: dict, console) -> None:
             ("varlen", "packed (varlen) batch against the same batch padded (TFLOPS: valid tokens)",
              ("TFLOPS", "tflops")),
             ("score_mods", "sliding windows, softcap and sinks (TFLOPS: the pairs each query sees)",
-             ("TFLOPS", "tflops"))):
+             ("TFLOPS", "tflops")),
+            ("context_parallel", "context parallelism: ring attention over processes against one", ("TFLOPS", "tflops"))):
         if not record.get(key):
             continue
         table = Table(title=title)
@@ -175,6 +176,10 @@ def print_decode_and_packed(record: dict, console) -> None:
                           *([percent(r)] if peaked else []), speed,
                           style="bold" if r["backend"].startswith("fastattn") else None)
         console.print(table)
+        for r in record[key]:
+            if "comm_ms" in r:  # ring rows: their transfers timed alone, and the time the ranks waited on them
+                console.print(f"{r['case']}: the ring's transfers take {r['comm_ms']:.1f} ms alone; the ranks waited "
+                              f"{r['exposed_comm_ms']:.1f} ms on them ({r['hidden_comm_share']:.0%} hidden)")
 
 
 def plot(record: dict, path: str) -> None:

@@ -13,6 +13,7 @@ import torch
 
 from .attention import run_case
 from .calls import call_rows
+from .context_parallel import context_parallel_rows
 from .cases import grid
 from .decode import decode_rows
 from .models import encoder_rows, model_rows, module_rows
@@ -35,6 +36,9 @@ def steps(record: dict, device: str, quick: bool, min_run_time: float, end_to_en
     todo += [(case.label, add("rows", lambda case=case: run_case(case, device, quick, min_run_time)))
              for case in grid(device, quick)]
     todo.append(("windows, softcap and sinks", add("score_mods", lambda: score_mod_rows(device, quick, min_run_time))))
+    if device == "cpu":
+        todo.append(("context parallelism (ring attention, 2 processes)",
+                     add("context_parallel", lambda: context_parallel_rows(device, quick, min_run_time))))
     if device == "cpu" and not quick:
         from .isa import isa_rows
 
@@ -60,7 +64,8 @@ def run(quick: bool = False, json_path: str | None = None, plot_path: str | None
         record["gpu_tests"] = dict(passed=passed, failed=failed, skipped=skipped)
     dtypes = sorted({case.dtype for case in grid(device, quick)} | {"fp32" if device == "cpu" else "bf16"})  # + packed
     record["peaks"] = peaks(device, dtypes)
-    record.update(rows=[], calls=[], decode=[], varlen=[], score_mods=[], modules=[], end_to_end=[], complete=False)
+    record.update(rows=[], calls=[], decode=[], varlen=[], score_mods=[], context_parallel=[], modules=[], end_to_end=[],
+                  complete=False)
 
     def save():
         if json_path:
@@ -73,11 +78,13 @@ def run(quick: bool = False, json_path: str | None = None, plot_path: str | None
     for i, (label, step) in enumerate(todo, 1):
         print(f"[{i:2}/{len(todo)} {time.perf_counter() - began:5.0f} s] {label}", file=sys.stderr, flush=True)
         step()
-        add_peak_shares(record["rows"] + record["varlen"] + record["score_mods"], record["peaks"])
+        add_peak_shares(record["rows"] + record["varlen"] + record["score_mods"] + record["context_parallel"],
+                        record["peaks"])
         save()
     if device == "cpu":  # the peak again: a slow phase at the start must not lower it
         record["peaks"] = peaks(device, dtypes, before=record["peaks"])
-        add_peak_shares(record["rows"] + record["varlen"] + record["score_mods"], record["peaks"])
+        add_peak_shares(record["rows"] + record["varlen"] + record["score_mods"] + record["context_parallel"],
+                        record["peaks"])
     record["complete"] = True
     record["seconds"] = time.perf_counter() - began
     save()

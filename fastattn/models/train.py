@@ -6,6 +6,9 @@ padding (fastattn.attention_varlen), on the same examples and the same model as 
 
 Under `torchrun --nproc_per_node=N -m fastattn train ...` it runs DistributedDataParallel
 (gloo on CPU, nccl on GPU): every rank draws the same global batch and trains on its slice.
+With --context-parallel N (--task lm) every rank takes the whole batch instead, and its zigzag
+part of every sequence (fastattn.distributed): attention runs as ring attention, and the
+gradients are summed over the ranks.
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .transformer import ATTENTION, Packed, Transformer, TransformerLM
+from ..distributed import shard
+from .transformer import ATTENTION, ContextShard, Packed, Transformer, TransformerLM
 
 PAD, SOS, EOS = 0, 1, 2
 SAMPLE_TEXT = (
@@ -192,10 +196,18 @@ def parse_args(argv):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--pack", action="store_true",
                    help="run packed batches, no padding (--task reverse, fastattn attention)")
+    p.add_argument("--context-parallel", type=int, default=1, metavar="W",
+                   help="split every sequence over W ranks, ring attention (--task lm, fastattn attention, "
+                        "--dropout 0; under torchrun with W processes; blocks rounded down to a multiple of 2W)")
     args = p.parse_args(argv)
     if args.pack and args.attention != "fastattn":
         raise UsageError("--pack: packed batches run on fastattn.attention_varlen; "
                          f"expected --attention fastattn, got {args.attention}")
+    if args.context_parallel < 1:
+        raise UsageError(f"--context-parallel: expected a number of ranks >= 1, got {args.context_parallel}")
+    if args.context_parallel > 1 and (args.task != "lm" or args.attention != "fastattn" or args.dropout != 0):
+        raise UsageError("--context-parallel: splits the sequences of --task lm, on --attention fastattn, with "
+                         "--dropout 0 (ring attention has no attention dropout)")
     if args.pack and args.task != "reverse":
         raise UsageError("--pack: --task lm trains on equal-length blocks, which hold no padding to remove; "
                          "packing applies to --task reverse")
@@ -226,12 +238,31 @@ def load_checkpoint(path, task, model, opt, device) -> int:
     return ckpt["step"]
 
 
+def peak_memory_mb(device, distributed: bool) -> list[float]:
+    """Each rank's peak memory: allocated on a GPU, the process's resident set on a CPU."""
+    if device.type == "cuda":
+        mine = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        import resource
+
+        mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    if not distributed:
+        return [mine]
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return every
+
+
 def train(args) -> dict:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if args.batch_size % world:
+    context_parallel = args.context_parallel > 1
+    if context_parallel and world != args.context_parallel:
+        raise UsageError(f"--context-parallel: expected torchrun's {args.context_parallel} processes, got {world}")
+    data_ranks = 1 if context_parallel else world  # context parallel: every rank takes the whole batch
+    if args.batch_size % data_ranks:
         raise UsageError(f"--batch-size: expected a multiple of the {world} ranks, got {args.batch_size}")
     if distributed and args.device.startswith("cuda"):
         args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -239,28 +270,37 @@ def train(args) -> dict:
 
     torch.manual_seed(args.seed)
     task = make_task(args)
+    if context_parallel:  # blocks of 2W equal chunks (zigzag)
+        task.block -= task.block % (2 * world)
     model = task.model(args).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     step = load_checkpoint(args.resume, task, model, opt, device) if args.resume else 0
-    net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    net = torch.nn.parallel.DistributedDataParallel(model) if distributed and not context_parallel else model
     gen = torch.Generator().manual_seed(args.seed + step)  # the same global batches on every rank
     held_out = task.batch(500, torch.Generator().manual_seed(10**6)) if isinstance(task, ReverseTask) \
         else task.batch(64, torch.Generator().manual_seed(10**6), task.held_out)
-    mine = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)
+    mine = slice(rank * args.batch_size // data_ranks, (rank + 1) * args.batch_size // data_ranks)
 
     from tqdm import tqdm
 
     bar = tqdm(total=args.steps, initial=step, disable=args.quiet or rank != 0,
                desc=f"{task.name}/{args.attention}", mininterval=1.0)
-    start, tokens, score = time.perf_counter(), 0, 0.0
+    start, tokens, score, losses = time.perf_counter(), 0, 0.0, []
     while step < args.steps:
         model.train()
         batch = task.batch(args.batch_size, gen)
-        # Sum over this rank's tokens, divided by the global count: DDP's mean over ranks then
-        # gives exactly the single-process loss of the whole batch.
-        loss = task.loss_sum(net, [t[mine] for t in batch], device) / task.targets(batch)
+        local = [t[mine] for t in batch] if not context_parallel else \
+            [ContextShard.of(batch[0], PAD), shard(batch[1], 1)]  # (x, y): this rank's positions
+        # Sum over this rank's tokens, divided by the global count: summed over the ranks (DDP's
+        # mean times the ranks, or an all-reduce of the gradients), exactly the whole batch's.
+        loss = task.loss_sum(net, local, device) / task.targets(batch)
         opt.zero_grad(set_to_none=True)
-        (loss * world).backward()
+        if context_parallel:
+            loss.backward()
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+        else:
+            (loss * data_ranks).backward()
         for group in opt.param_groups:
             group["lr"] = args.lr * lr_factor(step, args.warmup, args.steps)
         opt.step()
@@ -269,6 +309,7 @@ def train(args) -> dict:
         loss = loss.detach()
         if distributed:
             dist.all_reduce(loss)  # the whole batch's mean loss, for the progress bar
+        losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
         if step % args.eval_every == 0 or step == args.steps:
@@ -282,8 +323,9 @@ def train(args) -> dict:
     bar.close()
     seconds = time.perf_counter() - start
     metrics = dict(task=task.name, attention=args.attention, pack=args.pack, device=str(device),
-                   world_size=world, steps=step, exact_match=score, seconds=seconds,
-                   tokens_per_s=tokens / seconds)
+                   world_size=world, context_parallel=args.context_parallel, steps=step, exact_match=score,
+                   seconds=seconds, tokens_per_s=tokens / seconds, losses=losses,
+                   peak_memory_mb=peak_memory_mb(device, distributed))
     if rank == 0:
         model.eval()
         for line in task.show(model, held_out, device):
@@ -295,6 +337,10 @@ def train(args) -> dict:
         if args.json:
             Path(args.json).write_text(json.dumps(metrics, indent=2))
     if distributed:
+        # DDP's reducer holds the process group: released while every rank still has it (gloo's
+        # destructor, run later by the reducer alone, was seen to hang on a rank)
+        del net
+        dist.barrier()
         dist.destroy_process_group()
     return metrics
 

@@ -15,6 +15,10 @@ Packed batches: forward also takes Packed ids, every sequence's tokens end to en
 padding, and returns logits (total, vocab). The same modules run them; where the padded path
 passes a padding mask, the packed path passes the Packed batch, whose cu_seqlens attention reads
 (fastattn.attention_varlen), and positions restart at each sequence's start. fastattn only.
+
+Context parallelism: TransformerLM also takes a ContextShard, this rank's part of every sequence
+of the batch; everything but attention is per position, and attention runs as ring attention over
+the ranks (fastattn.distributed). fastattn only, no attention dropout.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..api import attention as fused_attention
+from ..distributed import ring_attention, shard
 from ..kvcache import attention_with_kvcache
 from ..masks import sdpa_mask_from_padding
 from ..nn import MultiHeadAttention
@@ -94,10 +99,33 @@ class Packed(NamedTuple):
         return i - self.cu_seqlens[seq]
 
 
+class ContextShard(NamedTuple):
+    """This rank's part of a batch of (B, T) ids under context parallelism
+    (fastattn.distributed.shard's layout over group): its ids (B, n), their positions (n,) in the
+    sequence and their padding (B, n) (None: none). Self-attention runs as ring attention."""
+
+    ids: Tensor
+    positions: Tensor
+    padding: Tensor | None
+    group: object = None
+    layout: str = "zigzag"
+
+    @classmethod
+    def of(cls, ids: Tensor, pad_id: int, group=None, layout: str = "zigzag") -> "ContextShard":
+        mine = shard(ids, 1, group, layout)
+        padding = mine == pad_id
+        return cls(mine, shard(torch.arange(ids.shape[1], device=ids.device), 0, group, layout),
+                   padding if bool(padding.any()) else None, group, layout)
+
+    def to(self, device) -> "ContextShard":
+        return self._replace(ids=self.ids.to(device), positions=self.positions.to(device),
+                             padding=None if self.padding is None else self.padding.to(device))
+
+
 def sequences(ids, pad_id: int):
     """Where a batch's sequences lie, as attention takes it: padded ids (B, T) -> their padding
-    mask (B, T), True = padding; a Packed batch -> itself."""
-    return ids if isinstance(ids, Packed) else ids == pad_id
+    mask (B, T), True = padding; a Packed batch or a ContextShard -> itself."""
+    return ids if isinstance(ids, (Packed, ContextShard)) else ids == pad_id
 
 
 def causal_mask(n: int, device) -> Tensor:
@@ -121,6 +149,8 @@ class Embedding(nn.Module):
         self.scale = math.sqrt(d_model)
 
     def forward(self, ids, start: int = 0) -> Tensor:  # (B, T) -> (B, T, E); Packed -> (total, E)
+        if isinstance(ids, ContextShard):  # (B, n) ids at their places in the sequence
+            return self.drop(self.tok(ids.ids) * self.scale + self.pe[ids.positions])
         if isinstance(ids, Packed):
             if ids.max_seqlen > self.pe.shape[0]:
                 raise ValueError(f"sequence length: expected at most max_len={self.pe.shape[0]}, got {ids.max_seqlen}")
@@ -202,7 +232,10 @@ def attend(mha: nn.MultiheadAttention, x: Tensor, context: Tensor, seqs_q, seqs_
            causal: bool = False) -> Tensor:
     """mha(x, context, context) with the sequences of x and context given as sequences() gives
     them: padding masks, x (B, T, E) and context (B, S, E); or Packed, x (total_q, E) and
-    context (total_k, E), on attention_varlen."""
+    context (total_k, E), on attention_varlen; or a ContextShard: self-attention of this rank's
+    x (B, n, E) over the whole sequence, on ring attention."""
+    if isinstance(seqs_q, ContextShard):
+        return ring_self_attention(mha, x, seqs_q, causal)
     if not isinstance(seqs_q, Packed):
         mask = causal_mask(x.shape[1], x.device) if causal else None
         return mha(x, context, context, key_padding_mask=seqs_k, attn_mask=mask, is_causal=causal,
@@ -220,6 +253,18 @@ def attend(mha: nn.MultiheadAttention, x: Tensor, context: Tensor, seqs_q, seqs_
                            seqs_k.max_seqlen, causal=causal, dropout_p=mha.dropout if mha.training else 0.0,
                            backend=mha.backend)  # (total_q, H, D)
     return mha.out_proj(out.flatten(1))  # (total_q, E)
+
+
+def ring_self_attention(mha: nn.MultiheadAttention, x: Tensor, part: ContextShard, causal: bool) -> Tensor:
+    if not isinstance(mha, MultiHeadAttention):
+        raise ValueError("context parallelism: expected a model with attention='fastattn', got 'torch'")
+    if mha.training and mha.dropout > 0:
+        raise ValueError(f"context parallelism: ring attention has no attention dropout, got dropout={mha.dropout}")
+    H = mha.num_heads
+    q, k, v = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).unflatten(-1, (3, H, -1)).permute(2, 0, 3, 1, 4)
+    out = ring_attention(q, k, v, group=part.group, causal=causal, key_padding_mask=part.padding,
+                         layout=part.layout, backend=mha.backend)  # (B, H, n, D)
+    return mha.out_proj(out.transpose(1, 2).flatten(2))
 
 
 def cached_self_attention(mha: nn.MultiheadAttention, kind: str, x: Tensor, cache: KVCache) -> Tensor:
@@ -345,8 +390,9 @@ class Transformer(nn.Module):
 
 
 class TransformerLM(nn.Module):
-    """Decoder-only: causal self-attention layers. forward(x (B, T)) -> logits (B, T, vocab), or
-    forward(x Packed) -> logits (total, vocab)."""
+    """Decoder-only: causal self-attention layers. forward(x (B, T)) -> logits (B, T, vocab),
+    forward(x Packed) -> logits (total, vocab), or forward(x ContextShard) -> this rank's logits
+    (B, n, vocab)."""
 
     def __init__(self, vocab: int, d_model: int = 512, num_heads: int = 8, num_layers: int = 6,
                  dim_feedforward: int = 2048, dropout: float = 0.1, max_len: int = 512,
