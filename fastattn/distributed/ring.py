@@ -67,8 +67,15 @@ def _wait(requests) -> None:
     exposed_seconds += time.perf_counter() - began
 
 
-def _rows(t: Tensor | None, rows: slice) -> Tensor | None:
-    return None if t is None else t[:, :, rows]
+def _held(k: Tensor, v: Tensor, padding: Tensor | None) -> list[Tensor]:
+    """What goes around the ring: k, v and the padding as bytes (gloo sends no bools)."""
+    return [k, v] + ([padding.view(torch.uint8)] if padding is not None else [])
+
+
+def _keys(held: list[Tensor], keys: slice) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """A held block's k, v, padding (bool, a view) and its kernel form, over the key rows `keys`."""
+    padding = held[2][:, keys].view(torch.bool) if len(held) > 2 else None
+    return held[0][:, :, keys], held[1][:, :, keys], padding, None if padding is None else key_ranges(padding)
 
 
 class _RingAttention(torch.autograd.Function):
@@ -78,16 +85,14 @@ class _RingAttention(torch.autograd.Function):
         ring, n = _Ring(group, rank, world), q.shape[2]
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
-        held = [k, v] + ([padding.to(torch.uint8)] if padding is not None else [])  # gloo sends no bools
+        held = _held(k, v, padding)
         for step in range(world):
             requests, arriving = ring.start(held) if step < world - 1 else ([], held)
             block = _block(layout, causal, rank, (rank - step) % world, n)
             if block is not None:
                 rows, keys, block_causal = block
-                kpm = held[2][:, keys].bool() if padding is not None else None
-                ranges = None if kpm is None else key_ranges(kpm)
-                o, l = ops.attention_forward(q[:, :, rows], held[0][:, :, keys], held[1][:, :, keys], kpm, ranges,
-                                             None, None, None, 0, 0, block_causal, scale, 0.0, 0, backend)
+                o, l = ops.attention_forward(q[:, :, rows], *_keys(held, keys), None, None, None, 0, 0, block_causal,
+                                             scale, 0.0, 0, backend)
                 out[:, :, rows], lse[:, :, rows] = merge_attention(out[:, :, rows], lse[:, :, rows], o, l)
             _wait(requests)
             held = arriving
@@ -106,29 +111,29 @@ class _RingAttention(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        held = [k, v] + ([padding.to(torch.uint8)] if padding is not None else [])
+        held = _held(k, v, padding)
         grads = None  # dK, dV (float32) of the block held, summed over the ranks it has visited
         for step in range(world):
             # the blocks' keys on, and the gradients finished at the step before (for the block this rank now holds)
             kv_requests, arriving = ring.start(held) if step < world - 1 else ([], held)
             grad_requests, grads_in = ring.start(grads) if grads is not None else ([], None)
-            part = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v)]
-            block = _block(layout, causal, rank, (rank - step) % world, n)
+            block, done = _block(layout, causal, rank, (rank - step) % world, n), None
             if block is not None:
                 rows, keys, block_causal = block
-                kpm = held[2][:, keys].bool() if padding is not None else None
-                ranges = None if kpm is None else key_ranges(kpm)
+                bk, bv, kpm, ranges = _keys(held, keys)
                 lse_rows = lse[:, :, rows].contiguous()
                 dlse_rows = None if dlse is None else dlse[:, :, rows].contiguous()
-                bq, bk, bv = torch.ops.fastattn.attention_backward(
-                    dout[:, :, rows], dlse_rows, q[:, :, rows], held[0][:, :, keys], held[1][:, :, keys],
-                    out[:, :, rows], lse_rows, kpm, ranges, None, None, None, 0, 0, block_causal, scale, 0.0, 0,
-                    backend)
-                dq[:, :, rows] += bq
-                part[0][:, :, keys] += bk
-                part[1][:, :, keys] += bv
+                dq_block, dk_block, dv_block = torch.ops.fastattn.attention_backward(
+                    dout[:, :, rows], dlse_rows, q[:, :, rows], bk, bv, out[:, :, rows], lse_rows, kpm, ranges,
+                    None, None, None, 0, 0, block_causal, scale, 0.0, 0, backend)
+                dq[:, :, rows] += dq_block
+                done = keys, dk_block, dv_block
             _wait(kv_requests + grad_requests)
-            grads = part if grads_in is None else [a + b for a, b in zip(grads_in, part)]
+            grads = grads_in or [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v)]
+            if done is not None:  # this rank's share, added to what the block gathered before
+                keys, dk_block, dv_block = done
+                grads[0][:, :, keys] += dk_block
+                grads[1][:, :, keys] += dv_block
             held = arriving
         requests, own = ring.start(grads) if world > 1 else ([], grads)  # the last hop: each block's to its owner
         _wait(requests)
