@@ -12,6 +12,9 @@
 #   tests      the GPU tests: test_triton/test_cuda/test_gpu, and the torch.compile ones   TEST_TIMEOUT=150
 #              (TEST_WORKERS=8 with xdist, TEST_CASE_TIMEOUT=120 s per test with pytest-timeout)
 #   sanitizer  compute-sanitizer memcheck, racecheck on benchmarks/cuda_sanitize.py        SANITIZE_TIMEOUT=60 each
+#   cuda goal  benchmarks/cuda_goal.py: the CUDA C++ kernels against FA2 (sdpa:flash),     CUDA_GOAL_TIMEOUT=90
+#              cuDNN and Triton, fwd and fwd+bwd, bf16/fp16, D 128/64, dense, causal,
+#              padded, heavy-padded -> cuda_goal.json (rewritten after every case)
 #   tune       python -m fastattn tune, leaving BENCH_RESERVE=150 s; its winners become    TUNE_BUDGET=150
 #              fastattn/triton/tuned/sm<arch>.json, the defaults the benchmark then runs
 #   bench      the benchmark grid (QUICK=1: the quick subset; END_TO_END=1: whole models)  BENCH_TIMEOUT=240
@@ -24,7 +27,7 @@
 # $OUT, else benchmarks/results/), written as they happen so a kill loses nothing before it:
 #   gpu_check.log  test_failures.log (each failure, at once)  test_counts.txt (passed,failed,skipped)
 #   gpu_record.json (rewritten after every bench case)  gpu_plots.png  tuned.json  dispatch-table.json
-#   gluon_checks.jsonl (a line per variant, as it ends)  gluon_record.json
+#   gluon_checks.jsonl (a line per variant, as it ends)  gluon_record.json  cuda_goal.json
 # The commit recorded: benchmarks/.commit (write it before a device run: `git rev-parse HEAD >
 # benchmarks/.commit`, and carry it), else git rev-parse HEAD, else $FASTATTN_COMMIT.
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]
@@ -129,6 +132,16 @@ else
   done
 fi
 
+# benchmarks/.commit first: the device tool's copy of the tree can carry a stale .git
+FASTATTN_COMMIT="$(cat benchmarks/.commit 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo "${FASTATTN_COMMIT:-unknown}")"
+export FASTATTN_COMMIT
+echo "commit: $FASTATTN_COMMIT"
+if $py -c "import sys, fastattn; sys.exit('cuda' not in fastattn.available_backends())" 2>/dev/null; then
+  step "cuda goal" "${CUDA_GOAL_TIMEOUT:-90}" $py benchmarks/cuda_goal.py "$out_dir"
+else
+  skip "cuda goal" "no cuda backend"
+fi
+
 # The sweep goes before the benchmark, which then times its winners; what it leaves is kept.
 budget=${TUNE_BUDGET:-150} left=$((deadline - $(date +%s) - ${BENCH_RESERVE:-150}))
 ((budget > left)) && budget=$left
@@ -142,10 +155,6 @@ else
   [[ -f $out_dir/tuned.json ]] && cp "$out_dir/tuned.json" "fastattn/triton/tuned/$arch.json" && echo "defaults: fastattn/triton/tuned/$arch.json"
 fi
 
-# benchmarks/.commit first: the device tool's copy of the tree can carry a stale .git
-FASTATTN_COMMIT="$(cat benchmarks/.commit 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo "${FASTATTN_COMMIT:-unknown}")"
-export FASTATTN_COMMIT
-echo "commit: $FASTATTN_COMMIT"
 e2e=--no-end-to-end
 [[ ${END_TO_END:-} == 1 ]] && e2e=
 step bench "${BENCH_TIMEOUT:-240}" $py -m fastattn bench ${QUICK:+--quick} $e2e --json "$record" --plot "$png" --tests "$counts"

@@ -2,6 +2,7 @@
 failures are contained, plots and the GPU check script are well-formed."""
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,38 @@ def test_small_calls_keep_up_with_torch():
 def test_gpu_check_script_is_valid_bash():
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_cuda_goal_step_plumbing(tmp_path, monkeypatch):
+    """gpu_check.sh's cuda goal step on fake timings: every goal row, FA2's ratio beside
+    fastattn:cuda's, the record rewritten as it goes, and a case fastattn:cuda declines named."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import cuda_goal
+
+    cases = cuda_goal.goal_cases()
+    assert {(c.dtype, c.head_dim, c.mode, c.kind) for c in cases} == {
+        (dt, D, m, k) for dt in ("bf16", "fp16") for D in (64, 128) for m in ("fwd", "fwd+bwd")
+        for k in ("dense", "causal", "padded", "heavy-padded")}
+    assert all(c.seq == 4096 and c.heads * c.head_dim == 2048 for c in cases)
+
+    def fake_run_case(case, device, quick, min_run_time, only):
+        assert device == "cuda" and only == cuda_goal.PROVIDERS
+        rows = [dict(backend="sdpa:flash", case=case.label, ms=2.0), dict(backend="sdpa:cudnn", case=case.label, ms=1.0)]
+        if case.kind != "heavy-padded":
+            rows.append(dict(backend="fastattn:cuda", case=case.label, ms=1.6, tflops=100.0, best_peer="sdpa:cudnn",
+                             speedup_vs_best_peer=1 / 1.6))
+        return rows
+
+    monkeypatch.setattr(cuda_goal, "run_case", fake_run_case)
+    monkeypatch.setattr(cuda_goal, "environment", lambda device: dict(device="fake"))
+    assert cuda_goal.main(str(tmp_path)) == 0
+    record = json.loads((tmp_path / "cuda_goal.json").read_text())
+    cuda_rows = [r for r in record["rows"] if r["backend"] == "fastattn:cuda"]
+    assert len(record["rows"]) == 3 * len(cases) - len(cases) // 4 and len(cuda_rows) == 3 * len(cases) // 4
+    assert all(r["vs_fa2"] == 2.0 / 1.6 and r["fa2_ms"] == 2.0 for r in cuda_rows)
+
+
+def test_run_case_keeps_only_the_providers_named():
+    case = cases.Case("dense", "fwd", "fp32", 1, 2, 2, 64, 64)
+    rows = attention.run_case(case, "cpu", quick=True, min_run_time=0.01, only=frozenset({"fastattn:auto", "sdpa:default"}))
+    assert sorted(r["backend"] for r in rows) == ["fastattn:auto", "sdpa:default"] and all("ms" in r for r in rows)

@@ -1,5 +1,4 @@
 // Instantiation: backward, head dim 128, fp16.
-#include "flash_bwd.cuh"
-#include "flash_cuda.h"
+#include "launch.cuh"
 
 template void fastattn::cuda::run_bwd<128, __half>(const fastattn::AttentionBwdParams&, float*, cudaStream_t);

@@ -3,7 +3,7 @@ GPU, and read what the hardware would run.
 
 - nvcc -Xptxas -v per .cu file and architecture: fails on any compiler error;
 - a table of registers, spills and stack per kernel, and the dynamic shared memory it launches with;
-- fails on spills or stack in the main (forward) kernels; backward spills are reported;
+- fails on spills, stack or local memory in any kernel, forward or backward;
 - the SASS (cuobjdump from Triton's package): HMMA tensor-core instructions, 16-byte cp.async
   loads (LDGSTS.E.BYPASS.128), and no local memory in the forward kernels;
 - the torch glue (cuda_glue.cpp) passes a syntax check against this torch's headers.
@@ -22,15 +22,27 @@ ARCHS = {"sm_80": "-gencode=arch=compute_80,code=sm_80", "sm_90a": "-gencode=arc
 NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-Xptxas", "-v", f"-I{HERE.parent}"]
 
 
-def dynamic_smem(kernel: str, d: int) -> int:
-    """The bytes each kernel launches with (flash_fwd.cuh, flash_bwd.cuh: 16-bit tiles)."""
-    if "flash_fwd" in kernel:
-        return (64 + 4 * 64) * d * 2
-    if "dq_kernel" in kernel:
-        return (2 * 64 + 4 * 64) * d * 2
-    if "dkdv_kernel" in kernel:
-        return (2 * 64 + 4 * (32 if d <= 64 else 16)) * d * 2
-    return 0
+SMEM_REPORT = r"""
+#include <cstdio>
+#include "flash_bwd.cuh"
+using namespace fastattn::cuda;
+template <int D> void report() {
+  std::printf("flash_fwd_kernel %d %d\n", D, FwdTile<D>::smem_bytes(2));
+  std::printf("bwd_dq_kernel %d %d\n", D, DqTile<D>::smem_bytes(2));
+  std::printf("bwd_dkdv_kernel %d %d\n", D, DkvTile<D>::smem_bytes(2));
+}
+int main() { report<64>(); report<128>(); }
+"""
+
+
+def dynamic_smem(tmp: Path) -> dict[tuple[str, int], int]:
+    """The bytes each kernel launches with, from the tile structs themselves (a host program)."""
+    src, exe = Path(tmp) / "smem_report.cu", Path(tmp) / "smem_report"
+    src.write_text(SMEM_REPORT)
+    subprocess.run(["nvcc", "-std=c++17", f"-I{HERE}", f"-I{HERE.parent}", str(src), "-o", str(exe)], check=True,
+                   capture_output=True, text=True)
+    rows = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.split("\n")
+    return {(name, int(d)): int(b) for name, d, b in (r.split() for r in rows if r)}
 
 
 def ptxas_report(text: str) -> list[dict]:
@@ -47,7 +59,7 @@ def ptxas_report(text: str) -> list[dict]:
 
 
 def short(mangled: str) -> tuple[str, int, str]:
-    name = re.search(r"(flash_fwd_kernel|bwd_dq_kernel|bwd_dkdv_kernel|bwd_delta_kernel)", mangled).group(1)
+    name = re.search(r"(flash_fwd_kernel|bwd_dq_kernel|bwd_dkdv_kernel|bwd_prep_kernel)", mangled).group(1)
     d = re.search(r"ILi(\d+)E", mangled)
     dtype = "bf16" if "bfloat16" in mangled else "fp16"
     return name, int(d.group(1)) if d else 0, dtype
@@ -100,6 +112,7 @@ def main() -> int:
     failures, rows = [], []
     tool = cuobjdump()
     with tempfile.TemporaryDirectory() as tmp:
+        smem = dynamic_smem(tmp)
         for source in sorted(HERE.glob("*.cu")):
             obj = Path(tmp) / (source.stem + ".o")
             cmd = ["nvcc", "-c", *NVCC_FLAGS, *ARCHS.values(), str(source), "-o", str(obj)]
@@ -111,7 +124,7 @@ def main() -> int:
             for row in ptxas_report(result.stderr):
                 name, d, dtype = short(row["kernel"])
                 code = sass.get(row["kernel"], "")
-                row.update(name=name, d=d, dtype=dtype, smem=dynamic_smem(name, d), hmma=len(re.findall(r"\bHMMA\b", code)),
+                row.update(name=name, d=d, dtype=dtype, smem=smem.get((name, d), 0), hmma=len(re.findall(r"\bHMMA\b", code)),
                            cp_async_128=len(re.findall(r"LDGSTS\.E\.BYPASS\.128|LDGSTS\.E\.BYPASS\.LTC128B\.128", code)),
                            local=len(re.findall(r"\b(?:LDL|STL)\b", code)))
                 rows.append(row)
@@ -125,10 +138,9 @@ def main() -> int:
         seen.add(key)
         print(f"{r['name']:<18} {r['d']:>4} {r['dtype']:>5} {r['arch']:>7} {r.get('regs', 0):>5} {r.get('spills', 0):>8} "
               f"{r.get('stack', 0):>7} {r['smem'] / 1024:>8.0f} {r['hmma']:>5} {r['cp_async_128']:>10} {r['local']:>7}")
-        main_kernel = r["name"] == "flash_fwd_kernel"
-        if main_kernel and (r.get("spills", 0) or r.get("stack", 0) or r["local"]):
+        if r.get("spills", 0) or r.get("stack", 0) or r["local"]:
             failures.append(f"{r['name']} D={r['d']} {r['dtype']} {r['arch']}: spills to local memory")
-        if tool and r["name"] != "bwd_delta_kernel" and not (r["hmma"] and r["cp_async_128"]):
+        if tool and r["name"] != "bwd_prep_kernel" and not (r["hmma"] and r["cp_async_128"]):
             failures.append(f"{r['name']} D={r['d']} {r['dtype']} {r['arch']}: no HMMA or no 16-byte cp.async")
     if (error := glue_syntax_check()) is not None:
         failures.append(f"cuda_glue.cpp:\n{error}")

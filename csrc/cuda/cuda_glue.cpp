@@ -39,7 +39,7 @@ void cuda_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   at::Tensor& lse, const MaskTensors& masks, bool causal, double scale, double dropout_p,
                   int64_t seed) {
   check_call(q, k, v, masks, dropout_p);
-  TORCH_CHECK(out.stride(3) == 1, "out needs a unit head-dim stride");
+  check_tile_layout(out, "out");
   const c10::cuda::CUDAGuard guard(q.device());
   cuda::forward(make_params(q, k, v, out, lse, masks, causal, scale, dropout_p, seed),
                 c10::cuda::getCurrentCUDAStream());
@@ -52,10 +52,11 @@ void cuda_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                    at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   check_call(q, k, v, masks, dropout_p);
   check_tile_layout(dout, "dout");
+  check_tile_layout(out, "out");
   const c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor delta = at::empty(lse.sizes(), lse.options());
-  cuda::backward(make_bwd_params(dout, q, k, v, out, lse, dlse, masks, causal, scale, dropout_p, seed, dq, dk, dv),
-                 delta.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
+  const AttentionBwdParams p = make_bwd_params(dout, q, k, v, out, lse, dlse, masks, causal, scale, dropout_p, seed, dq, dk, dv);
+  at::Tensor workspace = at::empty({cuda::backward_workspace_floats(p)}, lse.options());
+  cuda::backward(p, workspace.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

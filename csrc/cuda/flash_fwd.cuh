@@ -1,14 +1,17 @@
 // FlashAttention-2 forward on tensor cores (mma.sync m16n8k16, sm_80+). No torch headers.
 //
-// A CTA owns kBlockM = 64 queries of one (batch, head); each of its 4 warps owns 16 of them.
-// K/V tiles of kBlockN = 64 keys stream through shared memory with cp.async, two stages deep.
-// Scores stay in registers in log2 units (log2 e folded into the scale); the probabilities feed
-// P @ V straight from registers. Key tiles outside the batch row's valid range are never loaded;
-// causal tiles above the diagonal are skipped; only tiles crossing a range end, the diagonal or a
-// scattered padding mask pay for masking. Rows that see no key give zeros and lse = -inf.
+// A CTA owns kBlockM = 128 queries of one (batch, head); each of its 4 warps owns 32 of them as
+// two 16-row MMA blocks, so every K and V fragment a warp reads from shared memory feeds two
+// MMAs. Key tiles of kBlockN keys (64 at D 64, 32 at D 128: what 255 registers hold beside the
+// output) stream through a three-stage cp.async ring, the next tile loading while this one is
+// computed; with three stages the buffer being filled was last read two tiles ago, so one
+// barrier per tile suffices. Scores stay in registers in log2 units (log2 e folded into the
+// scale, applied in the exponent's FMA); the probabilities feed P V straight from registers.
+// Key tiles outside the batch row's valid range are never loaded; causal tiles above the
+// diagonal are skipped, and causal CTAs start with the longest rows; only tiles crossing a range
+// end, the diagonal or a scattered padding mask pay for masking. Rows that see no key give zeros
+// and lse = -inf. O leaves through shared memory in 16-byte stores.
 #pragma once
-#include <cuda_runtime.h>
-
 #include <cmath>
 
 #include "../attention_params.h"
@@ -16,143 +19,209 @@
 
 namespace fastattn::cuda {
 
-constexpr int kFwdBlockM = 64, kFwdBlockN = 64, kFwdThreads = 128;
+template <int D>
+struct FwdTile {
+  static constexpr int kBlockM = 128, kBlockN = D <= 64 ? 64 : 32, kWarps = 4, kThreads = 32 * kWarps, kStages = 3;
+  static constexpr int kRowBlocks = kBlockM / (16 * kWarps);  // 16-row MMA blocks per warp
+  static constexpr int smem_bytes(int elem) { return (kBlockM + 2 * kStages * kBlockN) * D * elem; }  // Q, stages x (K, V)
+};
 
-template <int D, typename T>
-constexpr int fwd_smem_bytes() {
-  return (kFwdBlockM + 4 * kFwdBlockN) * D * static_cast<int>(sizeof(T));  // Q, 2 x (K, V)
+// Which elements of a tile of queries m0 + r x keys n0 + c are hidden, in the tile's own (32-bit)
+// coordinates: keys outside the batch row's range [kv_lo, kv_hi), rows past the last query
+// (which the backward must not count), causality, scattered padding. `any` is false for a tile
+// wholly inside all of them, which then skips the test.
+struct TileMask {
+  int lo, hi, rows, diag;  // valid keys [lo, hi), valid rows [0, rows), causal: c <= r + diag
+  bool causal, any;
+  const bool* padding;  // this tile's first key's flag, or nullptr: no scattered padding
+  int64_t pad_stride;
+
+  __device__ __forceinline__ TileMask(const AttentionParams& p, int64_t b, int m0, int tile_rows, int n0, int tile_cols,
+                                      int kv_lo, int kv_hi)
+      : lo(kv_lo - n0), hi(kv_hi - n0), rows(static_cast<int>(p.q_len) - m0), diag(m0 - n0), causal(p.causal),
+        padding(p.key_padding != nullptr && p.kv_holes[b] ? p.key_padding + b * p.kpm_stride[0] + n0 * p.kpm_stride[1]
+                                                          : nullptr),
+        pad_stride(p.kpm_stride[1]) {
+    any = lo > 0 || hi < tile_cols || rows < tile_rows || (causal && tile_cols - 1 > diag) || padding != nullptr;
+  }
+  __device__ __forceinline__ bool hidden(int r, int c) const {
+    return c < lo || c >= hi || r >= rows || (causal && c > r + diag) || (padding != nullptr && padding[c * pad_stride]);
+  }
+};
+
+// The operand pair of two 8-column blocks of fp32 C fragments, packed to 16 bits: an A fragment.
+template <typename T>
+__device__ __forceinline__ void pack_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
+  a[0] = pack2<T>(lo[0], lo[1]), a[1] = pack2<T>(lo[2], lo[3]), a[2] = pack2<T>(hi[0], hi[1]), a[3] = pack2<T>(hi[2], hi[3]);
 }
 
-// Whether key `col` is hidden from query `row` by the range, causality or scattered padding
-// (or is no query at all: rows past q_len, which the backward must not count).
-__device__ __forceinline__ bool hidden(const AttentionParams& p, int64_t b, int64_t row, int64_t col,
-                                       int64_t kv_lo, int64_t kv_hi) {
-  if (col < kv_lo || col >= kv_hi || row >= p.q_len || (p.causal && col > row)) return true;
-  return p.key_padding != nullptr && p.kv_holes[b] && p.key_padding[b * p.kpm_stride[0] + col * p.kpm_stride[1]];
-}
-
 template <int D, typename T>
-__global__ void __launch_bounds__(kFwdThreads) flash_fwd_kernel(const AttentionParams p) {
-  constexpr int kKC = D / 16;             // 16-wide k-chunks of the head dim
-  constexpr int kNB = kFwdBlockN / 8;     // 8-key column blocks of a score tile
-  constexpr int kDB = D / 8;              // 8-wide column blocks of the output
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+__global__ void __launch_bounds__(FwdTile<D>::kThreads) flash_fwd_kernel(const AttentionParams p) {
+  using Tile = FwdTile<D>;
+  constexpr int kM = Tile::kBlockM, kN = Tile::kBlockN, kThreads = Tile::kThreads, kMB = Tile::kRowBlocks;
+  constexpr int kKC = D / 16;  // 16-wide k-chunks of the head dim
+  constexpr int kNB = kN / 8;  // 8-key column blocks of a score tile
+  constexpr int kDB = D / 8;   // 8-wide column blocks of the output
+  FASTATTN_DYNAMIC_SMEM(smem_raw);
   T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sK = sQ + kFwdBlockM * D;  // stage s at sK + s * kFwdBlockN * D
-  T* sV = sK + 2 * kFwdBlockN * D;
+  T* sK = sQ + kM * D;                 // stage s at sK + s * kN * D
+  T* sV = sK + Tile::kStages * kN * D;  // likewise
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kFwdBlockM;
+  const int m_tile = p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // causal: longest rows first
+  const int m0 = m_tile * kM;
   const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads, hk = h / (p.heads / p.kv_heads);
-  int64_t kv_lo = 0, kv_hi = p.kv_len;
+  int kv_lo = 0, kv_hi = static_cast<int>(p.kv_len);
   if (p.kv_begin != nullptr) kv_lo = p.kv_begin[b], kv_hi = p.kv_end[b];
-  int64_t end = kv_hi;
-  if (p.causal) end = imin(end, m0 + kFwdBlockM);  // keys past the last query of the tile
-  const int64_t first = kv_lo / kFwdBlockN * kFwdBlockN;
+  const int end = p.causal ? min(kv_hi, m0 + kM) : kv_hi;  // causal: no key past the tile's last query
+  const int first = kv_lo / kN * kN;
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
-  const int q_rows = static_cast<int>(imin(kFwdBlockM, p.q_len - m0));
-  auto load_kv = [&](int64_t n0, int stage) {
-    const int rows = static_cast<int>(imin(kFwdBlockN, p.kv_len - n0));
-    load_tile_async<D, kFwdThreads>(sK + stage * kFwdBlockN * D, k + n0 * p.k_stride[2], p.k_stride[2], kFwdBlockN, rows);
-    load_tile_async<D, kFwdThreads>(sV + stage * kFwdBlockN * D, v + n0 * p.v_stride[2], p.v_stride[2], kFwdBlockN, rows);
+  auto load_kv = [&](int n0, int stage) {
+    const int rows = static_cast<int>(imin(kN, p.kv_len - n0));
+    load_tile_async<D, kThreads, kN>(sK + stage * kN * D, k + n0 * p.k_stride[2], p.k_stride[2], rows);
+    load_tile_async<D, kThreads, kN>(sV + stage * kN * D, v + n0 * p.v_stride[2], p.v_stride[2], rows);
   };
-  load_tile_async<D, kFwdThreads>(sQ, q + m0 * p.q_stride[2], p.q_stride[2], kFwdBlockM, q_rows);
+  load_tile_async<D, kThreads, kM>(sQ, q + m0 * p.q_stride[2], p.q_stride[2], static_cast<int>(imin(kM, p.q_len - m0)));
   if (first < end) load_kv(first, 0);
   cp_async_commit();
 
-  float o[kDB][4] = {};
-  float m_i[2] = {-INFINITY, -INFINITY}, l_i[2] = {0.f, 0.f};  // rows g and g + 8 of the warp
-  const int64_t row0 = m0 + warp * 16 + g;                      // this thread's first query
+  float o[kMB][kDB][4] = {};
+  float m_i[kMB][2], l_i[kMB][2];  // rows g and g + 8 of each row block: running max (raw), sum
+  #pragma unroll
+  for (int mb = 0; mb < kMB; ++mb) m_i[mb][0] = m_i[mb][1] = -INFINITY, l_i[mb][0] = l_i[mb][1] = 0.f;
+  const int warp_row = warp * 16 * kMB;   // this warp's first row in the tile
+  const int row0 = warp_row + g;  // this thread's first row in the tile; row block mb adds 16 mb
+  // exp2(s * scale - max * scale) as one FMA needs scale > 0; otherwise the scale is applied to
+  // the scores first, and the exponent's scale is 1.
   const float qk_scale = p.scale * 1.4426950408889634f;
-  uint32_t qf[kKC][4];
-  int stage = 0;
-  for (int64_t n0 = first; n0 < end; n0 += kFwdBlockN, stage ^= 1) {
-    if (n0 + kFwdBlockN < end) load_kv(n0 + kFwdBlockN, stage ^ 1);  // prefetch the next tile
+  const bool fold = !(qk_scale > 0.f);
+  const float exp_scale = fold ? 1.f : qk_scale;
+
+  for (int n0 = first, stage = 0; n0 < end; n0 += kN) {
+    const int next = stage + 1 == Tile::kStages ? 0 : stage + 1;
+    if (n0 + kN < end) load_kv(n0 + kN, next);  // into the stage read two tiles ago
     cp_async_commit();
     cp_async_wait<1>();
-    __syncthreads();
-    if (n0 == first) {
-      for (int kc = 0; kc < kKC; ++kc) ldmatrix_x4(qf[kc], a_operand<D>(sQ, warp * 16, kc));
-    }
-    const T* tK = sK + stage * kFwdBlockN * D;
-    const T* tV = sV + stage * kFwdBlockN * D;
+    __syncthreads();  // tile n0 (and Q) has landed; every thread is past the tile before last
+    const T* tK = sK + stage * kN * D;
+    const T* tV = sV + stage * kN * D;
+    stage = next;
 
-    float s[kNB][4] = {};  // S = Q K^T for this warp's 16 rows x 64 keys
+    float s[kMB][kNB][4] = {};  // S = Q K^T: this warp's 16 kMB rows x kN keys
+    #pragma unroll
     for (int kc = 0; kc < kKC; ++kc) {
+      uint32_t qf[kMB][4];
+      #pragma unroll
+      for (int mb = 0; mb < kMB; ++mb) ldmatrix_x4(qf[mb], a_operand<D>(sQ, warp_row + 16 * mb, kc));
+      #pragma unroll
       for (int nb = 0; nb < kNB; nb += 2) {
         uint32_t kf[4];
         ldmatrix_x4(kf, b_rows<D>(tK, nb * 8, kc));
-        mma_16816<T>(s[nb], qf[kc], kf[0], kf[1]);
-        mma_16816<T>(s[nb + 1], qf[kc], kf[2], kf[3]);
+        #pragma unroll
+        for (int mb = 0; mb < kMB; ++mb) {
+          mma_16816<T>(s[mb][nb], qf[mb], kf[0], kf[1]);
+          mma_16816<T>(s[mb][nb + 1], qf[mb], kf[2], kf[3]);
+        }
       }
     }
-    const bool edge = n0 < kv_lo || n0 + kFwdBlockN > kv_hi || (p.causal && n0 + kFwdBlockN - 1 > m0) ||
-                      (p.key_padding != nullptr && p.kv_holes[b]);
-    float tile_max[2] = {-INFINITY, -INFINITY};
-    for (int nb = 0; nb < kNB; ++nb) {
-      for (int i = 0; i < 4; ++i) {
-        s[nb][i] *= qk_scale;
-        if (edge && hidden(p, b, row0 + (i / 2) * 8, n0 + nb * 8 + 2 * t + i % 2, kv_lo, kv_hi)) s[nb][i] = -INFINITY;
-        tile_max[i / 2] = fmaxf(tile_max[i / 2], s[nb][i]);
+    const TileMask mask(p, b, m0, kM, n0, kN, kv_lo, kv_hi);
+    float tile_max[kMB][2];
+    #pragma unroll
+    for (int mb = 0; mb < kMB; ++mb) {
+      tile_max[mb][0] = tile_max[mb][1] = -INFINITY;
+      #pragma unroll
+      for (int nb = 0; nb < kNB; ++nb) {
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          if (fold) s[mb][nb][i] *= qk_scale;
+          if (mask.any && mask.hidden(row0 + 16 * mb + (i / 2) * 8, nb * 8 + 2 * t + i % 2))
+            s[mb][nb][i] = -INFINITY;
+          tile_max[mb][i / 2] = fmaxf(tile_max[mb][i / 2], s[mb][nb][i]);
+        }
       }
     }
-    float m_use[2], alpha[2];
-    for (int r = 0; r < 2; ++r) {
-      const float m_new = fmaxf(m_i[r], quad_max(tile_max[r]));
-      m_use[r] = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet: exp2 of -inf is 0
-      alpha[r] = exp2f(m_i[r] - m_use[r]);
-      m_i[r] = m_new;
-      l_i[r] *= alpha[r];
-    }
-    for (int nb = 0; nb < kNB; ++nb) {
-      for (int i = 0; i < 4; ++i) {
-        s[nb][i] = exp2f(s[nb][i] - m_use[i / 2]);
-        l_i[i / 2] += s[nb][i];  // this lane's share; the quad sums at the end
+
+    #pragma unroll
+    for (int mb = 0; mb < kMB; ++mb) {
+      float m_use[2], alpha[2];
+      #pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float m_new = fmaxf(m_i[mb][r], quad_max(tile_max[mb][r]));
+        m_use[r] = m_new == -INFINITY ? 0.f : m_new * exp_scale;  // a row with no key yet: exp2(-inf) = 0
+        alpha[r] = exp2f(m_i[mb][r] * exp_scale - m_use[r]);
+        m_i[mb][r] = m_new;
+        l_i[mb][r] *= alpha[r];
+      }
+      #pragma unroll
+      for (int nb = 0; nb < kNB; ++nb) {
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          s[mb][nb][i] = exp2f(fmaf(s[mb][nb][i], exp_scale, -m_use[i / 2]));
+          l_i[mb][i / 2] += s[mb][nb][i];  // this lane's share; the quad sums at the end
+        }
+      }
+      #pragma unroll
+      for (int db = 0; db < kDB; ++db) {
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) o[mb][db][i] *= alpha[i / 2];
       }
     }
-    for (int db = 0; db < kDB; ++db) {
-      for (int i = 0; i < 4; ++i) o[db][i] *= alpha[i / 2];
-    }
+    #pragma unroll
     for (int kk = 0; kk < kNB / 2; ++kk) {  // O += P V, 16 keys at a time
-      const uint32_t pf[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      uint32_t pf[kMB][4];
+      #pragma unroll
+      for (int mb = 0; mb < kMB; ++mb) pack_a<T>(pf[mb], s[mb][2 * kk], s[mb][2 * kk + 1]);
+      #pragma unroll
       for (int cc = 0; cc < kDB / 2; ++cc) {
         uint32_t vf[4];
         ldmatrix_x4_trans(vf, b_cols<D>(tV, kk * 16, cc));
-        mma_16816<T>(o[2 * cc], pf, vf[0], vf[1]);
-        mma_16816<T>(o[2 * cc + 1], pf, vf[2], vf[3]);
+        #pragma unroll
+        for (int mb = 0; mb < kMB; ++mb) {
+          mma_16816<T>(o[mb][2 * cc], pf[mb], vf[0], vf[1]);
+          mma_16816<T>(o[mb][2 * cc + 1], pf[mb], vf[2], vf[3]);
+        }
       }
     }
-    __syncthreads();  // the next iteration's prefetch overwrites this stage
   }
   cp_async_wait<0>();
+  __syncthreads();  // with no key tile at all, Q's copies may still be landing
 
+  // This warp's rows of O go to its own rows of sQ (no other warp reads them), then out in
+  // 16-byte chunks; lse from the quad's lane 0.
   T* out = static_cast<T*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1];
-  for (int r = 0; r < 2; ++r) {
-    const int64_t row = row0 + r * 8;
-    const float l = quad_sum(l_i[r]);
-    const bool seen = l > 0.f;
-    const float inv = seen ? 1.f / l : 0.f;
-    if (row >= p.q_len) continue;
-    for (int db = 0; db < kDB; ++db) {
-      T* dst = out + row * p.o_stride[2] + (db * 8 + 2 * t) * p.o_stride[3];
-      dst[0] = from_float<T>(o[db][2 * r] * inv);
-      dst[p.o_stride[3]] = from_float<T>(o[db][2 * r + 1] * inv);
+  #pragma unroll
+  for (int mb = 0; mb < kMB; ++mb) {
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = warp_row + 16 * mb + 8 * r + g;
+      const float l = quad_sum(l_i[mb][r]);
+      const bool seen = l > 0.f;
+      const float inv = seen ? 1.f / l : 0.f;
+      #pragma unroll
+      for (int db = 0; db < kDB; ++db) {
+        *reinterpret_cast<uint32_t*>(sQ + Swizzled<D>::offset(row, db) + 2 * t) =
+            pack2<T>(o[mb][db][2 * r] * inv, o[mb][db][2 * r + 1] * inv);
+      }
+      if (t == 0 && m0 + row < p.q_len)
+        p.lse[bh * p.q_len + m0 + row] = seen ? (m_i[mb][r] * exp_scale + log2f(l)) * 0.6931471805599453f : -INFINITY;
     }
-    if (t == 0) p.lse[bh * p.q_len + row] = seen ? (m_i[r] + log2f(l)) * 0.6931471805599453f : -INFINITY;
   }
+  __syncwarp();
+  store_tile<D>(out + m0 * p.o_stride[2], p.o_stride[2], sQ, warp_row, 16 * kMB, static_cast<int>(imin(kM, p.q_len - m0)));
 }
 
-template <int D, typename T>
-void run_fwd(const AttentionParams& p, cudaStream_t stream) {
-  constexpr int smem = fwd_smem_bytes<D, T>();
-  cudaFuncSetAttribute(flash_fwd_kernel<D, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  const dim3 grid((p.q_len + kFwdBlockM - 1) / kFwdBlockM, p.batch * p.heads);
-  flash_fwd_kernel<D, T><<<grid, kFwdThreads, smem, stream>>>(p);
+struct Grid { unsigned x, y; };
+
+// The forward's launches, through `launch(kernel, grid, threads, smem bytes, args...)`: a CUDA
+// stream's (launch.cuh) or the CPU emulation's.
+template <int D, typename T, typename Launch>
+void forward_steps(const AttentionParams& p, const Launch& launch) {
+  using Tile = FwdTile<D>;
+  const Grid grid{static_cast<unsigned>((p.q_len + Tile::kBlockM - 1) / Tile::kBlockM), static_cast<unsigned>(p.batch * p.heads)};
+  launch(flash_fwd_kernel<D, T>, grid, Tile::kThreads, Tile::smem_bytes(sizeof(T)), p);
 }
 
 }  // namespace fastattn::cuda

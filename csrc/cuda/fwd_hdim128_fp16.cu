@@ -1,5 +1,4 @@
 // Instantiation: forward, head dim 128, fp16.
-#include "flash_fwd.cuh"
-#include "flash_cuda.h"
+#include "launch.cuh"
 
 template void fastattn::cuda::run_fwd<128, __half>(const fastattn::AttentionParams&, cudaStream_t);

@@ -8,11 +8,20 @@
 //   C 16x8  fp32,        4 floats:           c0,c1 (row g, cols 2t, 2t+1), c2,c3 (row g+8, same)
 // So the C fragments of two adjacent 8-column blocks are exactly an A fragment (after packing to
 // 16 bits): the probabilities P feed P @ V straight from registers, as in FlashAttention-2.
+//
+// The primitives written in PTX (cp.async, ldmatrix, mma) have a CPU emulation for the tests
+// (tests/cuda_emu/cuda_emu.h, built with FASTATTN_CUDA_EMU): the kernels run there unchanged.
 #pragma once
+#include <cstdint>
+
+#ifdef FASTATTN_CUDA_EMU
+#include "cuda_emu.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <cstdint>
+// The kernels' dynamic shared memory.
+#define FASTATTN_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
 
 namespace fastattn::cuda {
 
@@ -68,6 +77,11 @@ __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+}  // namespace fastattn::cuda
+#endif  // FASTATTN_CUDA_EMU
+
+namespace fastattn::cuda {
+
 // Explicit conversions: torch builds define __CUDA_NO_HALF_CONVERSIONS__ and friends.
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -103,16 +117,40 @@ struct Swizzled {
   }
 };
 
-// Copies rows [0, rows) x D of a global tile (row stride `row_stride`, unit column stride)
-// into a swizzled shared tile with all threads; rows at or past `valid_rows` become zeros.
-template <int D, int kThreads, typename T>
-__device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t row_stride, int rows,
-                                                int valid_rows) {
+// Copies rows [0, kRows) x D of a global tile (row stride `row_stride`, unit column stride) into
+// a swizzled shared tile with all kThreads threads; rows at or past `valid_rows` become zeros.
+// Each thread keeps one 16-byte column chunk and steps down the rows with one pointer.
+template <int D, int kThreads, int kRows, typename T>
+__device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t row_stride, int valid_rows) {
+  constexpr int kChunks = D / 8, kRowStep = kThreads / kChunks;
+  static_assert(kThreads % kChunks == 0 && kRows % kRowStep == 0 && kRowStep % 8 == 0, "whole rows per step");
+  const int c = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
+  T* dst = smem + Swizzled<D>::offset(r0, c);  // rows r0 + kRowStep i (kRowStep % 8 == 0) keep r0's swizzle
+  const T* src = gmem + r0 * row_stride + c * 8;
+#pragma unroll
+  for (int i = 0; i < kRows / kRowStep; ++i, src += kRowStep * row_stride) {
+    const bool valid = r0 + i * kRowStep < valid_rows;
+    cp_async_16(dst + i * kRowStep * D, valid ? src : gmem, valid);
+  }
+}
+
+// Copies n floats (n a multiple of 4, both addresses 16-byte aligned) global -> shared with all
+// threads.
+template <int kThreads>
+__device__ __forceinline__ void load_floats_async(float* smem, const float* gmem, int n) {
+  for (int i = threadIdx.x; i < n / 4; i += kThreads) cp_async_16(smem + 4 * i, gmem + 4 * i, true);
+}
+
+// Writes rows [row0, row0 + rows) of a Swizzled<D> shared tile to global memory (row stride
+// `row_stride`, unit column stride) with one warp, 16 bytes a store; rows at or past
+// `valid_rows` are left alone.
+template <int D, typename T>
+__device__ __forceinline__ void store_tile(T* gmem, int64_t row_stride, const T* smem, int row0, int rows, int valid_rows) {
   constexpr int kChunks = D / 8;
-  for (int i = threadIdx.x; i < rows * kChunks; i += kThreads) {
-    const int r = i / kChunks, c = i % kChunks;
-    const bool valid = r < valid_rows;
-    cp_async_16(smem + Swizzled<D>::offset(r, c), gmem + (valid ? r : 0) * row_stride + c * 8, valid);
+  for (int i = threadIdx.x % 32; i < rows * kChunks; i += 32) {
+    const int r = row0 + i / kChunks, c = i % kChunks;
+    if (r < valid_rows)
+      *reinterpret_cast<uint4*>(gmem + r * row_stride + c * 8) = *reinterpret_cast<const uint4*>(smem + Swizzled<D>::offset(r, c));
   }
 }
 
@@ -122,20 +160,26 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t 
 //     k-chunk kc: regs {0,1} = (b0,b1) of block n0, {2,3} of n0+8:  b_rows(tile, n0, kc)
 //   B operand from rows (k = row, n = column), rows k0..k0+15 and
 //     column chunks 2cc, 2cc+1: regs {0,1} of block 2cc, {2,3} of 2cc+1 (.trans): b_cols(tile, k0, cc)
+// The first row is a multiple of 8, so the swizzle's row % 8 is the lane's own, and a 16-column
+// step only flips chunk bits: each offset is a per-lane constant XOR a compile-time one, plus the
+// first row's, which keeps the addresses of an unrolled loop from each taking a register.
+template <int D>
+__device__ __forceinline__ int lane_offset(int row, int chunk_bit) {  // row < 16, chunk 0 or 1
+  return row * D + ((chunk_bit ^ (row & 7)) << 3);
+}
 template <int D, typename T>
 __device__ __forceinline__ const T* a_operand(const T* tile, int r0, int kc) {
   const int lane = threadIdx.x % 32;
-  return tile + Swizzled<D>::offset(r0 + lane % 8 + (lane / 8 % 2) * 8, 2 * kc + lane / 16);
+  return tile + r0 * D + (lane_offset<D>(lane % 8 + (lane / 8 % 2) * 8, lane / 16) ^ (kc << 4));
 }
 template <int D, typename T>
 __device__ __forceinline__ const T* b_rows(const T* tile, int n0, int kc) {
   const int lane = threadIdx.x % 32;
-  return tile + Swizzled<D>::offset(n0 + lane % 8 + (lane / 16) * 8, 2 * kc + lane / 8 % 2);
+  return tile + n0 * D + (lane_offset<D>(lane % 8 + (lane / 16) * 8, lane / 8 % 2) ^ (kc << 4));
 }
 template <int D, typename T>
 __device__ __forceinline__ const T* b_cols(const T* tile, int k0, int cc) {
-  const int lane = threadIdx.x % 32;
-  return tile + Swizzled<D>::offset(k0 + lane % 8 + (lane / 8 % 2) * 8, 2 * cc + lane / 16);
+  return a_operand<D>(tile, k0, cc);  // the same rows and chunks as an A operand's
 }
 
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }

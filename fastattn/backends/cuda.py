@@ -1,7 +1,9 @@
 """Backend `cuda`: the CUDA C++ tensor-core kernels (csrc/cuda), through pybind11.
 
-Correct on an H200 but a third of Triton's speed there (benchmarks/results/): dispatch ranks it
-after `triton`, so backend="auto" takes it only where Triton cannot run."""
+Its 64-query tiles measured a third of Triton's speed on an H200 (benchmarks/results/); the
+128-query tiles that replaced them are not yet measured on a GPU. Until a record shows them
+ahead, dispatch ranks it after `triton`, so backend="auto" takes it only where Triton cannot
+run. Without a GPU, tests/test_cuda.py runs its kernels on a CPU (tests/cuda_emu)."""
 from __future__ import annotations
 
 import torch
@@ -11,14 +13,11 @@ from .base import Backend, Capabilities, Masks, Problem, empty_lse, empty_out, f
 HEAD_DIMS = (64, 128)  # csrc/cuda: one .cu per (head dim, dtype)
 
 
-def _extension():
-    from .. import _C
-
-    return _C
-
-
-def _kernel_masks(masks: Masks):
-    return _extension().MaskTensors(masks.key_ranges, masks.key_padding)
+def _tile_aligned(t: torch.Tensor) -> torch.Tensor:
+    """t, or a fresh dense copy where the kernels' 16-byte row copies could not read it."""
+    if t.stride(-1) == 1 and not any(s % 8 for s in t.stride()[:3]) and t.data_ptr() % 16 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 class CudaBackend(Backend):
@@ -33,9 +32,16 @@ class CudaBackend(Backend):
         decode=False,
     )
 
+    @property
+    def ext(self):
+        """The module with the kernels' entry points (the tests swap in their CPU emulation)."""
+        from .. import _C
+
+        return _C
+
     def probe(self):
         try:
-            if not _extension().with_cuda:
+            if not self.ext.with_cuda:
                 return "fastattn._C was built without its CUDA sources (they need nvcc and a CUDA build of torch)"
         except ImportError as e:
             return f"the C++ extension fastattn._C is not built ({e})"
@@ -51,17 +57,20 @@ class CudaBackend(Backend):
             why.append("q/k/v need a unit head-dim stride, other strides multiple of 8, 16-byte aligned data")
         return why
 
+    def _masks(self, masks: Masks):
+        return self.ext.MaskTensors(masks.key_ranges, masks.key_padding)
+
     def forward(self, q, k, v, masks, causal, scale, dropout_p, seed):
         out, lse = empty_out(q), empty_lse(q)
-        _extension().cuda_forward(q, k, v, out, lse, _kernel_masks(masks), causal, scale, dropout_p, seed)
+        self.ext.cuda_forward(q, k, v, out, lse, self._masks(masks), causal, scale, dropout_p, seed)
         return out, lse
 
     def backward(self, dout, dlse, q, k, v, out, lse, masks, causal, scale, dropout_p, seed):
         dq, dk, dv = fp32_grad_buffers(q, k)
         if dlse is not None:
             dlse = dlse.to(torch.float32).contiguous()
-        if dout.stride(-1) != 1 or any(s % 8 for s in dout.stride()[:3]) or dout.data_ptr() % 16:
-            dout = dout.contiguous()  # an incoming gradient of unusual layout: the one copy made here
-        _extension().cuda_backward(dout, q, k, v, out, lse, dlse, _kernel_masks(masks), causal, scale,
+        # an incoming gradient (or, traced, an output) of unusual layout: the one copy made here
+        dout, out = _tile_aligned(dout), _tile_aligned(out)
+        self.ext.cuda_backward(dout, q, k, v, out, lse, dlse, self._masks(masks), causal, scale,
                                    dropout_p, seed, dq, dk, dv)
         return finish_grads(dq, dk, dv, k, q.dtype)

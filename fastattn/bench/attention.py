@@ -150,12 +150,15 @@ def reference_error(case: Case, inputs: Inputs, out: torch.Tensor) -> float:
     return (out[:1, :heads, rows].double() - ref).abs().max().item()
 
 
-def run_case(case: Case, device: str, quick: bool, min_run_time: float, fastattn_only: bool = False) -> list[dict]:
-    """Every provider on one case (only fastattn's: the dispatch sweep); on the CPU the providers
-    that run are timed taking turns."""
+def run_case(case: Case, device: str, quick: bool, min_run_time: float, fastattn_only: bool = False,
+             only: frozenset[str] | None = None) -> list[dict]:
+    """Every provider on one case (only fastattn's: the dispatch sweep; `only`: those named); on
+    the CPU the providers that run are timed taking turns."""
     inputs = make_inputs(case, device)
     rows, steps = [], {}
     found = fastattn_providers(case, device, inputs) if fastattn_only else providers(case, device, inputs, quick)
+    if only is not None:
+        found = {name: f for name, f in found.items() if name in only}
     for name, forward in found.items():
         row = dict(backend=name, case=case.label, **asdict(case))
         try:
