@@ -29,6 +29,8 @@ void check_call(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
               "the CUDA kernels take float16 or bfloat16, got ", q.scalar_type());
   TORCH_CHECK(cuda::has_head_dim(q.size(3)), "the CUDA kernels take head dims 64 and 128, got ", q.size(3));
   TORCH_CHECK(!masks.attn_mask.has_value(), "the CUDA kernels take no attn_mask");
+  TORCH_CHECK(!masks.cu_seqlens_q.has_value() && !masks.cu_seqlens_k.has_value(),
+              "the CUDA kernels take no packed sequences (cu_seqlens)");
   TORCH_CHECK(dropout_p == 0.0, "the CUDA kernels have no dropout");
   check_tile_layout(q, "q");
   check_tile_layout(k, "k");

@@ -5,9 +5,9 @@
 // in log2 units and delta = rowsum(dO * O) - dlse into a workspace padded to 128 rows per
 // (batch, head), so the kernels stage both with 16-byte copies and never test a row's end. Then
 // two kernels, each with what its registers hold:
-//   dQ:    a CTA per 128 queries sweeps the key tiles the forward visited (S and dP again); at
-//          D 64 each of its 4 warps owns 32 queries (two MMA blocks sharing every K and V
-//          fragment read), at D 128, where dQ takes twice the registers, each of 8 warps 16;
+//   dQ:    a CTA per 128 queries sweeps the keys the forward visited in 32-key tiles (S and dP
+//          again); at D 64 each of its 4 warps owns 32 queries (two MMA blocks sharing every K
+//          and V fragment read), at D 128, where dQ takes twice the registers, each of 8 warps 16;
 //   dK/dV: a CTA per 128 keys, 8 warps of 16, sweeps the query tiles that can see them (64
 //          queries a step at D 64, 32 at D 128), Q, dO, lse and delta double-buffered with
 //          cp.async. Two fp32 accumulators of 16 x D per warp are what the register file holds
@@ -29,7 +29,9 @@ inline int64_t bwd_workspace_floats(const AttentionParams& p) { return 2 * p.bat
 template <int D>
 struct DqTile {
   static constexpr int kRowBlocks = D <= 64 ? 2 : 1, kWarps = D <= 64 ? 4 : 8, kThreads = 32 * kWarps;
-  static constexpr int kBlockM = 16 * kRowBlocks * kWarps, kBlockN = D <= 64 ? 32 : 64;
+  // kBlockN: what the registers hold at D 64, and at D 128 what keeps shared memory within the
+  // 99 KiB sm_86/sm_89 grant a block (they run the sm_80 build)
+  static constexpr int kBlockM = 16 * kRowBlocks * kWarps, kBlockN = 32;
   static constexpr int smem_bytes(int elem) { return (2 * kBlockM + 4 * kBlockN) * D * elem; }  // Q, dO, 2 x (K, V)
 };
 
@@ -92,7 +94,7 @@ __global__ void __launch_bounds__(DqTile<D>::kThreads) bwd_dq_kernel(const Atten
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int m_tile = p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // causal: longest rows first
   const int m0 = m_tile * kM;
-  const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads, hk = h / (p.heads / p.kv_heads);
+  const int64_t b = blockIdx.y, h = blockIdx.z, bh = b * p.heads + h, hk = h / (p.heads / p.kv_heads);
   int kv_lo = 0, kv_hi = static_cast<int>(p.kv_len);
   if (p.kv_begin != nullptr) kv_lo = p.kv_begin[b], kv_hi = p.kv_end[b];
   const int end = p.causal ? min(kv_hi, m0 + kM) : kv_hi;
@@ -219,7 +221,7 @@ __global__ void __launch_bounds__(DkvTile<D>::kThreads) bwd_dkdv_kernel(const At
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int n0 = blockIdx.x * kN;
-  const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads, hk = h / (p.heads / p.kv_heads);
+  const int64_t b = blockIdx.y, h = blockIdx.z, bh = b * p.heads + h, hk = h / (p.heads / p.kv_heads);
   int kv_lo = 0, kv_hi = static_cast<int>(p.kv_len);
   if (p.kv_begin != nullptr) kv_lo = p.kv_begin[b], kv_hi = p.kv_end[b];
   const int key0 = warp * 16 * kKB + g;  // this thread's first key in the tile; key block kb adds 16 kb
@@ -343,14 +345,14 @@ __global__ void __launch_bounds__(DkvTile<D>::kThreads) bwd_dkdv_kernel(const At
 template <int D, typename T, typename Launch>
 void backward_steps(const AttentionBwdParams& p, float* ws, const Launch& launch) {
   const int64_t rows = p.batch * p.heads * padded_rows(p.q_len);
-  const unsigned bh = static_cast<unsigned>(p.batch * p.heads);
+  const unsigned batch = static_cast<unsigned>(p.batch), heads = static_cast<unsigned>(p.heads);
   constexpr int kPrepRows = 256 / (D / 8);
-  launch(bwd_prep_kernel<D, T>, Grid{static_cast<unsigned>((rows + kPrepRows - 1) / kPrepRows), 1}, 256, 0, p, ws);
+  launch(bwd_prep_kernel<D, T>, Grid{static_cast<unsigned>((rows + kPrepRows - 1) / kPrepRows)}, 256, 0, p, ws);
   using Dq = DqTile<D>;
-  launch(bwd_dq_kernel<D, T>, Grid{static_cast<unsigned>((p.q_len + Dq::kBlockM - 1) / Dq::kBlockM), bh}, Dq::kThreads,
+  launch(bwd_dq_kernel<D, T>, Grid{static_cast<unsigned>((p.q_len + Dq::kBlockM - 1) / Dq::kBlockM), batch, heads}, Dq::kThreads,
          Dq::smem_bytes(sizeof(T)), p, static_cast<const float*>(ws));
   using Dkv = DkvTile<D>;
-  launch(bwd_dkdv_kernel<D, T>, Grid{static_cast<unsigned>((p.kv_len + Dkv::kBlockN - 1) / Dkv::kBlockN), bh}, Dkv::kThreads,
+  launch(bwd_dkdv_kernel<D, T>, Grid{static_cast<unsigned>((p.kv_len + Dkv::kBlockN - 1) / Dkv::kBlockN), batch, heads}, Dkv::kThreads,
          Dkv::smem_bytes(sizeof(T)), p, static_cast<const float*>(ws));
 }
 

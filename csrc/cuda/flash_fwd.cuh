@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads) flash_fwd_kernel(const A
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int m_tile = p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // causal: longest rows first
   const int m0 = m_tile * kM;
-  const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads, hk = h / (p.heads / p.kv_heads);
+  const int64_t b = blockIdx.y, h = blockIdx.z, bh = b * p.heads + h, hk = h / (p.heads / p.kv_heads);
   int kv_lo = 0, kv_hi = static_cast<int>(p.kv_len);
   if (p.kv_begin != nullptr) kv_lo = p.kv_begin[b], kv_hi = p.kv_end[b];
   const int end = p.causal ? min(kv_hi, m0 + kM) : kv_hi;  // causal: no key past the tile's last query
@@ -213,14 +213,16 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads) flash_fwd_kernel(const A
   store_tile<D>(out + m0 * p.o_stride[2], p.o_stride[2], sQ, warp_row, 16 * kMB, static_cast<int>(imin(kM, p.q_len - m0)));
 }
 
-struct Grid { unsigned x, y; };
+// x: tiles; y, z: batch and head (each may reach 65535; one b * h dimension could overflow y).
+struct Grid { unsigned x, y = 1, z = 1; };
 
 // The forward's launches, through `launch(kernel, grid, threads, smem bytes, args...)`: a CUDA
 // stream's (launch.cuh) or the CPU emulation's.
 template <int D, typename T, typename Launch>
 void forward_steps(const AttentionParams& p, const Launch& launch) {
   using Tile = FwdTile<D>;
-  const Grid grid{static_cast<unsigned>((p.q_len + Tile::kBlockM - 1) / Tile::kBlockM), static_cast<unsigned>(p.batch * p.heads)};
+  const Grid grid{static_cast<unsigned>((p.q_len + Tile::kBlockM - 1) / Tile::kBlockM), static_cast<unsigned>(p.batch),
+                  static_cast<unsigned>(p.heads)};
   launch(flash_fwd_kernel<D, T>, grid, Tile::kThreads, Tile::smem_bytes(sizeof(T)), p);
 }
 

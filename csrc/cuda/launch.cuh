@@ -13,10 +13,10 @@ struct StreamLaunch {
 
   template <typename... Params, typename... Args>
   void operator()(void (*kernel)(Params...), Grid grid, int threads, int smem, const Args&... args) const {
-    if (grid.x == 0 || grid.y == 0) return;  // no query or no key: CUDA refuses an empty grid
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;  // no query or no key: CUDA refuses an empty grid
     // Above 48 KiB a kernel must opt in (set per launch, as FlashAttention does: it is cheap).
     if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    kernel<<<dim3(grid.x, grid.y), threads, smem, stream>>>(args...);
+    kernel<<<dim3(grid.x, grid.y, grid.z), threads, smem, stream>>>(args...);
   }
 };
 

@@ -207,9 +207,10 @@ inline void launch(Dim3 grid, unsigned threads, size_t smem_bytes, uint64_t seed
   for (auto& f : c.fibers) f.stack.resize(256 * 1024);
   g_cta = &c;
   std::vector<unsigned> order(threads);
-  for (unsigned by = 0; by < grid.y; ++by) {
-    for (unsigned bx = 0; bx < grid.x; ++bx) {
-      c.block = {bx, by, 0};
+  for (unsigned b = 0; b < grid.x * grid.y * grid.z; ++b) {
+    {
+      const unsigned bx = b % grid.x, by = b / grid.x % grid.y, bz = b / grid.x / grid.y;
+      c.block = {bx, by, bz};
       c.smem.assign(smem_bytes, 0xFF);
       c.warps.assign(threads / 32, Warp{});
       c.arrived = 0;
@@ -244,7 +245,7 @@ inline void launch(Dim3 grid, unsigned threads, size_t smem_bytes, uint64_t seed
               if (!c.error.empty()) {
                 g_cta = nullptr;
                 throw std::runtime_error(c.error + " (block " + std::to_string(bx) + ", " + std::to_string(by) +
-                                         ", thread " + std::to_string(t) + ")");
+                                         ", " + std::to_string(bz) + ", thread " + std::to_string(t) + ")");
               }
               left -= c.fibers[t].done;
             }
@@ -253,7 +254,7 @@ inline void launch(Dim3 grid, unsigned threads, size_t smem_bytes, uint64_t seed
         if (left > 0 && c.progress == round) {
           g_cta = nullptr;
           fail("deadlock: threads wait at a barrier the others never reach (block " + std::to_string(bx) + ", " +
-               std::to_string(by) + ")");
+               std::to_string(by) + ", " + std::to_string(bz) + ")");
         }
       }
     }

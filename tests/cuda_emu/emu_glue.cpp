@@ -16,7 +16,7 @@ struct EmuLaunch {
 
   template <typename... Params, typename... Args>
   void operator()(void (*kernel)(Params...), cuda::Grid grid, int threads, int smem, const Args&... args) const {
-    emu::launch({grid.x, grid.y, 1}, threads, smem, g_seed++, buffers, [&] { kernel(args...); });
+    emu::launch({grid.x, grid.y, grid.z}, threads, smem, g_seed++, buffers, [&] { kernel(args...); });
   }
 };
 
