@@ -9,7 +9,7 @@ from torch import Tensor
 from . import _C, ops
 from .backends import Problem, select_backend
 from .backends import explain as explain_selection
-from .backends.base import head_dim_value, length_bucket
+from .backends.base import head_dim_value, length_bucket, tile_aligned
 from .masks import key_ranges as key_ranges_by_torch_ops
 from .reference import ALIGNS
 
@@ -105,16 +105,9 @@ def _check_attn_mask(mask, query, key) -> Tensor | None:
     return mask.expand(full)
 
 
-def _tile_aligned(t: Tensor) -> bool:
-    """What 16-byte tile copies need: unit head-dim stride, other strides multiples of 8
-    elements, an aligned base (not inspectable while torch.compile traces; the kernel checks)."""
-    strides_ok = t.stride(-1) == 1 and all(s % 8 == 0 or n == 1 for s, n in zip(t.stride()[:3], t.shape[:3]))
-    return strides_ok and (torch.compiler.is_compiling() or t.data_ptr() % 16 == 0)
-
-
 def aligned(device: str, *tensors: Tensor) -> bool:
-    """_tile_aligned for all, where a backend asks (the cuda one, on a GPU); True elsewhere."""
-    return device != "cuda" or all(_tile_aligned(t) for t in tensors)
+    """tile_aligned for all, where a backend asks (the cuda one, on a GPU); True elsewhere."""
+    return device != "cuda" or all(tile_aligned(t) for t in tensors)
 
 
 def key_ranges(mask: Tensor) -> Tensor:

@@ -169,6 +169,13 @@ class Backend:
         raise NotImplementedError(f"backend {self.name} declares no KV-cache decoding")
 
 
+def tile_aligned(t: Tensor) -> bool:
+    """What 16-byte tile copies need: unit head-dim stride, other strides multiples of 8
+    elements, an aligned base (not inspectable while torch.compile traces; the kernel checks)."""
+    strides_ok = t.stride(-1) == 1 and all(s % 8 == 0 or n == 1 for s, n in zip(t.stride()[:3], t.shape[:3]))
+    return strides_ok and (torch.compiler.is_compiling() or t.data_ptr() % 16 == 0)
+
+
 def new_buffer(like: Tensor, *shape: int, dtype: torch.dtype | None = None) -> Tensor:
     """An uninitialised kernel output. With FASTATTN_POISON=1 (the tests set it) it is filled
     with NaN, so an element a kernel forgets to write cannot pass for a right answer."""

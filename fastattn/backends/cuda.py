@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from .base import Backend, Capabilities, Masks, Problem, empty_lse, empty_out, finish_grads, fp32_grad_buffers
+from .base import (Backend, Capabilities, Masks, Problem, empty_lse, empty_out, finish_grads, fp32_grad_buffers,
+                   tile_aligned)
 
 HEAD_DIMS = (64, 128)  # csrc/cuda: one .cu per (head dim, dtype)
 
 
-def _tile_aligned(t: torch.Tensor) -> torch.Tensor:
-    """t, or a fresh dense copy where the kernels' 16-byte row copies could not read it."""
-    if t.stride(-1) == 1 and not any(s % 8 for s in t.stride()[:3]) and t.data_ptr() % 16 == 0:
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
+def _tile_ready(t: torch.Tensor) -> torch.Tensor:
+    """t, or a fresh dense copy where the kernels' 16-byte row copies could not read it
+    (contiguous() would keep a dense tensor with a misaligned base)."""
+    return t if tile_aligned(t) else t.clone(memory_format=torch.contiguous_format)
 
 
 class CudaBackend(Backend):
@@ -70,7 +70,7 @@ class CudaBackend(Backend):
         if dlse is not None:
             dlse = dlse.to(torch.float32).contiguous()
         # an incoming gradient (or, traced, an output) of unusual layout: the one copy made here
-        dout, out = _tile_aligned(dout), _tile_aligned(out)
+        dout, out = _tile_ready(dout), _tile_ready(out)
         self.ext.cuda_backward(dout, q, k, v, out, lse, dlse, self._masks(masks), causal, scale,
                                    dropout_p, seed, dq, dk, dv)
         return finish_grads(dq, dk, dv, k, q.dtype)
