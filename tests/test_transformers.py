@@ -1,10 +1,14 @@
 """attn_implementation="fastattn" in Hugging Face transformers (small random BERT, GPT-2 and Llama)
 against attn_implementation="eager" on padded batches, fastattn's on padded and packed ones."""
+import inspect
+import math
+
 import pytest
 import torch
 
 import fastattn
 from fastattn.integrations import transformers as hf
+from fastattn.integrations import transformers_mask as hf_mask
 
 transformers = pytest.importorskip("transformers")
 
@@ -136,14 +140,15 @@ def spy_on_varlen(monkeypatch):
 
 
 def count_calls(monkeypatch, name):
+    """Calls of `name` in the integration's mask module."""
     calls = []
-    real = getattr(hf, name)
+    real = getattr(hf_mask, name)
 
     def spy(*args):
         calls.append(args)
         return real(*args)
 
-    monkeypatch.setattr(hf, name, spy)
+    monkeypatch.setattr(hf_mask, name, spy)
     return calls
 
 
@@ -191,7 +196,7 @@ def test_causal_lm_packed_training(tmp_path, monkeypatch, arch, rows, flash_kwar
     eager, ours = load_both(model_cls, config, tmp_path)
     packed, cu_seqlens, ids, mask = packed_and_padded(101, rows, flash_kwargs)
     dense, varlen = spy_on_kernel(monkeypatch), spy_on_varlen(monkeypatch)
-    derived = count_calls(monkeypatch, "_varlen_from_positions")
+    derived = count_calls(monkeypatch, "_varlen_from_starts")
     labels = ids.masked_fill(mask == 0, -100)
     assert_same_training(eager, ours, dict(input_ids=ids, attention_mask=mask, labels=labels), packed)
     assert dense == [] and len(varlen) == 2  # no mask tensor: every layer went to attention_varlen
@@ -206,10 +211,11 @@ def test_causal_lm_packed_training(tmp_path, monkeypatch, arch, rows, flash_kwar
     assert [call["window_size"] for call in varlen] == windows.get(arch, [(-1, -1)] * 2)
     assert len(derived) == (0 if flash_kwargs else 1)  # once per forward, not per layer
 
-    built = transformers.masking_utils.create_causal_mask(
-        config=ours.config, inputs_embeds=torch.zeros(rows, 24 // rows, 32), attention_mask=None, cache=None,
-        position_ids=packed["position_ids"])
-    assert isinstance(built, hf.PackedSequences)  # no O(N^2) mask was built
+    create = transformers.masking_utils.create_causal_mask
+    no_cache = {"cache" if "cache" in inspect.signature(create).parameters else "past_key_values": None}
+    built = create(config=ours.config, inputs_embeds=torch.zeros(rows, 24 // rows, 32), attention_mask=None,
+                   position_ids=packed["position_ids"], **no_cache)
+    assert isinstance(built, hf.CompactMask) and built.sequence_ids is not None  # no O(N^2) mask was built
 
 
 @pytest.mark.parametrize("flash_kwargs", [False, True])
@@ -366,7 +372,7 @@ def test_modern_models_generate_as_eager(tmp_path, monkeypatch, arch):
 
 
 def test_a_window_the_mask_does_not_hold_raises():
-    window = hf.CausalKeys(padding=None, keys=6, window=4)
+    window = hf.CompactMask(causal=True, keys=6, kv_length=6, window=4)
     with pytest.raises(ValueError, match="sliding_window=None, but the layer's mask has a window of 4"):
         call_forward(mask=window)
     with pytest.raises(ValueError, match="sliding_window=3, but the layer's mask has a window of 4"):
@@ -388,7 +394,7 @@ def test_masks_the_kernel_cannot_take_stay_4d():
     assert static.shape == (2, 1, 1, 8)
     cached = hf.fastattn_mask(2, 1, 8, q_offset=5, mask_function=causal_mask_function,
                               attention_mask=torch.ones(2, 6, dtype=torch.bool))
-    assert cached == hf.CausalKeys(None, 6, None)  # a static cache's empty slots past the query dropped
+    assert (cached.causal, cached.keys, cached.kv_length, cached.padding) == (True, 6, 8, None)  # slots 6, 7: empty
 
 
 def test_t5_position_bias_matches_eager(tmp_path):
@@ -405,3 +411,106 @@ def test_t5_position_bias_matches_eager(tmp_path):
     loss = ours.train()(input_ids=ids, attention_mask=mask, labels=labels).loss  # a forward is fine
     with pytest.raises(ValueError, match="position_bias .* needs its gradient"):  # the bias is learned
         loss.backward()
+
+
+# The root causes the every-family sweep (tests/test_transformers_sweep.py) found, one test each.
+def tiny(config_cls, **kw):
+    return config_cls(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, **kw)
+
+
+@pytest.mark.parametrize("model_cls,config", [
+    ("BloomForCausalLM", lambda: transformers.BloomConfig(vocab_size=99, hidden_size=32, n_layer=2, n_head=4)),
+    ("GPTNeoForCausalLM", lambda: transformers.GPTNeoConfig(vocab_size=99, hidden_size=32, num_layers=2,
+                                                             num_heads=4, attention_types=[[["global"], 2]])),
+    ("MambaForCausalLM", lambda: transformers.MambaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2)),
+])
+def test_models_that_never_call_the_attention_interface_are_refused_at_load(tmp_path, model_cls, config):
+    """Their attention is their own code (or they have none): fastattn would never run."""
+    model_cls = getattr(transformers, model_cls)
+    model_cls(config()).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=rf"fastattn: {model_cls.__name__} cannot run attn_implementation='fastattn'"):
+        model_cls.from_pretrained(tmp_path, attn_implementation="fastattn")
+    eager = model_cls.from_pretrained(tmp_path, attn_implementation="eager")
+    try:  # transformers itself declines to switch a model whose modules hold their own attention
+        eager.set_attn_implementation("fastattn")
+    except ValueError as e:
+        assert str(e).startswith(f"fastattn: {model_cls.__name__} cannot run")
+    assert eager.config._attn_implementation == "eager"
+
+
+def test_causality_comes_from_the_mask_not_the_module():
+    """A decoder's self-attention module may say is_causal=False (shared with its encoder) while its mask
+    is causal (NLLB-MoE, Pegasus-X, BigBird-Pegasus)."""
+    module = torch.nn.Module()
+    module.is_causal = False
+    causal = hf.CompactMask(causal=True, keys=6, kv_length=6)
+    i = torch.arange(6)
+    torch.testing.assert_close(call_forward(module, mask=causal),
+                               call_forward(module, mask=(i[None, :] <= i[:, None])[None, None].expand(2, 1, 6, 6)))
+
+
+def test_keys_the_mask_does_not_cover_raise():
+    """DeepSeek V4 appends compressed entries after the keys its mask covers: never dropped silently."""
+    covers_six = hf.CompactMask(causal=True, keys=6, kv_length=6)
+    with pytest.raises(ValueError, match="_Attention attends to 8 keys, but its mask covers 6"):
+        call_forward(S=8, mask=covers_six)
+    static_cache = hf.CompactMask(causal=True, keys=6, kv_length=8)  # slots 6 and 7: empty, seen by no query
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 6, 8, generator=gen) for _ in range(3))
+    k8, v8 = (torch.cat([t, torch.full((2, 4, 2, 8), math.nan)], dim=2) for t in (k, v))
+    got = hf.fastattn_attention_forward(_Attention(), q, k8, v8, static_cache)[0]
+    torch.testing.assert_close(got, hf.fastattn_attention_forward(_Attention(), q, k, v, None)[0])
+
+
+class _ReworksItsMask(torch.nn.Module):
+    def forward(self, mask):
+        return mask[:, :, :, :3]
+
+
+def test_a_model_using_the_compact_mask_as_a_tensor_is_refused_by_name():
+    mask = hf.CompactMask(causal=True, keys=6, kv_length=6)
+    with pytest.raises(hf_mask.MaskUsedAsTensor, match="fastattn: _ReworksItsMask uses the attention mask as a tensor"):
+        _ReworksItsMask()(mask)
+    for use in (lambda m: m.dtype, lambda m: torch.cat([m, m]), lambda m: torch.zeros(2) + m, lambda m: ~m):
+        with pytest.raises(hf_mask.MaskUsedAsTensor):
+            use(mask)
+    assert not hasattr(mask, "not_a_tensor_attribute")
+
+
+def test_a_model_that_asks_for_its_mask_materialized_gets_sdpa_s():
+    """Falcon (ALiBi), Doge and T5Gemma 2 ask create_causal_mask for a tensor to rework
+    (allow_is_causal_skip=False); they get SDPA's 4-D mask."""
+    from transformers.masking_utils import causal_mask_function
+    keep = torch.ones(2, 6, dtype=torch.bool)
+    assert isinstance(hf.fastattn_mask(2, 6, 6, mask_function=causal_mask_function, attention_mask=keep), hf.CompactMask)
+    mask = hf.fastattn_mask(2, 6, 6, mask_function=causal_mask_function, attention_mask=keep,
+                            allow_is_causal_skip=False)
+    assert mask.shape == (2, 1, 6, 6) and torch.equal(mask[0, 0], torch.ones(6, 6, dtype=torch.bool).tril())
+
+
+def test_falcon_with_alibi_matches_eager(tmp_path):
+    config = transformers.FalconConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       alibi=True, new_decoder_architecture=False, multi_query=False,
+                                       initializer_range=0.3)
+    eager, ours = load_both(transformers.FalconForCausalLM, config, tmp_path)
+    ids, mask = padded_ids(99, 3, 11)
+    valid = mask.bool()[..., None]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits * valid,
+                                   eager(input_ids=ids, attention_mask=mask).logits * valid, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_mla_value_head_dim_differs(tmp_path, packed):
+    """DeepSeek V3's multi-head latent attention: V's head dim (8) below Q's and K's (12), padded and packed."""
+    config = transformers.DeepseekV3Config(
+        vocab_size=99, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+        topk_group=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
+        qk_nope_head_dim=8, v_head_dim=8, initializer_range=0.3, use_cache=False)
+    eager, ours = load_both(transformers.DeepseekV3ForCausalLM, config, tmp_path)
+    batch, cu_seqlens, ids, mask = packed_and_padded(99, 1, flash_kwargs=True)
+    labels = ids.masked_fill(mask == 0, -100)
+    padded = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    assert_same_training(eager, ours, padded, batch if packed else padded)

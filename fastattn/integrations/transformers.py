@@ -19,15 +19,17 @@ transformers is optional: nothing here is imported until register_transformers()
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
+import sys
 
 import torch
 
 from ..api import attention
 from ..masks import hidden_from_attend, padding_from_keep
 from ..varlen import attention_varlen
+from . import transformers_mask
+from .transformers_mask import CompactMask, fastattn_mask
 
 _VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
@@ -85,118 +87,8 @@ def _check_same_window(window, in_mask) -> None:
                          f"use attn_implementation='eager'")
 
 
-def _varlen_from_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(B, N) position ids -> (cu_seqlens (n + 1,) int32, longest) of the n sequences in all rows
-    laid end to end. A sequence starts each row and wherever a position does not follow the one
-    before, as in transformers' find_packed_sequence_indices. On the device but for one host sync,
-    which reads n and longest."""
-    starts = torch.nn.functional.pad(position_ids[:, 1:] != position_ids[:, :-1] + 1, (1, 0), value=True)
-    sequence = starts.flatten().cumsum(0) - 1  # of each token
-    lengths = torch.zeros_like(sequence).index_add_(0, sequence, torch.ones_like(sequence))
-    count, longest = torch.stack([sequence[-1] + 1, lengths.max()]).tolist()
-    return torch.nn.functional.pad(lengths[:count].cumsum(0, dtype=torch.int32), (1, 0)), longest
-
-
-class PackedSequences:
-    """What fastattn_mask returns for packed sequences instead of a mask: their position_ids, and
-    the sliding window of a windowed causal mask. The kernel's (cu_seqlens, longest) are derived at
-    the first layer that needs them (none does when the collator's kwargs come along) and reused
-    by all the others."""
-
-    def __init__(self, position_ids: torch.Tensor, window: int | None = None):
-        self.position_ids, self.window = position_ids, window
-
-    @functools.cached_property
-    def varlen(self) -> tuple[torch.Tensor, int]:
-        return _varlen_from_positions(self.position_ids)
-
-
-@dataclasses.dataclass(frozen=True)
-class CausalKeys:
-    """What fastattn_mask returns for a causal mask, windowed or not, whose queries are the last
-    positions of the first `keys` keys (a cache, a sliding window's cache, a whole sequence):
-    causal aligned bottom-right, with the padding of those keys. Key slots past them (an empty
-    static cache's) are seen by no query."""
-    padding: torch.Tensor | None  # (B, keys), True = keep; None: no padding
-    keys: int
-    window: int | None  # transformers' sliding_window: a query sees itself and window - 1 keys before
-
-
-def _closure(f, factory, *args) -> dict | None:
-    """f's closure variables, if `factory` made f; else None."""
-    if getattr(f, "__code__", None) is not factory(*args).__code__:
-        return None
-    return dict(zip(f.__code__.co_freevars, (cell.cell_contents for cell in f.__closure__)))
-
-
-def _plain_pattern(mask_function) -> tuple[bool, int | None] | None:
-    """(causal, sliding_window) of a plain causal, sliding-window causal
-    (sliding_window_causal_mask_function) or bidirectional mask function; None for any other."""
-    from transformers.masking_utils import (and_masks, bidirectional_mask_function, causal_mask_function,
-                                            sliding_window_overlay)
-
-    if mask_function in (causal_mask_function, bidirectional_mask_function):
-        return mask_function is causal_mask_function, None
-    both = _closure(mask_function, and_masks)
-    if both is None or len(both["mask_functions"]) != 2:
-        return None
-    overlay, causal = both["mask_functions"]
-    window = _closure(overlay, sliding_window_overlay, 1)
-    if causal is not causal_mask_function or window is None or not isinstance(window["sliding_window"], int):
-        return None
-    return True, window["sliding_window"]
-
-
-def _packed(mask_function) -> tuple[torch.Tensor, int | None] | None:
-    """(position_ids, sliding_window) of the mask create_causal_mask (or
-    create_sliding_window_causal_mask) builds for packed sequences over a plain pattern,
-    and_masks(remap_positions_for_packed_sequence(plain, position_ids), packed_sequence_mask_function(...));
-    None for any other mask function."""
-    from transformers.masking_utils import (and_masks, packed_sequence_mask_function,
-                                            remap_positions_for_packed_sequence)
-
-    both = _closure(mask_function, and_masks)
-    if both is None or len(both["mask_functions"]) != 2:
-        return None
-    remap, same_sequence = both["mask_functions"]
-    remapped = _closure(remap, remap_positions_for_packed_sequence, None, None)
-    if remapped is None or _closure(same_sequence, packed_sequence_mask_function, None) is None:
-        return None
-    pattern = _plain_pattern(remapped["mask_function"])
-    return None if pattern is None else (remapped["position_ids"], pattern[1])
-
-
-def fastattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
-                  mask_function=None, attention_mask=None, **kwargs):
-    """The mask a model hands to fastattn_attention_forward. Where the model's mask is causal
-    (windowed or not) or bidirectional plus padding, no O(N^2) tensor: over a whole unwindowed
-    sequence, the (B, kv_length) padding mask (True = keep), or None without padding; for packed
-    sequences, a PackedSequences; a causal mask's queries at the end of its keys (decoding against
-    a cache, a sliding window), a CausalKeys. Anything else gets SDPA's 4-D bool mask."""
-    from transformers.masking_utils import causal_mask_function, prepare_padding_mask, sdpa_mask
-
-    mask_function = mask_function or causal_mask_function
-    offsets_known = isinstance(q_offset, int) and isinstance(kv_offset, int)  # a static cache's is a tensor
-    whole = offsets_known and q_offset == 0 and kv_offset == 0 and q_length == kv_length
-    if whole and attention_mask is None and (packed := _packed(mask_function)) is not None:
-        return PackedSequences(*packed)
-    pattern = _plain_pattern(mask_function) if offsets_known else None
-    keys = q_offset - kv_offset + q_length if offsets_known else 0
-    if pattern is None or not (whole or pattern[0] and q_length <= keys <= kv_length):
-        return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
-                         attention_mask, **kwargs)
-    padding = None
-    if attention_mask is not None:
-        padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)[:, kv_offset:kv_offset + keys].bool()
-        padding = None if padding.all() else padding
-    causal, window = pattern
-    return padding if whole and window is None else CausalKeys(padding, keys, window)
-
-
-def _varlen_args(query, key, attention_mask, causal: bool, kwargs: dict):
+def _varlen_args(query, key, mask, causal: bool, kwargs: dict):
     """(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) where the batch is packed, else None."""
-    if isinstance(attention_mask, torch.Tensor):  # padding or a 4-D mask: it says it all
-        return None
     given = [kwargs.get(name) for name in _VARLEN_KWARGS]
     if any(value is not None for value in given):
         missing = [name for name, value in zip(_VARLEN_KWARGS, given) if value is None]
@@ -204,16 +96,31 @@ def _varlen_args(query, key, attention_mask, causal: bool, kwargs: dict):
             raise ValueError(f"fastattn: expected {', '.join(_VARLEN_KWARGS)} together (as "
                              f"DataCollatorWithFlattening(return_flash_attn_kwargs=True) gives them), "
                              f"got None for {', '.join(missing)}")
+        if isinstance(mask, torch.Tensor) or isinstance(mask, CompactMask) and mask.padding is not None:
+            raise ValueError(f"fastattn: packed sequences (cu_seq_lens_q/k) came with a mask of their own "
+                             f"({_describe(mask)}), which fastattn cannot apply within packed sequences; use "
+                             f"attn_implementation='eager'")
         return given
-    if isinstance(attention_mask, PackedSequences):
-        cu_seqlens, longest = attention_mask.varlen
+    if isinstance(mask, CompactMask) and mask.sequence_ids is not None:
+        cu_seqlens, longest = mask.varlen
         return cu_seqlens, cu_seqlens, longest, longest
     position_ids = kwargs.get("position_ids")
     B, L = query.shape[0], query.shape[2]
-    if not causal and B == 1 and position_ids is not None and position_ids.numel() == L == key.shape[2] > 1:
-        cu_seqlens, longest = _varlen_from_positions(position_ids.reshape(1, L))
+    unmasked = mask is None or isinstance(mask, CompactMask) and mask.padding is None
+    if unmasked and not causal and B == 1 and position_ids is not None and position_ids.numel() == L == key.shape[2] > 1:
+        cu_seqlens, longest = transformers_mask._varlen_from_positions(position_ids.reshape(1, L))
         return cu_seqlens, cu_seqlens, longest, longest
     return None
+
+
+def _is_causal(module, mask, is_causal: bool | None) -> bool:
+    """A compact mask says whether it is causal (a decoder's self-attention may share its module class,
+    is_causal False, with the encoder's); without a mask, as SDPA: the call's is_causal, else the module's."""
+    if isinstance(mask, CompactMask):
+        return mask.causal
+    if not hasattr(module, "is_causal"):
+        return bool(is_causal)
+    return module.is_causal if is_causal is None else is_causal
 
 
 def fastattn_attention_forward(module: torch.nn.Module, query, key, value, attention_mask,
@@ -225,44 +132,45 @@ def fastattn_attention_forward(module: torch.nn.Module, query, key, value, atten
     _check_keywords(module, kwargs)
     B, H, L, D = query.shape
     S = key.shape[2]
-    causal = (module.is_causal if is_causal is None else is_causal) if hasattr(module, "is_causal") \
-        else bool(is_causal)
-    varlen = _varlen_args(query, key, attention_mask, causal, kwargs)
+    mask = attention_mask
+    compact = isinstance(mask, CompactMask)
+    causal = _is_causal(module, mask, is_causal)
+    varlen = _varlen_args(query, key, mask, causal, kwargs)
     window = kwargs.get("sliding_window")
-    if isinstance(attention_mask, (CausalKeys, PackedSequences)):
-        _check_same_window(window, attention_mask.window)
+    if compact:
+        _check_same_window(window, mask.window)
     elif window is not None:  # in the 4-D mask, or wider than every sequence
-        _check_window(window, attention_mask, S if varlen is None else int(varlen[3]))
-        window = None
+        _check_window(window, mask, S if varlen is None else int(varlen[3]))
     sinks = kwargs.get("s_aux")
-    mods = dict(window_size=(-1, -1) if window is None else (window - 1, 0), softcap=kwargs.get("softcap") or 0.0,
+    mods = dict(window_size=mask.window_size if compact else (-1, -1), softcap=kwargs.get("softcap") or 0.0,
                 sinks=None if sinks is None else sinks.float())
     position_bias = kwargs.get("position_bias")
     if varlen is not None and position_bias is not None:
         raise ValueError("fastattn: position_bias with packed sequences (cu_seq_lens_q/k or packed position_ids) "
                          "is not supported; use attn_implementation='eager'")
-    if varlen is not None:  # (B, heads, N, D) -> (B * N, heads, D): views when B == 1
-        q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], D) for t in (query, key, value))
+    Dv = value.shape[3]
+    if Dv != D:  # multi-head latent attention: zero columns, as transformers does for FlashAttention
+        scaling = D ** -0.5 if scaling is None else scaling
+        query, key, value = _same_head_dim(query, key, value)
+    if varlen is not None:  # (B, heads, N, d) -> (B * N, heads, d): views when B == 1
+        q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (query, key, value))
         out = attention_varlen(q, k, v, *varlen, causal=causal, scale=scaling, dropout_p=dropout, align="top_left",
                                **mods)
-        return out.view(B, L, H, D), None
+        return out.view(B, L, H, -1)[..., :Dv], None
     padding = attn = None
     align = "top_left"
-    if isinstance(attention_mask, CausalKeys):  # queries at the end of the keys they can see
-        if S < attention_mask.keys:
-            raise ValueError(f"fastattn: the mask covers {attention_mask.keys} keys, got {S}")
-        key, value = key[:, :, :attention_mask.keys], value[:, :, :attention_mask.keys]
-        padding = None if attention_mask.padding is None else padding_from_keep(attention_mask.padding)
-        causal, align = True, "bottom_right"
-    elif attention_mask is not None and attention_mask.dim() == 2:  # from fastattn_mask
-        padding = padding_from_keep(attention_mask)
-    elif attention_mask is not None:  # 4-D: the pattern is all in the mask
-        attn, causal = attention_mask, False
-    if align == "top_left":
-        causal = causal and L > 1  # one query (decoding) sees every cached key
-        if causal and S > L:  # an empty static cache at prefill: keys past L are unused slots
-            key, value = key[:, :, :L], value[:, :, :L]
-            padding = None if padding is None else padding[:, :L]
+    if compact:  # queries at the end of the keys they can see
+        if S != mask.kv_length:
+            raise ValueError(f"fastattn: {type(module).__name__} attends to {S} keys, but its mask covers "
+                             f"{mask.kv_length}: keys the mask does not describe (appended by the model's own code), "
+                             f"which fastattn cannot place; use attn_implementation='eager'")
+        key, value = key[:, :, :mask.keys], value[:, :, :mask.keys]  # slots past them: seen by no query
+        padding = None if mask.padding is None else padding_from_keep(mask.padding)
+        align = "bottom_right"
+    elif mask is not None:  # 4-D: the pattern is all in the mask
+        attn, causal = mask, False
+    else:
+        causal = causal and L > 1  # one query (decoding) sees every cached key, as SDPA's is_causal
     learned_bias = position_bias is not None and position_bias.grad_fn is not None and torch.is_grad_enabled()
     if position_bias is not None:  # T5-style bias: one float mask carrying everything
         hidden = torch.zeros(L, key.shape[2], dtype=torch.bool, device=query.device)
@@ -271,12 +179,19 @@ def fastattn_attention_forward(module: torch.nn.Module, query, key, value, atten
         if attn is not None:
             hidden = hidden | (hidden_from_attend(attn) if attn.dtype == torch.bool else attn == -math.inf)
         bias = position_bias if attn is None or attn.dtype == torch.bool else position_bias + attn
-        attn, causal = bias.detach().masked_fill(hidden, -math.inf), False
+        attn, causal = bias[..., :key.shape[2]].detach().masked_fill(hidden, -math.inf), False
     out = attention(query, key, value, key_padding_mask=padding, attn_mask=attn, causal=causal,
                     scale=scaling, dropout_p=dropout, align=align, **mods)
     if learned_bias:  # a gradient would be owed to the bias: refuse it when one is asked for
         out = _NoBiasGradient.apply(out, position_bias)
-    return out.transpose(1, 2), None
+    return out.transpose(1, 2)[..., :Dv], None
+
+
+def _same_head_dim(query, key, value):
+    """Query, key and value padded with zero columns to one head dim: the scores and the output's
+    first columns are unchanged."""
+    width = max(query.shape[3], value.shape[3])
+    return (torch.nn.functional.pad(t, (0, width - t.shape[3])) for t in (query, key, value))
 
 
 class _NoBiasGradient(torch.autograd.Function):
@@ -295,11 +210,59 @@ class _NoBiasGradient(torch.autograd.Function):
                          "fastattn does not compute; train with attn_implementation='eager' (inference works)")
 
 
+def _refusal(model) -> str | None:
+    """Why `model` (a PreTrainedModel, at construction) cannot run its attention on fastattn, or None.
+    transformers' own test for setting an attention implementation: every attention module of the
+    model's file calls transformers' attention interface. Else, or where the file calls no attention at
+    all (an attention-free model that is no composite of models that do), fastattn would never run."""
+    cls = type(model)
+    if not cls._can_set_attn_implementation():
+        return ("its attention modules compute attention in their own code, not through transformers' attention "
+                "interface, so fastattn would never run")
+    if not _calls_attention(cls.__module__) and not getattr(model.config, "sub_configs", None):
+        return "it has no attention layer that calls transformers' attention interface: fastattn has nothing to run"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _calls_attention(module_name: str) -> bool:
+    """Whether a model's file mentions transformers' attention interface (True where it cannot be read)."""
+    source = getattr(sys.modules.get(module_name), "__file__", None)
+    if source is None:
+        return True
+    with open(source, encoding="utf-8") as f:
+        return "ALL_ATTENTION_FUNCTIONS" in f.read()
+
+
+_REGISTERED: set[str] = set()  # the names fastattn is registered under
+
+
+def _checked(get_correct_attn_implementation):
+    """transformers' PreTrainedModel.get_correct_attn_implementation, which every model runs when it is
+    built or its attention implementation is set, refusing fastattn for a model that cannot honour it."""
+    def check(self, requested_attention, is_init_check: bool = False):
+        applicable = get_correct_attn_implementation(self, requested_attention, is_init_check)
+        if applicable in _REGISTERED and (why := _refusal(self)) is not None:
+            raise ValueError(f"fastattn: {type(self).__name__} cannot run attn_implementation={applicable!r}: {why}; "
+                             f"use attn_implementation='eager' (in a composite model, a dict can give fastattn to "
+                             f"the parts that take it)")
+        return applicable
+
+    check.fastattn_wraps = get_correct_attn_implementation
+    return check
+
+
 def register_transformers(name: str = "fastattn") -> None:
     """Registers `name` with transformers' AttentionInterface and AttentionMaskInterface, so
-    that `from_pretrained(..., attn_implementation="fastattn")` runs attention on fastattn."""
-    from transformers import AttentionInterface
+    that `from_pretrained(..., attn_implementation="fastattn")` runs attention on fastattn, and has
+    every model checked for it as it is built: one that cannot run its attention on fastattn raises
+    a ValueError saying why, as transformers does for 'sdpa'."""
+    from transformers import AttentionInterface, PreTrainedModel
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(name, fastattn_attention_forward)
     AttentionMaskInterface.register(name, fastattn_mask)
+    _REGISTERED.add(name)
+    original = PreTrainedModel.get_correct_attn_implementation
+    if not hasattr(original, "fastattn_wraps"):
+        PreTrainedModel.get_correct_attn_implementation = _checked(original)
