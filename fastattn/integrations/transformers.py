@@ -79,14 +79,6 @@ def _check_window(window, mask, longest: int) -> None:
                          f"use attn_implementation='eager'")
 
 
-def _check_same_window(window, in_mask) -> None:
-    """The layer's sliding_window keyword must be the window its mask holds (fastattn applies it,
-    eager applies the mask: where they differ, one would be wrong)."""
-    if window != in_mask:
-        raise ValueError(f"fastattn: sliding_window={window}, but the layer's mask has a window of {in_mask}; "
-                         f"use attn_implementation='eager'")
-
-
 def _varlen_args(query, key, mask, causal: bool, kwargs: dict):
     """(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) where the batch is packed, else None."""
     given = [kwargs.get(name) for name in _VARLEN_KWARGS]
@@ -136,10 +128,8 @@ def fastattn_attention_forward(module: torch.nn.Module, query, key, value, atten
     compact = isinstance(mask, CompactMask)
     causal = _is_causal(module, mask, is_causal)
     varlen = _varlen_args(query, key, mask, causal, kwargs)
-    window = kwargs.get("sliding_window")
-    if compact:
-        _check_same_window(window, mask.window)
-    elif window is not None:  # in the 4-D mask, or wider than every sequence
+    window = kwargs.get("sliding_window")  # a compact mask holds the layer's window, as eager applies it
+    if not compact and window is not None:  # in the 4-D mask, or wider than every sequence
         _check_window(window, mask, S if varlen is None else int(varlen[3]))
     sinks = kwargs.get("s_aux")
     mods = dict(window_size=mask.window_size if compact else (-1, -1), softcap=kwargs.get("softcap") or 0.0,
@@ -171,7 +161,9 @@ def fastattn_attention_forward(module: torch.nn.Module, query, key, value, atten
         attn, causal = mask, False
     else:
         causal = causal and L > 1  # one query (decoding) sees every cached key, as SDPA's is_causal
-    learned_bias = position_bias is not None and position_bias.grad_fn is not None and torch.is_grad_enabled()
+    learned = next((t for t in (position_bias, attn) if isinstance(t, torch.Tensor) and t.requires_grad
+                    and torch.is_grad_enabled()), None)  # T5's relative position bias, Doge's dynamic mask
+    attn = None if attn is None else attn.detach()
     if position_bias is not None:  # T5-style bias: one float mask carrying everything
         hidden = torch.zeros(L, key.shape[2], dtype=torch.bool, device=query.device)
         if causal:
@@ -182,8 +174,8 @@ def fastattn_attention_forward(module: torch.nn.Module, query, key, value, atten
         attn, causal = bias[..., :key.shape[2]].detach().masked_fill(hidden, -math.inf), False
     out = attention(query, key, value, key_padding_mask=padding, attn_mask=attn, causal=causal,
                     scale=scaling, dropout_p=dropout, align=align, **mods)
-    if learned_bias:  # a gradient would be owed to the bias: refuse it when one is asked for
-        out = _NoBiasGradient.apply(out, position_bias)
+    if learned is not None:  # a gradient would be owed to the bias: refuse it when one is asked for
+        out = _NoBiasGradient.apply(out, learned, type(module).__name__)
     return out.transpose(1, 2)[..., :Dv], None
 
 
@@ -196,32 +188,51 @@ def _same_head_dim(query, key, value):
 
 class _NoBiasGradient(torch.autograd.Function):
     """Identity on the attention output, whose backward raises: fastattn computes no gradient
-    for a float mask, and a learned position_bias (T5's relative attention bias, computed from
-    an embedding) would silently stop learning. A bias with no history (a constant, or the zeros
-    T5 makes for gradient checkpointing) passes, as does any forward without a backward."""
+    for a float mask, and a learned one (T5's relative position_bias, Doge's dynamic mask) would
+    silently stop learning. A bias with no history (a constant, or the zeros T5 makes for gradient
+    checkpointing) passes, as does any forward without a backward."""
 
     @staticmethod
-    def forward(ctx, out, bias):
+    def forward(ctx, out, bias, owner: str):
+        ctx.owner = owner
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad):
-        raise ValueError("fastattn: position_bias (T5's learned relative attention bias) needs its gradient, which "
-                         "fastattn does not compute; train with attn_implementation='eager' (inference works)")
+        raise ValueError(f"fastattn: {ctx.owner}'s position_bias or float attention mask is learned and needs its "
+                         f"gradient, which fastattn does not compute; train with attn_implementation='eager' "
+                         f"(inference works)")
 
 
-def _refusal(model) -> str | None:
-    """Why `model` (a PreTrainedModel, at construction) cannot run its attention on fastattn, or None.
-    transformers' own test for setting an attention implementation: every attention module of the
-    model's file calls transformers' attention interface. Else, or where the file calls no attention at
-    all (an attention-free model that is no composite of models that do), fastattn would never run."""
+def _refusal(model, name: str) -> str | None:
+    """Why `model` (a PreTrainedModel, at construction) cannot run its attention on fastattn (registered
+    as `name`), or None. transformers' own test for setting an attention implementation: every attention
+    module of the model's file calls transformers' attention interface. Else, where the file picks its
+    attention modules from a table without `name` (GIT), or calls no attention at all (an attention-free
+    model that is neither a composite nor part of one), fastattn would never run."""
     cls = type(model)
     if not cls._can_set_attn_implementation():
         return ("its attention modules compute attention in their own code, not through transformers' attention "
                 "interface, so fastattn would never run")
-    if not _calls_attention(cls.__module__) and not getattr(model.config, "sub_configs", None):
+    for table, classes in vars(sys.modules[cls.__module__]).items():
+        if table.endswith("ATTENTION_CLASSES") and isinstance(classes, dict) and name not in classes:
+            return f"its attention modules come from {table}, which holds only {sorted(classes)}"
+    if not (_calls_attention(cls.__module__) or getattr(model.config, "sub_configs", None) or _inside_a_model(model)):
         return "it has no attention layer that calls transformers' attention interface: fastattn has nothing to run"
     return None
+
+
+def _inside_a_model(model) -> bool:
+    """Whether `model` is being built inside another model's constructor (a composite's part)."""
+    from transformers import PreTrainedModel
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if frame.f_code.co_name == "__init__" and isinstance(owner, PreTrainedModel) and owner is not model:
+            return True
+        frame = frame.f_back
+    return False
 
 
 @functools.lru_cache(maxsize=None)
@@ -242,7 +253,7 @@ def _checked(get_correct_attn_implementation):
     built or its attention implementation is set, refusing fastattn for a model that cannot honour it."""
     def check(self, requested_attention, is_init_check: bool = False):
         applicable = get_correct_attn_implementation(self, requested_attention, is_init_check)
-        if applicable in _REGISTERED and (why := _refusal(self)) is not None:
+        if applicable in _REGISTERED and (why := _refusal(self, applicable)) is not None:
             raise ValueError(f"fastattn: {type(self).__name__} cannot run attn_implementation={applicable!r}: {why}; "
                              f"use attn_implementation='eager' (in a composite model, a dict can give fastattn to "
                              f"the parts that take it)")
