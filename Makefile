@@ -14,7 +14,7 @@ VENV := .venv/bin/python
 endif
 CSRC := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: setup run test info cuda-check aarch64-check clean
+.PHONY: setup run test info cuda-check aarch64-check transformers-oldest clean
 
 setup: .stamps/build
 
@@ -42,6 +42,15 @@ test: setup .stamps/dev-deps
 
 info: setup
 	$(PY) -m fastattn info
+
+# The transformers integration's tests and its every-family sweep on the oldest transformers fastattn
+# supports (setup.py's extra; `make test` runs the newest): that release and what it needs beyond the
+# newest's dependencies, in build/ on the path.
+TRANSFORMERS_OLDEST ?= 5.17.0
+transformers-oldest: .stamps/dev-deps
+	$(PY) -m pip install -q --no-deps --upgrade --target build/transformers-$(TRANSFORMERS_OLDEST) \
+		transformers==$(TRANSFORMERS_OLDEST) "huggingface-hub>=1.5,<2" httpx httpcore certifi
+	PYTHONPATH=build/transformers-$(TRANSFORMERS_OLDEST) $(PY) -m pytest -q tests/test_transformers.py tests/test_transformers_sweep.py
 
 # Compiles every CUDA kernel for sm_80 and sm_90a with nvcc (no GPU needed) and reads the result.
 cuda-check: .stamps/dev-deps

@@ -41,6 +41,7 @@ setup(
     packages=find_packages(include=["fastattn", "fastattn.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.11"],  # 2.11 ran on the GPU check, 2.13 runs in CI
+    extras_require={"transformers": ["transformers>=5.17"]},  # CI tests 5.17 and the newest (5.25)
     package_data={"fastattn": ["triton/tuned/*.json", "backends/tables/*.json", "gluon/*.json"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},

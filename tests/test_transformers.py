@@ -423,6 +423,11 @@ def tiny(config_cls, **kw):
     ("GPTNeoForCausalLM", lambda: transformers.GPTNeoConfig(vocab_size=99, hidden_size=32, num_layers=2,
                                                              num_heads=4, attention_types=[[["global"], 2]])),
     ("MambaForCausalLM", lambda: transformers.MambaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2)),
+    ("GitForCausalLM", lambda: transformers.GitConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                                                       num_attention_heads=4, intermediate_size=64,
+                                                       vision_config=dict(hidden_size=32, num_hidden_layers=1,
+                                                                          num_attention_heads=4, image_size=32,
+                                                                          patch_size=16, intermediate_size=64))),
 ])
 def test_models_that_never_call_the_attention_interface_are_refused_at_load(tmp_path, model_cls, config):
     """Their attention is their own code (or they have none): fastattn would never run."""

@@ -31,6 +31,7 @@ from ..varlen import attention_varlen
 from . import transformers_mask
 from .transformers_mask import CompactMask, fastattn_mask
 
+OLDEST_TRANSFORMERS = (5, 17)  # tested in CI with the newest (Makefile: transformers-oldest)
 _VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 # The keywords transformers' attention calls pass, from a survey of every model family in
@@ -268,9 +269,13 @@ def register_transformers(name: str = "fastattn") -> None:
     that `from_pretrained(..., attn_implementation="fastattn")` runs attention on fastattn, and has
     every model checked for it as it is built: one that cannot run its attention on fastattn raises
     a ValueError saying why, as transformers does for 'sdpa'."""
+    import transformers
     from transformers import AttentionInterface, PreTrainedModel
     from transformers.masking_utils import AttentionMaskInterface
 
+    if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < OLDEST_TRANSFORMERS:
+        raise ImportError(f"fastattn: the transformers integration needs transformers >= "
+                          f"{'.'.join(map(str, OLDEST_TRANSFORMERS))}, found {transformers.__version__}")
     AttentionInterface.register(name, fastattn_attention_forward)
     AttentionMaskInterface.register(name, fastattn_mask)
     _REGISTERED.add(name)
