@@ -396,20 +396,30 @@ def test_masks_the_kernel_cannot_take_stay_4d():
     assert (cached.causal, cached.keys, cached.kv_length, cached.padding) == (True, 6, 8, None)  # slots 6, 7: empty
 
 
-def test_t5_position_bias_matches_eager(tmp_path):
+def test_t5_position_bias_trains_as_eager(tmp_path):
+    """T5's learned relative position bias gets its gradient (from the saved lse), padded batches."""
     config = transformers.T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                                    relative_attention_num_buckets=8, dropout_rate=0.0,
                                    decoder_start_token_id=0, pad_token_id=0)
     eager, ours = load_both(transformers.T5ForConditionalGeneration, config, tmp_path)
     ids, mask = padded_ids(99, 3, 11)
     labels = padded_ids(99, 3, 7, seed=1)[0]
-    with torch.no_grad():
-        want = eager(input_ids=ids, attention_mask=mask, labels=labels)
-        got = ours(input_ids=ids, attention_mask=mask, labels=labels)
-    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-4)
-    loss = ours.train()(input_ids=ids, attention_mask=mask, labels=labels).loss  # a forward is fine
-    with pytest.raises(ValueError, match="position_bias or float attention mask is learned and needs its gradient"):  # the bias is learned
-        loss.backward()
+    outputs = [model.train()(input_ids=ids, attention_mask=mask, labels=labels) for model in (eager, ours)]
+    torch.testing.assert_close(outputs[1].logits, outputs[0].logits, atol=1e-5, rtol=1e-4)
+    for out in outputs:
+        out.loss.backward()
+    for (name, p), q in zip(eager.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=2e-5, rtol=1e-4, msg=name)
+    assert ours.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.grad.abs().sum() > 0
+
+
+def test_a_learned_bias_with_dropout_refuses_its_backward():
+    bias = torch.randn(1, 4, 6, 6, requires_grad=True)
+    out = call_forward(position_bias=bias, dropout=0.1)
+    with pytest.raises(ValueError, match="_Attention's position_bias or float attention mask is learned"):
+        out.sum().backward()
+    call_forward(position_bias=bias).sum().backward()  # without dropout it has its gradient
+    assert bias.grad.abs().sum() > 0
 
 
 # The root causes the every-family sweep (tests/test_transformers_sweep.py) found, one test each.

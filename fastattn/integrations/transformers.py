@@ -164,7 +164,6 @@ def fastattn_attention_forward(module: torch.nn.Module, query, key, value, atten
         causal = causal and L > 1  # one query (decoding) sees every cached key, as SDPA's is_causal
     learned = next((t for t in (position_bias, attn) if isinstance(t, torch.Tensor) and t.requires_grad
                     and torch.is_grad_enabled()), None)  # T5's relative position bias, Doge's dynamic mask
-    attn = None if attn is None else attn.detach()
     if position_bias is not None:  # T5-style bias: one float mask carrying everything
         hidden = torch.zeros(L, key.shape[2], dtype=torch.bool, device=query.device)
         if causal:
@@ -172,10 +171,17 @@ def fastattn_attention_forward(module: torch.nn.Module, query, key, value, atten
         if attn is not None:
             hidden = hidden | (hidden_from_attend(attn) if attn.dtype == torch.bool else attn == -math.inf)
         bias = position_bias if attn is None or attn.dtype == torch.bool else position_bias + attn
-        attn, causal = bias[..., :key.shape[2]].detach().masked_fill(hidden, -math.inf), False
-    out = attention(query, key, value, key_padding_mask=padding, attn_mask=attn, causal=causal,
-                    scale=scaling, dropout_p=dropout, align=align, **mods)
-    if learned is not None:  # a gradient would be owed to the bias: refuse it when one is asked for
+        attn, causal = bias[..., :key.shape[2]].masked_fill(hidden, -math.inf), False
+    if learned is None:
+        out = attention(query, key, value, key_padding_mask=padding, attn_mask=None if attn is None else attn.detach(),
+                        causal=causal, scale=scaling, dropout_p=dropout, align=align, **mods)
+    elif dropout == 0 and mods["window_size"] == (-1, -1) and not mods["softcap"]:
+        out, lse = attention(query, key, value, key_padding_mask=padding, attn_mask=attn.detach(), causal=causal,
+                             scale=scaling, align=align, return_lse=True, **mods)
+        out = _BiasGradient.apply(out, attn, query, key, value, lse, scaling or query.shape[3] ** -0.5, padding)
+    else:  # a gradient would be owed to the bias that _BiasGradient cannot give: refuse it when asked for
+        out = attention(query, key, value, key_padding_mask=padding, attn_mask=attn.detach(), causal=causal,
+                        scale=scaling, dropout_p=dropout, align=align, **mods)
         out = _NoBiasGradient.apply(out, learned, type(module).__name__)
     return out.transpose(1, 2)[..., :Dv], None
 
@@ -187,11 +193,38 @@ def _same_head_dim(query, key, value):
     return (torch.nn.functional.pad(t, (0, width - t.shape[3])) for t in (query, key, value))
 
 
+class _BiasGradient(torch.autograd.Function):
+    """Identity on the attention output whose backward also gives the learned float bias (T5's
+    relative position_bias, Doge's dynamic mask) its gradient, which the kernel's backward does not
+    return: d bias = P * (dO V^T - rowsum(dO * O)), P = exp(scale q k^T + bias - lse), recomputed
+    from the saved lse in float32 over (B, H, L, S), the bias's own size. Hidden keys (the bias's
+    -inf, padding) have P = 0; the gradient is summed over the dims the bias broadcasts."""
+
+    @staticmethod
+    def forward(ctx, out, bias, query, key, value, lse, scale: float, padding):
+        ctx.save_for_backward(bias, query, key, value, out, lse, padding)
+        ctx.scale = scale
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        bias, q, k, v, out, lse, padding = ctx.saved_tensors
+        groups = q.shape[1] // k.shape[1]
+        k, v = (t.float().repeat_interleave(groups, dim=1) for t in (k, v))
+        scores = q.float() @ k.transpose(-1, -2) * ctx.scale + bias.float()
+        if padding is not None:
+            scores = scores.masked_fill(padding[:, None, None, :], -math.inf)
+        p = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # a row that sees no key: lse -inf, p 0
+        delta = (grad.float() * out.float()).sum(-1, keepdim=True)
+        d_bias = p * (grad.float() @ v.transpose(-1, -2) - delta)
+        return grad, d_bias.sum_to_size(bias.shape).to(bias.dtype), None, None, None, None, None, None
+
+
 class _NoBiasGradient(torch.autograd.Function):
-    """Identity on the attention output, whose backward raises: fastattn computes no gradient
-    for a float mask, and a learned one (T5's relative position_bias, Doge's dynamic mask) would
-    silently stop learning. A bias with no history (a constant, or the zeros T5 makes for gradient
-    checkpointing) passes, as does any forward without a backward."""
+    """Identity on the attention output, whose backward raises: with dropout, a window or softcapping
+    fastattn computes no gradient for a learned float bias, which would silently stop learning. A
+    bias with no history (a constant, or the zeros T5 makes for gradient checkpointing) passes, as
+    does any forward without a backward."""
 
     @staticmethod
     def forward(ctx, out, bias, owner: str):
@@ -201,8 +234,8 @@ class _NoBiasGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         raise ValueError(f"fastattn: {ctx.owner}'s position_bias or float attention mask is learned and needs its "
-                         f"gradient, which fastattn does not compute; train with attn_implementation='eager' "
-                         f"(inference works)")
+                         f"gradient, which fastattn does not compute with dropout, a window or softcapping; train "
+                         f"with attn_implementation='eager' or without those (inference works)")
 
 
 def _refusal(model, name: str) -> str | None:
