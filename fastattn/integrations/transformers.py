@@ -1,19 +1,22 @@
 """Hugging Face transformers integration: attn_implementation="fastattn".
 
-Padded batches reach fastattn.attention with a (B, S) padding mask, never an O(N^2) one. Packed
-batches (padding-free training: sequences laid end to end in a row, as
-transformers.DataCollatorWithFlattening makes them) reach fastattn.attention_varlen, with no mask:
+The attention function (fastattn_attention_forward), the load-time check and the registration; the
+masks each layer gets are transformers_mask's. A model either runs its attention on fastattn and
+equals eager, or raises a ValueError("fastattn: ...") naming its class and why: when it is built
+(attention outside transformers' attention interface, or none at all) or at its first call (a
+keyword fastattn cannot honour, a model whose own code uses the compact mask as a tensor, keys its
+mask does not cover). Padded batches reach fastattn.attention with a (B, S) padding mask, never an
+O(N^2) one; packed batches (padding-free training, transformers.DataCollatorWithFlattening) reach
+fastattn.attention_varlen with no mask:
 - with the collator's FlashAttention kwargs (return_flash_attn_kwargs=True: cu_seq_lens_q/k,
   max_length_q/k), passed through the model to every layer as they are: no host sync;
-- else, in causal models, from the position_ids that transformers' create_causal_mask finds packed
-  (attention_mask None and no cache, as for eager and sdpa: Trainer's use_cache=False): fastattn_mask
-  hands every layer a PackedSequences, whose cu_seqlens are derived on the device once per forward,
-  with one host sync;
-- else, in bidirectional models (BERT: their masks never see position_ids), from a batch of one
-  whose position_ids are passed to the attention function, as flash_attention_2 does: once per layer.
-Sliding windows (Mistral, Qwen2, Gemma 2/3, gpt-oss), decoding against a cache, logit softcapping
-(Gemma 2) and learnable sinks (gpt-oss's s_aux) reach the kernel as its window_size, align, softcap
-and sinks: no 4-D mask where the model's mask is a causal one (windowed or not) plus padding.
+- else, from the packed sequences transformers finds in position_ids when it builds the mask (no
+  attention_mask and no cache, as for eager and sdpa: Trainer's use_cache=False): derived on the
+  device once per forward, with one host sync;
+- else, in bidirectional models whose masks never see position_ids (BERT), from a batch of one whose
+  position_ids reach the attention function, as flash_attention_2 does: once per layer.
+Sliding windows, decoding against a cache, logit softcapping (Gemma 2) and learnable sinks
+(gpt-oss's s_aux) reach the kernel as its window_size, align, softcap and sinks.
 
 transformers is optional: nothing here is imported until register_transformers() runs.
 """
@@ -36,7 +39,7 @@ _VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_
 
 # The keywords transformers' attention calls pass, from a survey of every model family in
 # transformers 5.24. Honoured: dropout, scaling, is_causal, position_bias, the varlen kwargs and
-# position_ids (packing), sliding_window (checked against the mask it comes with), softcap and
+# position_ids (packing), sliding_window (where no compact mask holds the window), softcap and
 # s_aux (learnable sinks). These change the result and are not supported yet, so each raises when set:
 _UNSUPPORTED = {
     "sinks": "per-token attention sinks",
