@@ -528,3 +528,19 @@ def test_mla_value_head_dim_differs(tmp_path, packed):
     labels = ids.masked_fill(mask == 0, -100)
     padded = dict(input_ids=ids, attention_mask=mask, labels=labels)
     assert_same_training(eager, ours, padded, batch if packed else padded)
+
+
+def test_modernbert_local_layers_train_packed(tmp_path, monkeypatch):
+    """ModernBERT's local layers (a bidirectional window of 2 either side) run packed with their window,
+    as its global layers do: before, they took a 4-D mask and the collator's cu_seq_lens went unused.
+    (Its attention sees no position_ids, so without the collator's kwargs nothing tells packed sequences
+    apart, for eager either.)"""
+    config = transformers.ModernBertConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, global_attn_every_n_layers=2, local_attention=4,
+                                           pad_token_id=0, initializer_range=0.3)
+    eager, ours = load_both(transformers.ModernBertForMaskedLM, config, tmp_path)
+    packed, cu_seqlens, ids, mask = packed_and_padded(99, 1, flash_kwargs=True)
+    varlen, dense = spy_on_varlen(monkeypatch), spy_on_kernel(monkeypatch)
+    labels = ids.masked_fill((mask == 0) | (torch.arange(ids.shape[1]) == 0), -100)
+    assert_same_training(eager, ours, dict(input_ids=ids, attention_mask=mask, labels=labels), packed)
+    assert dense == [] and sorted(call["window_size"] for call in varlen) == [(-1, -1), (2, 2)]
