@@ -507,7 +507,11 @@ def test_falcon_with_alibi_matches_eager(tmp_path):
     config = transformers.FalconConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                        alibi=True, new_decoder_architecture=False, multi_query=False,
                                        initializer_range=0.3)
-    eager, ours = load_both(transformers.FalconForCausalLM, config, tmp_path)
+    try:
+        eager, ours = load_both(transformers.FalconForCausalLM, config, tmp_path)
+    except ValueError as e:  # older transformers (5.17): Falcon computes attention in its own code, refused at load
+        assert str(e).startswith("fastattn: FalconForCausalLM cannot run attn_implementation='fastattn'")
+        return
     ids, mask = padded_ids(99, 3, 11)
     valid = mask.bool()[..., None]
     with torch.no_grad():
