@@ -138,8 +138,10 @@ def _seq_info(CU_Q, CU_K, b, Nq, Nk, VARLEN: tl.constexpr):
     if VARLEN:  # offsets in 64 bits: a packed batch's row times its stride passes 2^31
         q_off, k_off = tl.load(CU_Q + b), tl.load(CU_K + b)
         q_len, k_len = tl.load(CU_Q + b + 1) - q_off, tl.load(CU_K + b + 1) - k_off
-        return q_off.to(tl.int64), q_len, k_off.to(tl.int64), k_len
-    return 0, Nq, 0, Nk
+        q_off, k_off = q_off.to(tl.int64), k_off.to(tl.int64)
+    else:  # one return for both: Triton compiles a function's returns to one type
+        q_off, q_len, k_off, k_len = 0, Nq, 0, Nk
+    return q_off, q_len, k_off, k_len
 
 
 @triton.jit
