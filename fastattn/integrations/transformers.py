@@ -175,16 +175,13 @@ def fastattn_attention_forward(module: torch.nn.Module, query, key, value, atten
             hidden = hidden | (hidden_from_attend(attn) if attn.dtype == torch.bool else attn == -math.inf)
         bias = position_bias if attn is None or attn.dtype == torch.bool else position_bias + attn
         attn, causal = bias[..., :key.shape[2]].masked_fill(hidden, -math.inf), False
-    if learned is None:
-        out = attention(query, key, value, key_padding_mask=padding, attn_mask=None if attn is None else attn.detach(),
-                        causal=causal, scale=scaling, dropout_p=dropout, align=align, **mods)
-    elif dropout == 0 and mods["window_size"] == (-1, -1) and not mods["softcap"]:
-        out, lse = attention(query, key, value, key_padding_mask=padding, attn_mask=attn.detach(), causal=causal,
-                             scale=scaling, align=align, return_lse=True, **mods)
+    bias_gradient = learned is not None and dropout == 0 and mods["window_size"] == (-1, -1) and not mods["softcap"]
+    out = attention(query, key, value, key_padding_mask=padding, attn_mask=None if attn is None else attn.detach(),
+                    causal=causal, scale=scaling, dropout_p=dropout, align=align, return_lse=bias_gradient, **mods)
+    if bias_gradient:
+        out, lse = out
         out = _BiasGradient.apply(out, attn, query, key, value, lse, scaling or query.shape[3] ** -0.5, padding)
-    else:  # a gradient would be owed to the bias that _BiasGradient cannot give: refuse it when asked for
-        out = attention(query, key, value, key_padding_mask=padding, attn_mask=attn.detach(), causal=causal,
-                        scale=scaling, dropout_p=dropout, align=align, **mods)
+    elif learned is not None:  # a gradient would be owed that _BiasGradient cannot give: refuse it when asked for
         out = _NoBiasGradient.apply(out, learned, type(module).__name__)
     return out.transpose(1, 2)[..., :Dv], None
 
@@ -306,10 +303,11 @@ def register_transformers(name: str = "fastattn") -> None:
     every model checked for it as it is built: one that cannot run its attention on fastattn raises
     a ValueError saying why, as transformers does for 'sdpa'."""
     import transformers
+    from packaging.version import Version
     from transformers import AttentionInterface, PreTrainedModel
     from transformers.masking_utils import AttentionMaskInterface
 
-    if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < OLDEST_TRANSFORMERS:
+    if Version(transformers.__version__).release[:2] < OLDEST_TRANSFORMERS:
         raise ImportError(f"fastattn: the transformers integration needs transformers >= "
                           f"{'.'.join(map(str, OLDEST_TRANSFORMERS))}, found {transformers.__version__}")
     AttentionInterface.register(name, fastattn_attention_forward)
