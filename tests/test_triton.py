@@ -2,6 +2,7 @@
 kernels run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set in conftest):
 small shapes whose lengths straddle the 32-wide interpreter tiles. On a GPU the same tests run
 on CUDA, plus the `gpu`-marked ones at real sizes."""
+import contextlib
 import importlib.util
 
 import pytest
@@ -201,3 +202,31 @@ def test_fp32_dots_3xtf32_unless_torchs_switch_or_ours_says_otherwise(monkeypatc
             ta.dot_precision(torch.float32)
     finally:
         matmul.fp32_precision = saved
+
+
+def test_launches_go_to_the_tensors_gpu(monkeypatch):
+    """Triton launches on the current device: forward, backward and decoding make q's current
+    first (on_device), so tensors on cuda:1 never launch on cuda:0."""
+    from fastattn.backends import triton as triton_backend
+
+    class Cuda1:
+        device = torch.device("cuda", 1)
+
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: made_current.append(d) or contextlib.nullcontext())
+    triton_backend.on_device(Cuda1())
+    assert made_current == [torch.device("cuda", 1)]
+    made_current.clear()
+    triton_backend.on_device(type("Cuda0", (), {"device": torch.device("cuda", 0)})())
+    assert not made_current  # already current: no device switch on the hot path
+
+    guarded = []
+    real = triton_backend.on_device
+    monkeypatch.setattr(triton_backend, "on_device", lambda t: guarded.append(t.shape) or real(t))
+    q, k, v = inputs(1, 2, 2, 5, 7, 16)
+    fastattn.attention(q, k, v, backend="triton").sum().backward()
+    cache = torch.zeros(1, 2, 8, 16, device=DEVICE)
+    fastattn.attention_with_kvcache(q[:, :, :1].detach(), cache, cache.clone(),
+                                    torch.tensor([3], dtype=torch.int32, device=DEVICE), backend="triton")
+    assert len(guarded) == 3  # forward, backward, decoding

@@ -8,12 +8,23 @@ import fastattn
 from fastattn.triton import tuning
 
 
+def write_manifest(directory, configs=None, triton_version=None):
+    """A checked-config manifest for sm90: by default every candidate and fallback, this Triton."""
+    import triton
+
+    configs = configs or {k: [*tuning.CANDIDATES[k], tuning.FALLBACK[k]] for k in tuning.CANDIDATES}
+    directory.mkdir(exist_ok=True)
+    (directory / "checked-sm90.json").write_text(json.dumps(
+        {"triton": triton_version or triton.__version__, "configs": {k: [list(c) for c in v] for k, v in configs.items()}}))
+
+
 @pytest.fixture
 def tuner(tmp_path, monkeypatch):
     monkeypatch.setattr(tuning, "cache_path", lambda: tmp_path / "cache.json")
     monkeypatch.setattr(tuning, "_arch", lambda: "sm90")
     monkeypatch.setattr(tuning, "_SHIPPED_DIR", tmp_path / "shipped")
     monkeypatch.delenv("FASTATTN_TUNE", raising=False)
+    write_manifest(tmp_path / "shipped")
     return tuning.Tuner()
 
 
@@ -46,7 +57,6 @@ def test_a_decode_config_out_of_shared_memory_is_not_retried(tuner):
 
 def test_shipped_defaults_mean_no_tuning(tuner, tmp_path):
     shipped = {tuning.make_key("fwd", "16bit", 64, "causal+padded", 4096, 4096): [128, 128, 8, 2]}
-    (tmp_path / "shipped").mkdir()
     (tmp_path / "shipped" / "sm90.json").write_text(json.dumps({"configs": shipped}))
     assert lookups(tuner, [(4096, 4096), (1000, 1000), (9000, 9000)]) == 0  # exact, then nearest
     key = tuning.make_key("fwd", "16bit", 64, "causal+padded", 1000, 1000)
@@ -64,7 +74,6 @@ def test_score_mods_tune_apart(tuner, tmp_path):
     assert keys == {tuning.make_key("dkdv", "16bit", 64, kind, 4096, 4096) for kind in ("causal+padded",
                                                                                       "causal+padded+mods")}
     shipped = {tuning.make_key("dkdv", "16bit", 64, "causal+padded", 4096, 4096): [64, 64, 4, 2]}
-    (tmp_path / "shipped").mkdir()
     (tmp_path / "shipped" / "sm90.json").write_text(json.dumps({"configs": shipped}))
     key = tuning.make_key("dkdv", "16bit", 64, "causal+padded+mods", 4096, 4096)
     assert tuner.config(key, "dkdv", 64, 4096, bench=lambda c: -c[2]) == (32, 64, 8, 2)  # tuned, not shipped
@@ -113,6 +122,46 @@ def test_a_config_out_of_shared_memory_falls_back_to_the_next(tuner):
     first = tuner.config(key, "dq", 128, 500, bench=lambda c: c[3])
     second = tuner.next_candidate(key, "dq", 128, first)
     assert second != first and tuner.config(key, "dq", 128, 500, bench=None) == second
-    last = tuning.CANDIDATES["dq"][-1]
+    assert tuner.next_candidate(key, "dq", 128, tuning.CANDIDATES["dq"][-1]) == tuning.FALLBACK["dq"]
     with pytest.raises(RuntimeError, match="shared memory"):
-        tuner.next_candidate(key, "dq", 128, last)
+        tuner.next_candidate(key, "dq", 128, tuning.FALLBACK["dq"])
+
+
+def test_tuning_and_shipped_defaults_take_only_checked_configs(tuner, tmp_path):
+    """dK/dV at (32, 64, 8 warps) never ran on a GPU: tuning never picks it, however fast it looks,
+    and a shipped or cached default a GPU has not checked gives way to a checked candidate."""
+    unchecked = (32, 64, 8, 2)
+    checked = {k: [c for c in tuning.CANDIDATES[k] if c != unchecked] for k in tuning.CANDIDATES}
+    write_manifest(tmp_path / "shipped", checked)
+    key = tuning.make_key("dkdv", "16bit", 64, "causal+padded+mods", 4096, 4096)
+    assert tuning.Tuner().config(key, "dkdv", 64, 4096, bench=lambda c: -(c == unchecked)) != unchecked
+    other = tuning.make_key("dkdv", "16bit", 64, "causal", 4096, 4096)
+    (tmp_path / "shipped" / "sm90.json").write_text(json.dumps({"configs": {other: list(unchecked)}}))
+    assert tuning.Tuner().config(other, "dkdv", 64, 4096, bench=lambda c: c[0]) == (16, 64, 4, 2)
+
+
+@pytest.mark.parametrize("manifest", ["none", "older triton"])
+def test_without_a_checked_manifest_the_first_candidate_runs_untimed(tmp_path, monkeypatch, manifest):
+    monkeypatch.setattr(tuning, "cache_path", lambda: tmp_path / "cache.json")
+    monkeypatch.setattr(tuning, "_arch", lambda: "sm90")
+    monkeypatch.setattr(tuning, "_SHIPPED_DIR", tmp_path / "shipped")
+    monkeypatch.delenv("FASTATTN_TUNE", raising=False)
+    if manifest == "older triton":
+        write_manifest(tmp_path / "shipped", triton_version="2.0.0")
+    tuner = tuning.Tuner()
+    key = tuning.make_key("fwd", "16bit", 64, "causal", 4096, 4096)
+    assert tuner.config(key, "fwd", 64, 4096, bench=None) == tuning.CANDIDATES["fwd"][0]
+    assert not tuning.TUNINGS[key]
+
+
+def test_the_shipped_manifest_is_for_the_shipped_defaults():
+    """checked-sm90.json names every shipped sm90 default, and its Triton is the GPU image's."""
+    from fastattn.triton.checked import load
+
+    manifest = json.loads((tuning._SHIPPED_DIR / "checked-sm90.json").read_text())
+    assert manifest["triton"].startswith("3.6.")
+    checked = {k: {tuple(c) for c in v} for k, v in manifest["configs"].items()}
+    for key, config in tuning._load(tuning._SHIPPED_DIR / "sm90.json").items():
+        assert tuple(config) in checked[key.split("|")[0]], key
+    assert (32, 64, 8, 2) not in checked["dkdv"]  # never run on a GPU
+    assert load(tuning._SHIPPED_DIR, "sm90") in ({}, checked)  # {} on a Triton other than 3.6

@@ -5,6 +5,7 @@ interpreter, which is how CI checks the kernels. The interpreter is for testing 
 backend="auto" never picks it for CPU tensors."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -33,6 +34,14 @@ def _mask_args(q, k, masks: Masks):
                                masks.softcap, masks.alibi_slopes, masks.sinks, masks.bottom_right)
 
 
+def on_device(t: torch.Tensor):
+    """t's GPU made current for the launches, which Triton makes on the current device and
+    stream: tensors on cuda:1 while cuda:0 is current would otherwise launch on cuda:0."""
+    if t.device.type != "cuda" or t.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
+
+
 class TritonBackend(Backend):
     name = "triton"
     caps = Capabilities(
@@ -58,8 +67,9 @@ class TritonBackend(Backend):
         rows = _kernels().rows_contiguous
         q, k, v = rows(q), rows(k), rows(v)
         out, lse = empty_out(q), empty_lse(q)
-        _kernels().forward(q, k, v, out, lse, _mask_args(q, k, masks), causal, scale, dropout_p, seed,
-                           (masks.max_seqlen_q, masks.max_seqlen_k))
+        with on_device(q):
+            _kernels().forward(q, k, v, out, lse, _mask_args(q, k, masks), causal, scale, dropout_p, seed,
+                               (masks.max_seqlen_q, masks.max_seqlen_k))
         return out, lse
 
     def decode(self, q, k_cache, v_cache, seqlens, masks, causal, scale):
@@ -67,7 +77,8 @@ class TritonBackend(Backend):
 
         q = _kernels().rows_contiguous(q)
         out, lse = empty_out(q), empty_lse(q)
-        triton_decode.decode(q, k_cache, v_cache, seqlens, out, lse, causal, scale, _mask_args(q, k_cache, masks))
+        with on_device(q):
+            triton_decode.decode(q, k_cache, v_cache, seqlens, out, lse, causal, scale, _mask_args(q, k_cache, masks))
         return out, lse
 
     def backward(self, dout, dlse, q, k, v, out, lse, masks, causal, scale, dropout_p, seed):
@@ -79,6 +90,7 @@ class TritonBackend(Backend):
         dk, dv = new_buffer(k, B, Hkv, Nk, D), new_buffer(v, B, Hkv, Nk, D)
         if dlse is not None:
             dlse = dlse.to(torch.float32).contiguous()
-        _kernels().backward(dout, dlse, q, k, v, out, lse, _mask_args(q, k, masks), causal, scale,
-                            dropout_p, seed, dq, dk, dv, (masks.max_seqlen_q, masks.max_seqlen_k))
+        with on_device(q):
+            _kernels().backward(dout, dlse, q, k, v, out, lse, _mask_args(q, k, masks), causal, scale,
+                                dropout_p, seed, dq, dk, dv, (masks.max_seqlen_q, masks.max_seqlen_k))
         return dq, dk, dv

@@ -11,15 +11,24 @@ the JIT would pass. The key: the specialized integers as they are (shapes and st
 values per workload), the tensors' dtypes, and the width of the integers the kernel declares
 do_not_specialize. A call with a misaligned tensor, a launch hook set (Triton's profilers) or
 the interpreter takes the JIT's path every time.
+
+The direct launch binds CompiledKernel.run's positional layout, which is Triton's internal
+business: a release that changed it would mis-bind arguments (illegal addresses), not raise. So
+only the Triton minor versions CI checks the layout on (tests/test_triton_launch.py, on the GPU
+image's Triton and the newest) launch directly; any other takes the JIT's path every time, and a
+launcher whose direct launch raises a binding error goes back to the JIT for good.
 """
 from __future__ import annotations
 
 import os
 
+import triton
 from triton import knobs
 from triton.runtime import driver
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+TESTED_TRITON = ("3.6", "3.9")  # the minor versions whose launch layout CI checks
+DIRECT = ".".join(triton.__version__.split(".")[:2]) in TESTED_TRITON
 _MAX_ENTRIES = 4096  # distinct shapes x configurations kept per kernel; then start over
 
 
@@ -45,9 +54,10 @@ class Launcher:
         self.kernel = kernel
         self.tensors, self.ints_end = tensors, tensors + specialized
         self.compiled: dict[tuple, object] = {}
+        self.direct = DIRECT
 
     def __call__(self, grid: tuple[int, ...], args: tuple, constexprs: tuple, num_warps: int, num_stages: int):
-        if INTERPRETING or _hooked():
+        if INTERPRETING or not self.direct or _hooked():
             return self._jit(grid, args, constexprs, num_warps, num_stages)
         tensors = args[:self.tensors]
         dtypes = tuple([t.dtype for t in tensors if not t.data_ptr() & 15])
@@ -65,9 +75,12 @@ class Launcher:
             return compiled
         grid_y = grid[1] if len(grid) > 1 else 1
         grid_z = grid[2] if len(grid) > 2 else 1
-        # As the JIT launches it, less the launch metadata, which only hooks read.
-        compiled.run(grid[0], grid_y, grid_z, driver.active.get_current_stream(device), compiled.function,
-                     compiled.packed_metadata, None, None, None, *args, *constexprs)
+        try:  # as the JIT launches it, less the launch metadata, which only hooks read
+            compiled.run(grid[0], grid_y, grid_z, driver.active.get_current_stream(device), compiled.function,
+                         compiled.packed_metadata, None, None, None, *args, *constexprs)
+        except (TypeError, ValueError, OverflowError):  # the layout is not this Triton's: the JIT's path
+            self.direct = False
+            return self._jit(grid, args, constexprs, num_warps, num_stages)
         return compiled
 
     def _jit(self, grid, args, constexprs, num_warps, num_stages):

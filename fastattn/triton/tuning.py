@@ -9,6 +9,12 @@ compile and one tuning. In order:
      the shipped entry of the nearest length bucket: one compile per kernel, no tuning;
   3. else a short tuning over CANDIDATES, remembered in this machine's cache (FASTATTN_TUNE=0
      takes the first candidate instead).
+Steps 2 and 3 take only configs a GPU of this architecture has checked against float64 with this
+Triton minor version (the manifest fastattn/triton/tuned/checked-<arch>.json, written by
+`python -m fastattn.triton.checked`; fastattn.triton.checked): one miscompiled on an H200 while the
+interpreter ran it right. Without a manifest, or where no checked config fits, the first candidate
+that fits runs, untimed. A config out of shared memory gives way to the next candidate, the last
+to FALLBACK.
 `TUNINGS` counts the tunings run in this process.
 """
 from __future__ import annotations
@@ -44,6 +50,9 @@ SWEEP: dict[str, list[Config]] = {
     "dq": sorted({(m, n, w, s) for m in (64, 128) for n in (32, 64) for w in (4, 8) for s in (2, 3)}
                  | set(CANDIDATES["dq"])),
 }
+# Taken only when every candidate runs out of shared memory: fp32 at D = 128 and 256 (the
+# smallest candidates need 256 KiB of sm_90's 227 there; these take 98-196 KiB with every flag).
+FALLBACK: dict[str, Config] = {"fwd": (32, 32, 4, 2), "dkdv": (16, 32, 4, 2), "dq": (32, 32, 4, 2)}
 INTERPRETER_CONFIG: Config = (32, 32, 4, 1)  # small tiles: the interpreter runs them on the CPU
 DECODE_MAX_Q = 16
 TUNINGS: collections.Counter = collections.Counter()
@@ -56,7 +65,8 @@ def fits(config: Config, block_d: int) -> bool:
 
 
 def _fitting(kernel: str, block_d: int) -> list[Config]:
-    return [c for c in CANDIDATES[kernel] if fits(c, block_d)] or [min(CANDIDATES[kernel])]
+    """The candidates that fit, in order, then the fallback."""
+    return list(dict.fromkeys([*(c for c in CANDIDATES[kernel] if fits(c, block_d)), FALLBACK[kernel]]))
 
 
 def decode_config(block_d: int) -> Config:
@@ -120,11 +130,20 @@ class Tuner:
         self.force: dict[str, Config] = {}  # kernel -> config: the sweep's, over everything else
         self._shipped: dict[str, Config] | None = None
         self._cache: dict[str, Config] | None = None
+        self._checked: dict[str, set[Config]] | None = None
 
     def shipped(self) -> dict[str, Config]:
         if self._shipped is None:
             self._shipped = _load(_SHIPPED_DIR / f"{_arch()}.json")
         return self._shipped
+
+    def checked(self) -> dict[str, set[Config]]:
+        """kernel -> the configs a GPU like this one has checked, with this Triton (empty: none)."""
+        if self._checked is None:
+            from .checked import load
+
+            self._checked = load(_SHIPPED_DIR, _arch())
+        return self._checked
 
     def cached(self) -> dict[str, Config]:
         if self._cache is None:
@@ -144,10 +163,12 @@ class Tuner:
             return self.chosen[key]
         if nq <= DECODE_MAX_Q:
             return decode_config(block_d)
-        candidates = _fitting(kernel, block_d)
-        found = self.cached().get(key) or self.shipped().get(key) or self.nearest_shipped(key)
-        if found is None and os.environ.get("FASTATTN_TUNE") == "0":
-            found = candidates[0]
+        checked = self.checked().get(kernel, set())
+        candidates = [c for c in _fitting(kernel, block_d) if c in checked]
+        found = next((c for c in (self.cached().get(key), self.shipped().get(key), self.nearest_shipped(key))
+                      if c in candidates), None)
+        if found is None and (os.environ.get("FASTATTN_TUNE") == "0" or not candidates):
+            found = (candidates or _fitting(kernel, block_d))[0]
         if found is None:
             TUNINGS[key] += 1
             found = min(candidates, key=bench)

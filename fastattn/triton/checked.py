@@ -1,0 +1,154 @@
+"""The launch configurations a GPU has checked: the manifest the tuner takes its choices from.
+
+Run on a GPU (benchmarks/gpu_check.sh does), it checks every launch configuration the kernels may
+take there (each tuning candidate, each shipped default, each fallback) against float64: forward
+(out, lse) and every gradient, causal with key padding and then with every score modifier, at
+each head-dim block the config fits (bf16; the fallbacks also fp32 at D = 256, where they run),
+and writes what passed and what failed:
+
+    python -m fastattn.triton.checked OUT.json [--jobs N]
+
+The manifest ships as fastattn/triton/tuned/checked-<arch>.json. It holds for the Triton minor
+version it was checked with: a newer Triton compiles the kernels anew, so its configs count as
+unchecked until a GPU checks them (fastattn.triton.tuning then takes the first candidate, untimed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import time
+from concurrent import futures
+from pathlib import Path
+
+KERNELS = ("fwd", "dkdv", "dq")
+BOUND = {"bfloat16": 1e-2, "float16": 3e-3, "float32": 2e-6}  # relative error, as tests/helpers.TOL
+
+
+def _minor(version: str) -> str:
+    return ".".join(version.split(".")[:2])
+
+
+def load(directory: Path, arch: str) -> dict[str, set[tuple]]:
+    """kernel -> the configs checked on `arch` with the installed Triton's minor version; {} if none."""
+    import triton
+
+    try:
+        manifest = json.loads((directory / f"checked-{arch}.json").read_text())
+        if _minor(manifest["triton"]) != _minor(triton.__version__):
+            return {}
+        return {kernel: {tuple(c) for c in configs} for kernel, configs in manifest["configs"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def items(arch: str) -> list[tuple[str, tuple, int, str]]:
+    """(kernel, config, head dim, dtype) for each check: every config at each block it fits."""
+    from . import tuning
+
+    shipped = tuning._load(tuning._SHIPPED_DIR / f"{arch}.json")
+    out = []
+    for kernel in KERNELS:
+        configs = [*tuning.CANDIDATES[kernel], *(c for k, c in sorted(shipped.items()) if k.startswith(kernel + "|")),
+                   tuning.FALLBACK[kernel]]
+        for config in dict.fromkeys(configs):
+            out += [(kernel, config, D, "bfloat16") for D in (64, 128, 256) if tuning.fits(config, D)]
+        out.append((kernel, tuning.FALLBACK[kernel], 256, "float32"))
+    return out
+
+
+def check(kernel: str, config: tuple, D: int, dtype: str, device: str = "cuda") -> float:
+    """The worst relative error over its bound (< 1 passes) of fastattn.attention with `config`
+    forced for `kernel`: forward and gradients against float64, causal with key padding, then
+    windowed with softcap, ALiBi and sinks. Lengths that are no multiple of any tile."""
+    import torch
+
+    from . import tuning
+
+    torch.manual_seed(0)
+    dt = getattr(torch, dtype)
+    B, H, Hkv, Nq, Nk = 2, 4, 2, 200, 300
+    q = torch.randn(B, H, Nq, D, device=device, dtype=dt)
+    k, v = (torch.randn(B, Hkv, Nk, D, device=device, dtype=dt) for _ in range(2))
+    padding = torch.arange(Nk, device=device) >= torch.tensor([[Nk], [Nk - 77]], device=device)
+    mods = dict(window_size=(60, 20), softcap=20.0, alibi_slopes=torch.rand(H, device=device),
+                sinks=torch.randn(H, device=device))
+    worst = 0.0
+    previous, tuning.TUNER.force = tuning.TUNER.force, {kernel: config}
+    try:
+        for kwargs in (dict(causal=True), mods):
+            worst = max(worst, _error(q, k, v, padding, kwargs, BOUND[dtype]))
+    finally:
+        tuning.TUNER.force = previous
+    return worst
+
+
+def _error(q, k, v, padding, kwargs, bound) -> float:
+    import torch
+
+    import fastattn
+
+    def run(backend, *tensors):
+        leaves = [t.detach().requires_grad_() for t in tensors]
+        out, lse = fastattn.attention(*leaves, key_padding_mask=padding, return_lse=True, backend=backend, **kwargs)
+        return out, lse, leaves
+
+    out, lse, leaves = run("triton", q, k, v)
+    ref, ref_lse, ref_leaves = run("reference", q.double(), k.double(), v.double())
+    dout = torch.randn_like(ref)
+    torch.autograd.backward([out, lse], [dout.to(out.dtype), torch.ones_like(lse)])
+    torch.autograd.backward([ref, ref_lse], [dout, torch.ones_like(ref_lse)])
+
+    def rel(a, b, floor=0.0):
+        return ((a.double() - b).norm() / max(b.norm().item(), floor, 1e-30)).item()
+
+    finite = torch.isfinite(ref_lse)
+    if not torch.equal(finite, torch.isfinite(lse)):
+        return float("inf")
+    errors = [rel(out, ref) / bound, rel(lse[finite], ref_lse[finite], finite.sum().item() ** 0.5) / max(bound, 1e-5)]
+    errors += [rel(a.grad, b.grad, 0.1 * dout.norm().item()) / (4 * bound) for a, b in zip(leaves, ref_leaves)]
+    return max(errors) if all(e == e for e in errors) else float("inf")  # NaN fails
+
+
+def _check_item(item) -> tuple[tuple, float | str]:
+    try:
+        return item, check(*item)
+    except Exception as e:  # noqa: BLE001 - a config that fails to launch is a failed check
+        return item, f"{type(e).__name__}: {e}"[:300]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastattn.triton.checked")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--jobs", type=int, default=8, help="processes compiling and checking side by side")
+    parser.add_argument("--commit", default="")
+    args = parser.parse_args(argv)
+    import torch
+    import triton
+
+    from .tuning import _arch
+
+    arch, start = _arch(), time.time()
+    results: dict[tuple, float | str] = {}
+    with futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for item, result in pool.map(_check_item, items(arch)):
+            results[item] = result
+            verdict = f"{result:.2f} of its bound" if isinstance(result, float) else result
+            print(f"{item[0]:<5} {','.join(map(str, item[1])):<12} D={item[2]:<4} {item[3]:<9} {verdict}", flush=True)
+    failed = {item for item, r in results.items() if not (isinstance(r, float) and r < 1)}
+    configs = {kernel: sorted({c for k, c, _, _ in results if k == kernel} - {c for k, c, _, _ in failed if k == kernel})
+               for kernel in KERNELS}
+    manifest = {"arch": arch, "device": torch.cuda.get_device_name(), "triton": triton.__version__,
+                "torch": torch.__version__, "commit": args.commit, "date": time.strftime("%Y-%m-%d"),
+                "checked": "forward and gradients against float64: causal + key padding, then window + softcap "
+                           "+ ALiBi + sinks; B 2, H 4, Hkv 2, Nq 200, Nk 300; bf16 at each head-dim block "
+                           "64/128/256 the config fits, fallbacks also fp32 at D 256",
+                "configs": {k: [list(c) for c in v] for k, v in configs.items()},
+                "failed": [[k, list(c), D, dt, results[(k, c, D, dt)]] for k, c, D, dt in sorted(failed)]}
+    args.out.write_text(json.dumps(manifest, indent=1))
+    print(f"{len(results) - len(failed)} of {len(results)} checks passed in {time.time() - start:.0f} s -> {args.out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
