@@ -165,3 +165,22 @@ def test_the_shipped_manifest_is_for_the_shipped_defaults():
         assert tuple(config) in checked[key.split("|")[0]], key
     assert (32, 64, 8, 2) not in checked["dkdv"]  # never run on a GPU
     assert load(tuning._SHIPPED_DIR, "sm90") in ({}, checked)  # {} on a Triton other than 3.6
+
+
+def test_the_gpu_check_of_a_config_measures_against_float64(monkeypatch):
+    """fastattn.triton.checked, as a GPU runs it, here through the interpreter: a config's
+    forward and gradients within their bound, and a wrong output caught."""
+    from fastattn.backends import REGISTRY
+    from fastattn.triton import checked
+
+    if "triton" not in fastattn.available_backends():
+        pytest.skip("triton backend unavailable")
+    items = checked.items("sm90")
+    for kernel in ("fwd", "dkdv", "dq"):
+        configs = {c for k, c, _, _ in items if k == kernel}
+        assert set(tuning.CANDIDATES[kernel]) | {tuning.FALLBACK[kernel]} <= configs
+    assert checked.check("fwd", (64, 32, 4, 2), 16, "float32", "cpu", (70, 90)) < 1
+    backend = REGISTRY["triton"]
+    real = type(backend).forward
+    monkeypatch.setattr(type(backend), "forward", lambda self, *a: (lambda o, l: (o * 1.001, l))(*real(self, *a)))
+    assert checked.check("fwd", (64, 32, 4, 2), 16, "float32", "cpu", (70, 90)) > 1

@@ -57,7 +57,7 @@ def items(arch: str) -> list[tuple[str, tuple, int, str]]:
     return out
 
 
-def check(kernel: str, config: tuple, D: int, dtype: str, device: str = "cuda") -> float:
+def check(kernel: str, config: tuple, D: int, dtype: str, device: str = "cuda", lengths=(200, 300)) -> float:
     """The worst relative error over its bound (< 1 passes) of fastattn.attention with `config`
     forced for `kernel`: forward and gradients against float64, causal with key padding, then
     windowed with softcap, ALiBi and sinks. Lengths that are no multiple of any tile."""
@@ -67,10 +67,10 @@ def check(kernel: str, config: tuple, D: int, dtype: str, device: str = "cuda") 
 
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
-    B, H, Hkv, Nq, Nk = 2, 4, 2, 200, 300
+    (B, H, Hkv), (Nq, Nk) = (2, 4, 2), lengths
     q = torch.randn(B, H, Nq, D, device=device, dtype=dt)
     k, v = (torch.randn(B, Hkv, Nk, D, device=device, dtype=dt) for _ in range(2))
-    padding = torch.arange(Nk, device=device) >= torch.tensor([[Nk], [Nk - 77]], device=device)
+    padding = torch.arange(Nk, device=device) >= torch.tensor([[Nk], [Nk // 4 * 3]], device=device)
     mods = dict(window_size=(60, 20), softcap=20.0, alibi_slopes=torch.rand(H, device=device),
                 sinks=torch.randn(H, device=device))
     worst = 0.0
