@@ -1,12 +1,17 @@
 """Backend `sdpa` (torch's kernels) against the float64 reference: forward, lse and gradients
 (the lse gradient included), GQA, layouts, torch.compile; and every call it declines. On the CPU
-through torch's CPU flash kernel; on a GPU the same tests run on CUDA through cuDNN (16-bit,
-D <= 128), FlashAttention-2 (16-bit, larger D) and the memory-efficient kernel (fp32)."""
+through torch's CPU flash kernel; on a GPU the same tests run on CUDA through the kernel torch's
+checks accept: cuDNN (16-bit, D <= 128), FlashAttention-2, the memory-efficient kernel (fp32).
+Without a GPU, the GPU path runs on meta tensors with fakes for torch's checks: the order it asks
+in, the ops it runs, what it asks about, and that what torch refuses it declines."""
+import contextlib
+
 import pytest
 import torch
 
 import fastattn
-from fastattn.backends import NoBackendError
+from fastattn import backends
+from fastattn.backends import REGISTRY, NoBackendError, Problem, dispatch, sdpa, select_backend
 from helpers import TOL, check_against_reference, count_fastattn_nodes, qkv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -79,10 +84,226 @@ def test_declines_no_keys_packed_and_decoding():
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the CUDA kernels' limits")
-def test_cuda_declines_head_dims_and_fp32_gqa():
-    q, k, v = inputs(1, 4, 2, 16, 16, 64)
-    with pytest.raises(NoBackendError, match="grouped-query"):
-        fastattn.attention(q, k, v, backend="sdpa")
+def test_cuda_declines_head_dims_not_in_8s():
     q, k, v = inputs(1, 2, 2, 16, 16, 36, dtype=torch.bfloat16)
     with pytest.raises(NoBackendError, match="multiples of 8"):
         fastattn.attention(q, k, v, backend="sdpa")
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="torch's checks on a GPU")
+def test_cuda_declines_what_torch_refuses(monkeypatch):
+    """torch refuses meta tensors there (check_all_tensors_on_device): dispatch asks about CUDA ones."""
+    monkeypatch.setattr(backends, "_CHOSEN", {})
+    assert REGISTRY["sdpa"].stand_in_device == "cuda"
+    assert sdpa.problem_choice("cuda", torch.float32, 64, 16, 16, False, False) == "efficient"
+    q, k, v = inputs(1, 2, 2, 16, 16, 64)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # torch's fused kernels off
+        with pytest.raises(NoBackendError, match="refuse its efficient kernels"):
+            fastattn.attention(q, k, v, backend="sdpa")
+
+
+# torch's checks of its CUDA kernels, and the aten ops that run them
+CAN_USE = {"cudnn": "can_use_cudnn_attention", "flash": "can_use_flash_attention",
+           "efficient": "can_use_efficient_attention"}
+ATEN = {"cudnn": "_scaled_dot_product_cudnn_attention", "flash": "_scaled_dot_product_flash_attention",
+        "efficient": "_scaled_dot_product_efficient_attention"}
+ALL = set(CAN_USE)
+
+
+class TorchChecks:
+    """Fakes for torch's checks: they accept the kernels in `accepted` and record what they were
+    asked, (kernel, SDPAParams)."""
+
+    def __init__(self, monkeypatch):
+        self.accepted, self.asked = set(), []
+        for kernel, name in CAN_USE.items():
+            monkeypatch.setattr(torch.backends.cuda, name, lambda params, debug=False, kernel=kernel:
+                                self.asked.append((kernel, params)) or kernel in self.accepted)
+
+    def kernels_asked(self):
+        return [kernel for kernel, _ in self.asked]
+
+
+@pytest.fixture
+def torch_checks(monkeypatch):
+    """TorchChecks, asked about meta stand-ins by dispatch, with the dispatch and call-time answers
+    forgotten around it."""
+    monkeypatch.setattr(REGISTRY["sdpa"], "stand_in_device", "meta")
+    monkeypatch.setattr(backends, "_CHOSEN", {})
+    monkeypatch.setattr(sdpa, "_CHOICES", {})
+    return TorchChecks(monkeypatch)
+
+
+@pytest.fixture
+def aten_calls(monkeypatch):
+    """The names of the aten ops the backend calls."""
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(torch.ops.aten, name)
+
+    monkeypatch.setattr(sdpa, "aten", Spy())
+    return calls
+
+
+def cuda_problem(dtype=torch.bfloat16, head_dim=64, causal=False, gqa=False, nq=64, nk=64):
+    return Problem("cuda", dtype, head_dim, None, False, causal, False, True, nq=nq, nk=nk, gqa=gqa)
+
+
+def meta_qkv(dtype, B=2, H=4, Hkv=2, Nq=40, Nk=40, D=64):
+    """Tensors that take the GPU path (not the CPU's) without a GPU; aten's ops have meta kernels."""
+    q = torch.empty(B, H, Nq, D, dtype=dtype, device="meta")
+    k, v = (torch.empty(B, Hkv, Nk, D, dtype=dtype, device="meta") for _ in range(2))
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype, head_dim, accepted, asked, chosen", [
+    (torch.bfloat16, 64, ALL, ["cudnn"], "cudnn"),
+    (torch.float16, 128, {"flash", "efficient"}, ["cudnn", "flash"], "flash"),
+    (torch.bfloat16, 64, {"efficient"}, ["cudnn", "flash", "efficient"], "efficient"),
+    (torch.bfloat16, 64, set(), ["cudnn", "flash", "efficient"], None),
+    (torch.bfloat16, 192, ALL, ["flash"], "flash"),  # cuDNN's only up to D 128
+    (torch.float32, 64, ALL, ["efficient"], "efficient"),  # the only one for fp32
+    (torch.bfloat16, 36, ALL, [], None),  # D not in 8s: none to ask about
+], ids=str)
+def test_asks_torch_in_the_backends_order(torch_checks, dtype, head_dim, accepted, asked, chosen):
+    torch_checks.accepted |= accepted
+    assert sdpa.problem_choice("meta", dtype, head_dim, 64, 64, False, False) == chosen
+    assert torch_checks.kernels_asked() == asked
+
+
+@pytest.mark.parametrize("dtype, head_dim, causal, gqa", [
+    (torch.bfloat16, 64, False, False), (torch.float16, 128, True, True), (torch.float32, 32, True, False),
+    (torch.bfloat16, 256, False, True)], ids=str)
+def test_dispatch_asks_torch_about_the_problem(torch_checks, dtype, head_dim, causal, gqa):
+    REGISTRY["sdpa"].reasons(cuda_problem(dtype, head_dim, causal, gqa, nq=32, nk=128))
+    assert torch_checks.kernels_asked() == list(sdpa.cuda_kernels(dtype, head_dim)) != []
+    for _, params in torch_checks.asked:
+        q, k, v = params.query, params.key, params.value
+        assert q.dtype == k.dtype == v.dtype == dtype
+        assert q.shape[-1] == k.shape[-1] == v.shape[-1] == head_dim and q.stride(-1) == k.stride(-1) == 1
+        assert (q.shape[2], k.shape[2]) == (32, 128)
+        assert params.is_causal == causal and params.enable_gqa == gqa and (q.shape[1] != k.shape[1]) == gqa
+        assert params.dropout == 0.0 and params.attn_mask is None
+        assert q.requires_grad  # as for training: the backward takes the forward's kernel
+        assert q.device.type == "meta"
+
+
+def test_dispatch_passes_over_sdpa_where_torch_refuses(torch_checks, monkeypatch):
+    monkeypatch.setattr(dispatch, "ranking", lambda *problem: ("sdpa", "reference"))
+    problem = cuda_problem()
+    torch_checks.accepted.add("efficient")
+    assert REGISTRY["sdpa"].reasons(problem) == []
+    assert select_backend("auto", problem).name == "sdpa"
+    torch_checks.accepted.clear()
+    backends._CHOSEN.clear()
+    refusal = "torch's checks (torch.backends.cuda.can_use_*_attention) refuse its cudnn, flash, efficient kernels"
+    assert any(refusal in why for why in REGISTRY["sdpa"].reasons(problem))
+    assert select_backend("auto", problem).name == "reference"
+    with pytest.raises(NoBackendError) as declined:
+        select_backend("sdpa", problem)
+    assert f"sdpa: {refusal}" in str(declined.value)
+
+
+def test_dispatch_asks_torch_outside_the_compiled_graph(torch_checks):
+    torch_checks.accepted.add("flash")
+    problem = cuda_problem()
+    compiled = torch.compile(lambda x: x + len(REGISTRY["sdpa"].reasons(problem)), fullgraph=True, backend="eager")
+    assert compiled(torch.zeros(1)).item() == 0
+    assert torch_checks.kernels_asked() == ["cudnn", "flash"]  # while tracing
+    torch_checks.accepted.clear()
+    assert compiled(torch.zeros(1)).item() == 0  # the graph holds the answer, not the question
+    assert torch_checks.kernels_asked() == ["cudnn", "flash"]
+
+
+def test_without_a_gpu_dispatch_judges_by_head_dims_alone(torch_checks, monkeypatch):
+    """As where a GPU's benchmark record is read: this machine's torch has nothing to say about it."""
+    monkeypatch.setattr(REGISTRY["sdpa"], "stand_in_device", None)
+    assert REGISTRY["sdpa"].reasons(cuda_problem()) == []
+    assert REGISTRY["sdpa"].reasons(cuda_problem(head_dim=36)) == [
+        "torch's CUDA kernels take head dims that are multiples of 8 up to 256"]
+    assert torch_checks.asked == []
+
+
+@pytest.mark.parametrize("dtype, accepted, kernel", [
+    (torch.bfloat16, ALL, "cudnn"), (torch.bfloat16, {"flash", "efficient"}, "flash"),
+    (torch.float16, {"efficient"}, "efficient"), (torch.float32, ALL, "efficient")], ids=str)
+def test_forward_and_backward_run_the_kernel_torch_takes(torch_checks, aten_calls, dtype, accepted, kernel):
+    """Asked once, about the call's own tensors; the backward runs the forward's kernel even where
+    torch would now answer otherwise."""
+    torch_checks.accepted |= accepted
+    q, k, v = meta_qkv(dtype, Nq=40, Nk=56)
+    backend = REGISTRY["sdpa"]
+    out, lse = backend.forward(q, k, v, None, True, 0.125, 0.0, 0)
+    assert (out.shape, lse.shape) == (q.shape, q.shape[:3])
+    asked = torch_checks.kernels_asked()
+    _, params = torch_checks.asked[-1]
+    assert params.query.shape == q.shape and params.key.shape == params.value.shape == k.shape
+    assert params.is_causal and params.enable_gqa and params.query.device.type == "meta"
+    torch_checks.accepted.clear()
+    backend.backward(torch.empty_like(out), None, q, k, v, out, lse, None, True, 0.125, 0.0, 0)
+    assert aten_calls == [ATEN[kernel], ATEN[kernel] + "_backward"]
+    assert torch_checks.kernels_asked() == asked
+
+
+def test_asks_again_about_what_torch_reads_anew(torch_checks):
+    """The call-time answers are kept by length, layout, alignment, dtype and causality."""
+    torch_checks.accepted |= ALL
+    q, k, v = meta_qkv(torch.bfloat16)
+    offset = torch.empty(q.numel() + 4, dtype=q.dtype, device="meta")[4:].view(q.shape)
+    heads_outer = q.transpose(1, 2).contiguous().transpose(1, 2)  # other strides
+    for args in [(q, k, v, False), (q, k, v, True), (q[:, :, :20], k, v, False), (q, k[:, :, :20], v[:, :, :20], False),
+                 (heads_outer, k, v, False), (q, k, heads_outer[:, :2], False), (offset, k, v, False),
+                 (q.float(), k.float(), v.float(), False)]:
+        asked = len(torch_checks.asked)
+        for _ in range(2):
+            REGISTRY["sdpa"].forward(*args[:3], None, args[3], 0.125, 0.0, 0)
+        assert len(torch_checks.asked) == asked + 1  # once, by its first choice
+
+
+def test_asks_about_a_call_on_its_device(torch_checks, monkeypatch):
+    """torch's checks read the current device's properties: a call's are those of q's device."""
+    entered = []
+
+    @contextlib.contextmanager
+    def device(index):
+        entered.append((index, len(torch_checks.asked)))
+        yield
+        entered.append(len(torch_checks.asked))
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    torch_checks.accepted.add("flash")
+    q, k, v = meta_qkv(torch.bfloat16)
+    REGISTRY["sdpa"].forward(q, k, v, None, False, 0.125, 0.0, 0)
+    assert entered == [(q.get_device(), 0), 2]  # cuDNN, then flash, asked in there
+
+
+def test_runs_no_kernel_for_a_call_torch_refuses(torch_checks, aten_calls):
+    q, k, v = meta_qkv(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="refuse its cudnn, flash, efficient kernels for this call"):
+        REGISTRY["sdpa"].forward(q, k, v, None, False, 0.125, 0.0, 0)
+    assert aten_calls == []
+
+
+def test_torch_kernel_names_what_records_timed():
+    """fastattn.bench.dispatch reads records made before the backend by the kernel names."""
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert sdpa.torch_kernel("cpu", fp32, 36, True, False) == "flash"
+    assert [sdpa.torch_kernel("cuda", bf16, 128, False, cudnn) for cudnn in (True, False)] == ["cudnn", "flash"]
+    assert sdpa.torch_kernel("cuda", bf16, 256, True, True) == "flash"
+    assert [sdpa.torch_kernel("cuda", fp32, 64, gqa, True) for gqa in (False, True)] == ["efficient", None]
+    assert sdpa.torch_kernel("cuda", bf16, 36, False, True) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal, gqa", [(False, False), (True, True)])
+def test_torch_answers_about_meta_tensors(dtype, causal, gqa):
+    """The real checks take meta tensors without raising, and refuse them (check_all_tensors_on_device
+    wants CUDA ones; a build without CUDA refuses everything): dispatch's stand-ins are CUDA tensors."""
+    q, k, v = meta_qkv(dtype, Hkv=2 if gqa else 4)
+    params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, causal, gqa)
+    assert [getattr(torch.backends.cuda, name)(params) for name in CAN_USE.values()] == [False] * 3
+    assert sdpa.problem_choice("meta", dtype, 64, 64, 64, gqa, causal) is None
+    assert REGISTRY["sdpa"].stand_in_device == ("cuda" if torch.cuda.is_available() else None)

@@ -1,18 +1,24 @@
 """Backend `sdpa`: torch's own fused attention kernels behind fastattn's contract.
 
 Through the aten ops that have a separate backward: on the CPU
-`_scaled_dot_product_flash_attention_for_cpu`; on a GPU cuDNN's kernel for 16-bit inputs (the
-fastest on an H200: benchmarks/results/2026-11-26-h200-9bb372e), else FlashAttention-2's, and the
-memory-efficient kernel for fp32. The lse is fastattn's (natural log, float32, (B, H, Nq)
-contiguous), out has empty_out's layout, the gradients come from the matching aten backward.
+`_scaled_dot_product_flash_attention_for_cpu`; on a GPU the first of these that torch's own
+checks (torch.backends.cuda.can_use_*_attention) accept: cuDNN's for 16-bit inputs with D <= 128
+(the fastest on an H200: benchmarks/results/2026-11-26-h200-9bb372e), FlashAttention-2's, the
+memory-efficient kernel (the only one for fp32). torch's checks read tensors, CUDA ones only:
+dispatch asks them about CUDA stand-ins of the Problem's shape (without a GPU it cannot, and
+judges by head dims alone), outside what torch.compile traces; each call asks again, once per
+kind of call (cached by everything the checks read), about its own tensors, whose device,
+layout and exact lengths may differ; the backward gets the forward's answer. The lse is
+fastattn's (natural log, float32, (B, H, Nq) contiguous), out has empty_out's layout, the
+gradients come from the matching aten backward.
 
 What it declines, and why: torch's kernels give a query that sees no key lse 0 (CPU) or NaN
 (GPU), where fastattn promises zeros and lse = -inf, so it takes only calls in which every query
 sees a key, provably and without looking at the data: no padding mask and no attn_mask (either
 may hide every key of a row), dense or causal (top-left: query i sees key 0) with at least one
 key. Dropout draws torch's own random stream, which fastattn's op cannot hand on to the
-backward; packed sequences and KV-cache decoding have no such ops. None of this is a limit of
-fastattn's own kernels, which `auto` falls back to.
+backward; packed sequences and KV-cache decoding have no such ops. On a GPU, what torch's checks
+refuse. None of this is a limit of fastattn's own kernels, which `auto` falls back to.
 """
 from __future__ import annotations
 
@@ -27,21 +33,82 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
+# torch.backends.cuda's check for each kernel, looked up when asked (tests put fakes there)
+_CAN_USE = {"cudnn": "can_use_cudnn_attention", "flash": "can_use_flash_attention",
+            "efficient": "can_use_efficient_attention"}
+
+
+def cuda_kernels(dtype: torch.dtype, head_dim: int) -> tuple[str, ...]:
+    """The CUDA kernels ("cudnn", "flash", "efficient") the backend would run, in its order of
+    preference, before torch has its say."""
+    if head_dim % 8 or head_dim > 256:  # F.scaled_dot_product_attention pads D to 8s for these ops; we do not
+        return ()
+    if dtype == torch.float32:
+        return ("efficient",)
+    return ("cudnn", "flash", "efficient") if head_dim <= 128 else ("flash", "efficient")
+
+
 def torch_kernel(device: str, dtype: torch.dtype, head_dim: int, gqa: bool, cudnn: bool) -> str | None:
-    """The torch kernel ("flash", "cudnn", "efficient") a call takes, or None; cudnn: whether
-    torch has cuDNN's attention."""
+    """The backend's first choice of kernel ("flash", "cudnn", "efficient") for a call, or None,
+    for benchmark records made before it existed, which time torch's kernels by name
+    (fastattn.bench.dispatch): cudnn, whether their torch had cuDNN's attention; gqa,
+    grouped-query, which their torch's memory-efficient kernel did not take."""
     if device == "cpu":
         return "flash"
-    if head_dim % 8 or head_dim > 256:
-        return None
-    if dtype == torch.float32:
-        return None if gqa else "efficient"  # the memory-efficient kernel has no GQA
-    return "cudnn" if cudnn and head_dim <= 128 else "flash"
+    kernels = [kernel for kernel in cuda_kernels(dtype, head_dim)
+               if (cudnn or kernel != "cudnn") and not (gqa and kernel == "efficient")]
+    return kernels[0] if kernels else None
 
 
-def _kernel(q: torch.Tensor, k: torch.Tensor) -> str | None:
-    return torch_kernel(q.device.type, q.dtype, q.shape[-1], k.shape[1] != q.shape[1],
-                        torch.backends.cudnn.is_available())
+def torch_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> str | None:
+    """The first of cuda_kernels that torch's checks accept for q, k, v on the current device, or
+    None. Asked as for training: the forward cannot tell whether a backward follows (it runs with
+    grad mode off), and the backward, which asks again, must get the forward's kernel."""
+    with torch.enable_grad():
+        params = torch.backends.cuda.SDPAParams(q.detach().requires_grad_(), k, v, None, 0.0, causal,
+                                                k.shape[1] != q.shape[1])
+        return next((kernel for kernel in cuda_kernels(q.dtype, q.shape[-1])
+                     if getattr(torch.backends.cuda, _CAN_USE[kernel])(params)), None)
+
+
+@torch._dynamo.assume_constant_result  # makes tensors and asks torch: run, not traced
+def problem_choice(device: str, dtype: torch.dtype, head_dim: int, nq: int, nk: int, gqa: bool,
+                   causal: bool) -> str | None:
+    """torch_choice for stand-ins of a Problem on `device`: batch 1, one kv head (two query heads
+    for GQA), the length buckets."""
+
+    def stand_in(heads: int, n: int) -> torch.Tensor:
+        # One row of memory: the checks read the last stride and the offset, not the data
+        return torch.empty(head_dim, dtype=dtype, device=device).expand(1, heads, n, head_dim)
+
+    k = stand_in(1, nk)
+    return torch_choice(stand_in(2 if gqa else 1, nq), k, k, causal)
+
+
+# Settled on first ask, torch's switches (enable_*_sdp, deterministic algorithms) as they then
+# stand: a backward must get its forward's answer
+_CHOICES: dict[tuple, str | None] = {}
+
+
+def _kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> str:
+    """torch_choice for a call's own tensors, kept by everything torch's checks read of them (and
+    asked on q's device: they read the current device's properties)."""
+    # Offsets mod 8 items: the alignment check reads offset * item size mod at most 16 bytes
+    key = (q.get_device(), q.dtype, q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.storage_offset() % 8,
+           k.storage_offset() % 8, v.storage_offset() % 8, causal)
+    try:
+        kernel = _CHOICES[key]
+    except KeyError:
+        if len(_CHOICES) >= 4096:  # shapes x layouts seen; then start over
+            _CHOICES.clear()
+        with torch.cuda.device(q.get_device()):
+            kernel = _CHOICES[key] = torch_choice(q, k, v, causal)
+    if kernel is None:
+        raise RuntimeError(f"sdpa: torch's checks (torch.backends.cuda.can_use_*_attention) refuse its "
+                           f"{', '.join(cuda_kernels(q.dtype, q.shape[-1]))} kernels for this call (q "
+                           f"{tuple(q.shape)} {q.dtype} on {q.device}, k {tuple(k.shape)}, causal={causal}), "
+                           f"though they took dispatch's stand-ins for it: name another backend")
+    return kernel
 
 
 class SdpaBackend(Backend):
@@ -56,6 +123,13 @@ class SdpaBackend(Backend):
         decode=False,
     )
 
+    def __init__(self) -> None:
+        super().__init__()
+        # Where dispatch's stand-ins for a CUDA call live: torch's checks refuse tensors on any other
+        # device, meta included (check_all_tensors_on_device), and without a GPU they have nothing
+        # to say about one: then dispatch judges by cuda_kernels alone, and a call cannot happen
+        self.stand_in_device = "cuda" if torch.cuda.is_available() else None
+
     def reasons(self, problem: Problem) -> list[str]:
         why = super().reasons(problem._replace(mask_kind=None))
         if problem.key_padding:
@@ -66,9 +140,15 @@ class SdpaBackend(Backend):
             why.append("no keys: torch's kernels give lse 0 or NaN")
         if problem.device == "cuda" and not problem.aligned:
             why.append("torch's CUDA kernels read 16-byte aligned rows (unit head-dim stride, strides in 8s)")
-        if torch_kernel(problem.device, problem.dtype, problem.head_dim, problem.gqa, True) is None:
-            why.append("torch's CUDA kernels take head dims that are multiples of 8 up to 256, and fp32 "
-                       "(the memory-efficient kernel) no grouped-query attention")
+        if problem.device == "cuda":
+            kernels = cuda_kernels(problem.dtype, problem.head_dim)
+            if not kernels:
+                why.append("torch's CUDA kernels take head dims that are multiples of 8 up to 256")
+            elif not why and self.stand_in_device and problem_choice(
+                    self.stand_in_device, problem.dtype, problem.head_dim, problem.nq, problem.nk, problem.gqa,
+                    problem.causal) is None:
+                why.append(f"torch's checks (torch.backends.cuda.can_use_*_attention) refuse its "
+                           f"{', '.join(kernels)} kernels for this call")
         return why
 
     def forward(self, q, k, v, masks, causal, scale, dropout_p, seed):
@@ -77,7 +157,7 @@ class SdpaBackend(Backend):
         if q.device.type == "cpu":
             out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
         else:
-            kernel = _kernel(q, k)
+            kernel = _kernel(q, k, v, causal)
             if kernel == "cudnn":
                 out, lse = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
                                                                      scale=scale)[:2]
@@ -107,7 +187,7 @@ class SdpaBackend(Backend):
         if q.device.type == "cpu":
             return aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 _rows_contiguous(dout), q, k, v, out, lse, 0.0, causal, scale=scale)
-        kernel = _kernel(q, k)
+        kernel = _kernel(q, k, v, causal)
         unused = torch.empty(0, dtype=torch.int64, device=q.device)  # the dropout RNG state: no dropout
         if kernel == "cudnn":  # cuDNN wants dO in O's layout and its lse as (B, H, Nq, 1)
             if dout.stride() != out.stride():
