@@ -7,7 +7,9 @@ default and fastattn:triton, side by side in one process, in that order of value
     python benchmarks/cuda_goal.py OUT_DIR
 
 Writes OUT_DIR/cuda_goal.json after every case (the record's row fields, plus fa2_ms and
-vs_fa2 = FA2's time over fastattn:cuda's) and prints a line per case as it ends."""
+vs_fa2 = FA2's time over fastattn:cuda's) and prints a line per case as it ends. gpu_check.sh
+gives it its staging folder, so that the record reaches the run's output inside the one bundle
+gpu_extras.json (a device run returns 8 files at most)."""
 from __future__ import annotations
 
 import json

@@ -1,14 +1,19 @@
-"""The Gluon step of gpu_check.sh: each variant of the Hopper forward and of the backward checked
+"""The Gluon steps of gpu_check.sh: each variant of the Hopper forward and of the backward checked
 against float64 in its own process under a short timeout (a mbarrier that waits forever costs
 seconds, not the GPU window), all at once (their compiles share the CPUs), each line written as
 it ends; the survivors timed against cuDNN, FlashAttention-2 and fastattn's Triton kernels
-(forward; forward+backward); the fastest variant per head dim written as the shipped default.
+(forward; forward+backward); the fastest variant per head dim written as the tuned defaults.
 
-    python benchmarks/gluon_check.py OUT_DIR [--timeout-s 60]
+    python benchmarks/gluon_check.py OUT_DIR [--timeout-s 60] [--check-only | --time-only]
+                                     [--tuned PATH] [--install]
 
-Writes OUT_DIR/gluon_checks.jsonl (a line per variant, as it ends) and OUT_DIR/gluon_record.json
-(rows with backend, case, ms, tflops, best_peer, best_peer_ms, speedup_vs_best_peer), and
-fastattn/gluon/tuned.json.
+Writes OUT_DIR/gluon_checks.jsonl (a line per variant, as it ends), OUT_DIR/gluon_record.json
+(rows with backend, case, ms, tflops, best_peer, best_peer_ms, speedup_vs_best_peer) and the
+defaults to --tuned (default OUT_DIR/gluon_tuned.json), never into the source tree unless
+--install says so (then fastattn/gluon/tuned.json too, which the gluon backend reads: ship that
+file from a GPU run's output). --check-only stops after the checks (exit 1 if none passed);
+--time-only times the variants OUT_DIR/gluon_checks.jsonl says passed (gpu_check.sh runs the two
+halves as two steps, each under its own cap).
 """
 from __future__ import annotations
 
@@ -133,18 +138,20 @@ def check_command(variant) -> list[str]:
     return [sys.executable, "-c", child, json.dumps(list(variant)), json.dumps(shapes)]
 
 
-def time_survivors(fwd_variants, bwd_variants, record: Path) -> dict:
+def time_survivors(fwd_variants, bwd_variants, record: Path, progress=None) -> dict:
     """ms of each surviving variant and of the peers on dense, causal and GQA calls (bf16, N 4096,
     B 4, H 16 at D 128), forward, then forward+backward (ours: the fastest forward variant, or the
     Triton forward where none passed, then each backward variant); returns the tuned.json entries
-    {"d<D>": fastest forward, "bwd_d<D>": fastest backward} (on the dense case)."""
+    {"d<D>": fastest forward, "bwd_d<D>": fastest backward} (on the dense case). The dense cases
+    of both head dims go first and progress(best) follows each case, so that a step cut at its
+    time limit still leaves both head dims' defaults."""
     import torch
 
     from fastattn.gluon import launch
 
     rows, best = [], {}
-    for D in (128, 64):
-        for kind in ("dense", "causal", "gqa"):
+    for kind in ("dense", "causal", "gqa"):
+        for D in (128, 64):
             B, H, N = 4, 2048 // D, 4096
             Hkv = H // 4 if kind == "gqa" else H
             q = torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
@@ -180,6 +187,8 @@ def time_survivors(fwd_variants, bwd_variants, record: Path) -> dict:
             if ours and kind == "dense":
                 best[f"bwd_d{D}"] = next(x for x in bwd_variants if min(ours, key=ours.get).endswith(x.name))
             record.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+            if progress is not None:
+                progress(best)
     return best
 
 
@@ -222,24 +231,55 @@ def _time_with_peers(fns: dict, q, k, v, causal: bool, gqa: bool, dout, case: st
     return timed
 
 
+def passed_in(checks: Path) -> list:
+    """The variants a checks file (gluon_checks.jsonl) says passed, in its order."""
+    from fastattn.gluon.launch import BWD_VARIANTS, VARIANTS
+
+    known = {tuple(v): v for v in VARIANTS + BWD_VARIANTS}
+    rows = [json.loads(line) for line in checks.read_text().splitlines() if line.strip()] if checks.exists() else []
+    return [known[tuple(r["variant"])] for r in rows if r.get("status") == "ok" and tuple(r["variant"]) in known]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("out_dir")
     parser.add_argument("--timeout-s", type=float, default=60)
+    half = parser.add_mutually_exclusive_group()
+    half.add_argument("--check-only", action="store_true", help="check the variants, time none")
+    half.add_argument("--time-only", action="store_true", help="time the variants OUT_DIR/gluon_checks.jsonl passed")
+    parser.add_argument("--tuned", help="where the fastest variants go (default OUT_DIR/gluon_tuned.json)")
+    parser.add_argument("--install", action="store_true", help="also write fastattn/gluon/tuned.json")
     args = parser.parse_args(argv)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     from fastattn.gluon.launch import BWD_VARIANTS, TUNED, VARIANTS, BwdVariant
 
-    passed = check_variants(VARIANTS + BWD_VARIANTS, out / "gluon_checks.jsonl", args.timeout_s)
-    bwd = [v for v in passed if isinstance(v, BwdVariant)]
-    fwd = [v for v in passed if v not in bwd]
+    checks = out / "gluon_checks.jsonl"
+    if args.time_only:
+        passed = passed_in(checks)
+    else:
+        checks.unlink(missing_ok=True)  # this run's lines only
+        passed = check_variants(VARIANTS + BWD_VARIANTS, checks, args.timeout_s)
     if not passed:
         print("gluon: no variant passed its check; nothing timed")
         return 1
-    best = time_survivors(fwd, bwd, out / "gluon_record.json")
-    TUNED.write_text(json.dumps({name: list(v) for name, v in best.items()}, indent=1) + "\n")
-    print(f"gluon defaults: {best} -> {TUNED}")
+    if args.check_only:
+        print(f"gluon: {len(passed)} of {len(VARIANTS + BWD_VARIANTS)} variants passed: {[v.name for v in passed]}")
+        return 0
+    bwd = [v for v in passed if isinstance(v, BwdVariant)]
+    fwd = [v for v in passed if v not in bwd]
+    paths = [Path(args.tuned) if args.tuned else out / "gluon_tuned.json"] + ([TUNED] if args.install else [])
+
+    def write_tuned(best: dict) -> None:
+        if best:
+            text = json.dumps({name: list(v) for name, v in best.items()}, indent=1) + "\n"
+            for path in paths:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+
+    best = time_survivors(fwd, bwd, out / "gluon_record.json", progress=write_tuned)
+    write_tuned(best)
+    print(f"gluon defaults: {best} -> {', '.join(map(str, paths))}")
     return 0
 
 
