@@ -14,7 +14,7 @@ VENV := .venv/bin/python
 endif
 CSRC := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: setup run test info cuda-check aarch64-check transformers-oldest clean
+.PHONY: setup run test info cuda-check aarch64-check transformers-oldest triton-oldest clean
 
 setup: .stamps/build
 
@@ -51,6 +51,15 @@ transformers-oldest: .stamps/dev-deps
 	$(PY) -m pip install -q --no-deps --upgrade --target build/transformers-$(TRANSFORMERS_OLDEST) \
 		transformers==$(TRANSFORMERS_OLDEST) "huggingface-hub>=1.5,<2" httpx httpcore certifi
 	PYTHONPATH=build/transformers-$(TRANSFORMERS_OLDEST) $(PY) -m pytest -q tests/test_transformers.py tests/test_transformers_sweep.py
+
+# The Triton kernels on the GPU image's Triton (`make test` runs the newest): every launch the glue
+# makes compiled for sm_90, the cached launch checked against the JIT's, and the kernels at the GPU's
+# tile shapes under the interpreter. That release in build/ on the path.
+TRITON_OLDEST ?= 3.6.0
+triton-oldest: .stamps/dev-deps
+	$(PY) -m pip install -q --no-deps --upgrade --target build/triton-$(TRITON_OLDEST) triton==$(TRITON_OLDEST)
+	PYTHONPATH=build/triton-$(TRITON_OLDEST) $(PY) -m pytest -q tests/test_triton_compile.py \
+		tests/test_triton_launch.py tests/test_triton_tiles.py
 
 # Compiles every CUDA kernel for sm_80 and sm_90a with nvcc (no GPU needed) and reads the result.
 cuda-check: .stamps/dev-deps

@@ -10,7 +10,10 @@ Run it without TRITON_INTERPRET (the interpreter replaces the kernels).
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
+import multiprocessing
+import os
 import re
 import subprocess
 import sys
@@ -75,6 +78,44 @@ def cubin_stats(cubin: bytes) -> dict:
             "setmaxnreg": len(re.findall(r"\bUSETMAXREG\b", sass))}
 
 
+def _items(kernels: dict, dtypes, head_dims):
+    """(kernel, dtype, D, config, mods, flags) of each attention kernel the report compiles: causal
+    with key padding, without and with every score modifier, each config at each head dim it fits."""
+    from fastattn.triton.tuning import fits
+
+    for name, table in kernels.items():
+        for dtype, D in itertools.product(dtypes, head_dims):
+            for (m, n, w, s), mods in itertools.product(table, (False, True)):
+                if fits((m, n, w, s), D):  # else never launched at this head dim
+                    yield name, dtype, D, (m, n, w, s), mods, dict(
+                        BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, HAS_KPM=True, MASK_KIND=0, VARLEN=False,
+                        CAUSAL=True, DROPOUT=False, PREC=FP32_PRECISION.get(dtype, "tf32"), D=D, BLOCK_D=D,
+                        **(ALL_MODS if mods else NO_MODS))
+
+
+def _decode_items(dtypes, head_dims):
+    """(dtype, D, BLOCK_M, mods, flags) of the decode split kernel: mma.sync tiles of 16 or 64 rows."""
+    for dtype, D, m, mods in itertools.product(dtypes, head_dims, (16, 64), (False, True)):
+        yield dtype, D, m, mods, dict(BLOCK_M=m, BLOCK_N=64, num_warps=4, num_stages=2, CAUSAL=True,
+                                      PREC=FP32_PRECISION.get(dtype, "tf32"), D=D, BLOCK_D=D, WINDOW=mods,
+                                      SOFTCAP=mods, HAS_ALIBI=mods)
+
+
+def _compile_by_name(name: str, dtype: str, arch: int, flags: dict) -> None:
+    from fastattn.triton import attention as ta, decode as triton_decode
+
+    compile_kernel(getattr(ta, name, None) or getattr(triton_decode, name), dtype, arch, flags)
+
+
+def _warm(jobs: list) -> None:
+    """Compiles the jobs side by side, one process a core, into Triton's disk cache, from which
+    the report then reads each kernel (a compile is single-threaded)."""
+    if (os.cpu_count() or 1) < 2:
+        return
+    with multiprocessing.get_context("spawn").Pool(os.cpu_count()) as pool:  # fork: nanobind's leak warnings
+        pool.starmap(_compile_by_name, jobs, chunksize=1)
+
+
 FP32_PRECISION = {"fp32": "tf32x3", "fp32-ieee": "ieee"}  # the --dtypes names of fp32's dot precisions
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes a block may use, per arch
 
@@ -88,7 +129,7 @@ def main(argv=None, more=()) -> int:
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
     from fastattn.triton import attention as ta, decode as triton_decode
-    from fastattn.triton.tuning import CANDIDATES, fits
+    from fastattn.triton.tuning import CANDIDATES
 
     kernels = {"_fwd_kernel": CANDIDATES["fwd"], "_bwd_dkdv_kernel": CANDIDATES["dkdv"],
                "_bwd_dq_kernel": CANDIDATES["dq"]}
@@ -98,45 +139,37 @@ def main(argv=None, more=()) -> int:
           f"a config over {limit // 1024} KiB of shared memory cannot launch (the launch takes the next)")
     print(f"{'kernel':<24} {'dtype':>5} {'D':>4} {'BM,BN,warps,stages':>18} {'regs':>5} {'stack':>6} "
           f"{'spill insts':>11} {'smem KiB':>8} {'wgmma':>6} {'mma.sync':>8}")
-    for name, table in kernels.items():
-        for dtype in args.dtypes.split(","):
-            for D in map(int, args.head_dims.split(",")):
-                clean = {False: 0, True: 0}  # configs that neither spill nor overflow, without and with score mods
-                for (m, n, w, s), mods in itertools.product(table, (False, True)):
-                    if not fits((m, n, w, s), D):
-                        continue  # never launched at this head dim
-                    flags = dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, HAS_KPM=True, MASK_KIND=0, VARLEN=False,
-                                 CAUSAL=True, DROPOUT=False, PREC=FP32_PRECISION.get(dtype, "tf32"), D=D, BLOCK_D=D,
-                                 **(ALL_MODS if mods else NO_MODS))
-                    kernel = compile_kernel(getattr(ta, name), dtype, args.arch, flags)
-                    st = cubin_stats(kernel.asm["cubin"])
-                    smem = kernel.metadata.shared
-                    # fp32's dots (IEEE on the FMA units, or three TF32 products) spill at every tile size: there only
-                    # the fit in shared memory is required
-                    spills = not dtype.startswith("fp32") and (st["stack"] or st["spill insts"])
-                    clean[mods] += not spills and smem <= limit
-                    label = name + (" +mods" if mods else "")
-                    print(f"{label:<24} {dtype:>5} {D:>4} {f'{m},{n},{w},{s}':>18} {st['regs']:>5} {st['stack']:>6} "
-                          f"{st['spill insts']:>11} {smem // 1024:>8}{'!' if smem > limit else ' '}"
-                          f"{st['wgmma']:>5} {st['mma.sync']:>8}", flush=True)
-                    if args.arch == 90 and not dtype.startswith("fp32") and not st["wgmma"]:
-                        failures.append(f"{label} {dtype} D={D} {m},{n}: no wgmma")
-                for mods, count in clean.items():
-                    if not count:
-                        failures.append(f"{name}{' +mods' if mods else ''} {dtype} D={D}: every config spills or "
-                                        f"exceeds shared memory")
-    for dtype in args.dtypes.split(","):  # the decode split kernel: mma.sync tiles of 16 or 64 rows
-        for D in map(int, args.head_dims.split(",")):
-            for m, mods in itertools.product((16, 64), (False, True)):
-                flags = dict(BLOCK_M=m, BLOCK_N=64, num_warps=4, num_stages=2, CAUSAL=True,
-                             PREC=FP32_PRECISION.get(dtype, "tf32"), D=D, BLOCK_D=D, WINDOW=mods, SOFTCAP=mods,
-                             HAS_ALIBI=mods)
-                st = cubin_stats(compile_kernel(triton_decode._decode_split_kernel, dtype, args.arch, flags).asm["cubin"])
-                label = "_decode_split_kernel" + (" +mods" if mods else "")
-                print(f"{label:<24} {dtype:>5} {D:>4} {f'{m},64,4,2':>18} {st['regs']:>5} "
-                      f"{st['stack']:>6} {st['spill insts']:>11} {'':>8} {st['wgmma']:>5} {st['mma.sync']:>8}")
-                if not dtype.startswith("fp32") and (st["stack"] or st["spill insts"]):
-                    failures.append(f"{label} {dtype} D={D} BLOCK_M={m}: spills")
+    dtypes, head_dims = args.dtypes.split(","), [int(d) for d in args.head_dims.split(",")]
+    items = list(_items(kernels, dtypes, head_dims))
+    decode_items = list(_decode_items(dtypes, head_dims))
+    _warm([(name, dtype, args.arch, flags) for name, dtype, _, _, _, flags in items]
+          + [("_decode_split_kernel", dtype, args.arch, flags) for dtype, _, _, _, flags in decode_items])
+    clean = collections.Counter()  # (kernel, dtype, D, mods) -> configs that neither spill nor overflow
+    for name, dtype, D, (m, n, w, s), mods, flags in items:
+        kernel = compile_kernel(getattr(ta, name), dtype, args.arch, flags)  # from the warm-up's disk cache
+        st = cubin_stats(kernel.asm["cubin"])
+        smem = kernel.metadata.shared
+        # fp32's dots (IEEE on the FMA units, or three TF32 products) spill at every tile size: there only
+        # the fit in shared memory is required
+        spills = not dtype.startswith("fp32") and (st["stack"] or st["spill insts"])
+        clean[name, dtype, D, mods] += not spills and smem <= limit
+        label = name + (" +mods" if mods else "")
+        print(f"{label:<24} {dtype:>5} {D:>4} {f'{m},{n},{w},{s}':>18} {st['regs']:>5} {st['stack']:>6} "
+              f"{st['spill insts']:>11} {smem // 1024:>8}{'!' if smem > limit else ' '}"
+              f"{st['wgmma']:>5} {st['mma.sync']:>8}", flush=True)
+        if args.arch == 90 and not dtype.startswith("fp32") and not st["wgmma"]:
+            failures.append(f"{label} {dtype} D={D} {m},{n}: no wgmma")
+    for name, dtype, D, mods in dict.fromkeys((i[0], i[1], i[2], i[4]) for i in items):
+        if not clean[name, dtype, D, mods]:
+            failures.append(f"{name}{' +mods' if mods else ''} {dtype} D={D}: every config spills or "
+                            f"exceeds shared memory")
+    for dtype, D, m, mods, flags in decode_items:  # the decode split kernel: mma.sync tiles of 16 or 64 rows
+        st = cubin_stats(compile_kernel(triton_decode._decode_split_kernel, dtype, args.arch, flags).asm["cubin"])
+        label = "_decode_split_kernel" + (" +mods" if mods else "")
+        print(f"{label:<24} {dtype:>5} {D:>4} {f'{m},64,4,2':>18} {st['regs']:>5} "
+              f"{st['stack']:>6} {st['spill insts']:>11} {'':>8} {st['wgmma']:>5} {st['mma.sync']:>8}")
+        if not dtype.startswith("fp32") and (st["stack"] or st["spill insts"]):
+            failures.append(f"{label} {dtype} D={D} BLOCK_M={m}: spills")
     if args.arch == 90:
         for other in more:
             failures += other(tuple(map(int, args.head_dims.split(","))))
