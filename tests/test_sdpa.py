@@ -307,3 +307,38 @@ def test_torch_answers_about_meta_tensors(dtype, causal, gqa):
     assert [getattr(torch.backends.cuda, name)(params) for name in CAN_USE.values()] == [False] * 3
     assert sdpa.problem_choice("meta", dtype, 64, 64, 64, gqa, causal) is None
     assert REGISTRY["sdpa"].stand_in_device == ("cuda" if torch.cuda.is_available() else None)
+
+
+def test_causal_lengths_of_one_bucket_need_torch_for_both_shapes(torch_checks, monkeypatch):
+    """Nq 200 and Nk 250 share a bucket: FlashAttention's check refuses causal Nq != Nk, so
+    dispatch asks about a square and a non-square call, and declines unless both are taken."""
+    square_only = lambda params, debug=False: (not params.is_causal  # noqa: E731
+                                               or params.query.shape[2] == params.key.shape[2])
+    monkeypatch.setattr(torch.backends.cuda, "can_use_flash_attention", square_only)
+    assert sdpa.problem_choice("meta", torch.bfloat16, 192, 256, 256, False, False) == "flash"
+    assert sdpa.problem_choice("meta", torch.bfloat16, 192, 256, 256, False, True) is None
+    assert sdpa.problem_choice("meta", torch.bfloat16, 192, 256, 512, False, True) is None
+    torch_checks.accepted.add("efficient")
+    assert sdpa.problem_choice("meta", torch.bfloat16, 192, 256, 256, False, True) == "flash"
+
+
+def test_inference_tensors_are_asked_about_without_a_gradient(torch_checks):
+    torch_checks.accepted.add("flash")
+    with torch.inference_mode():
+        q, k, v = meta_qkv(torch.bfloat16)
+    with torch.no_grad():
+        assert sdpa.torch_choice(q, k, v, True) == "flash"
+    assert not torch_checks.asked[-1][1].query.requires_grad
+
+
+def test_asks_again_when_torchs_switches_move(torch_checks):
+    torch_checks.accepted |= ALL
+    q, k, v = meta_qkv(torch.bfloat16)
+    REGISTRY["sdpa"].forward(q, k, v, None, False, 0.125, 0.0, 0)
+    asked = len(torch_checks.asked)
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        REGISTRY["sdpa"].forward(q, k, v, None, False, 0.125, 0.0, 0)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+    assert len(torch_checks.asked) == asked + 1

@@ -154,6 +154,31 @@ def test_without_a_checked_manifest_the_first_candidate_runs_untimed(tmp_path, m
     assert not tuning.TUNINGS[key]
 
 
+def test_a_checked_shipped_default_runs_untuned_though_no_candidate(tuner, tmp_path):
+    """The shipped defaults hold configs from the sweep's wider space: checked, they run as they
+    are (no tuning), and one out of shared memory walks the checked candidates, then the fallback."""
+    shipped_only = (128, 64, 4, 3)
+    assert shipped_only not in tuning.CANDIDATES["fwd"]
+    key = tuning.make_key("fwd", "16bit", 64, "causal", 4096, 4096)
+    write_manifest(tmp_path / "shipped", {k: [*tuning.CANDIDATES[k], shipped_only] for k in tuning.CANDIDATES})
+    (tmp_path / "shipped" / "sm90.json").write_text(json.dumps({"configs": {key: list(shipped_only)}}))
+    fresh = tuning.Tuner()
+    assert fresh.config(key, "fwd", 64, 4096, bench=None) == shipped_only and not tuning.TUNINGS[key]
+    assert fresh.next_candidate(key, "fwd", 64, shipped_only) == tuning.CANDIDATES["fwd"][0]
+
+
+def test_out_of_shared_memory_walks_only_checked_candidates(tuner, tmp_path):
+    unchecked = (32, 64, 8, 2)
+    write_manifest(tmp_path / "shipped", {k: [c for c in tuning.CANDIDATES[k] if c != unchecked]
+                                          for k in tuning.CANDIDATES})
+    fresh, key = tuning.Tuner(), tuning.make_key("dkdv", "fp32", 128, "dense", 500, 500)
+    walked, config = [], (64, 64, 4, 2)
+    while config != tuning.FALLBACK["dkdv"]:
+        config = fresh.next_candidate(key, "dkdv", 128, config)
+        walked.append(config)
+    assert unchecked not in walked and walked[-1] == tuning.FALLBACK["dkdv"]
+
+
 def test_the_shipped_manifest_is_for_the_shipped_defaults():
     """checked-sm90.json names every shipped sm90 default, and its Triton is the GPU image's."""
     from fastattn.triton.checked import load

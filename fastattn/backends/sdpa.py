@@ -64,9 +64,9 @@ def torch_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
     """The first of cuda_kernels that torch's checks accept for q, k, v on the current device, or
     None. Asked as for training: the forward cannot tell whether a backward follows (it runs with
     grad mode off), and the backward, which asks again, must get the forward's kernel."""
-    with torch.enable_grad():
-        params = torch.backends.cuda.SDPAParams(q.detach().requires_grad_(), k, v, None, 0.0, causal,
-                                                k.shape[1] != q.shape[1])
+    with torch.enable_grad():  # an inference tensor takes no gradient, and never gets a backward
+        params = torch.backends.cuda.SDPAParams(q.detach().requires_grad_(not q.is_inference()), k, v, None, 0.0,
+                                                causal, k.shape[1] != q.shape[1])
         return next((kernel for kernel in cuda_kernels(q.dtype, q.shape[-1])
                      if getattr(torch.backends.cuda, _CAN_USE[kernel])(params)), None)
 
@@ -75,18 +75,20 @@ def torch_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
 def problem_choice(device: str, dtype: torch.dtype, head_dim: int, nq: int, nk: int, gqa: bool,
                    causal: bool) -> str | None:
     """torch_choice for stand-ins of a Problem on `device`: batch 1, one kv head (two query heads
-    for GQA), the length buckets."""
+    for GQA), the length buckets. Causal calls whose buckets are equal may still have Nq != Nk,
+    which FlashAttention's check refuses: torch must take both, or the backend declines."""
 
     def stand_in(heads: int, n: int) -> torch.Tensor:
         # One row of memory: the checks read the last stride and the offset, not the data
         return torch.empty(head_dim, dtype=dtype, device=device).expand(1, heads, n, head_dim)
 
-    k = stand_in(1, nk)
-    return torch_choice(stand_in(2 if gqa else 1, nq), k, k, causal)
+    q = stand_in(2 if gqa else 1, nq)
+    choices = [torch_choice(q, k, k, causal) for k in [stand_in(1, nk)] + [stand_in(1, nk + 1)] * (causal and nq == nk)]
+    return None if None in choices else choices[0]
 
 
-# Settled on first ask, torch's switches (enable_*_sdp, deterministic algorithms) as they then
-# stand: a backward must get its forward's answer
+# torch's answers by everything its checks read, its switches (enable_*_sdp, deterministic
+# algorithms) included: a backward gets its forward's answer unless a switch moved in between
 _CHOICES: dict[tuple, str | None] = {}
 
 
@@ -94,8 +96,10 @@ def _kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> 
     """torch_choice for a call's own tensors, kept by everything torch's checks read of them (and
     asked on q's device: they read the current device's properties)."""
     # Offsets mod 8 items: the alignment check reads offset * item size mod at most 16 bytes
+    cuda = torch.backends.cuda
     key = (q.get_device(), q.dtype, q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.storage_offset() % 8,
-           k.storage_offset() % 8, v.storage_offset() % 8, causal)
+           k.storage_offset() % 8, v.storage_offset() % 8, causal, q.is_inference(), cuda.cudnn_sdp_enabled(),
+           cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), torch.are_deterministic_algorithms_enabled())
     try:
         kernel = _CHOICES[key]
     except KeyError:

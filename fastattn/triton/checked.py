@@ -3,8 +3,9 @@
 Run on a GPU (benchmarks/gpu_check.sh does), it checks every launch configuration the kernels may
 take there (each tuning candidate, each shipped default, each fallback) against float64: forward
 (out, lse) and every gradient, causal with key padding and then with every score modifier, at
-each head-dim block the config fits (bf16; the fallbacks also fp32 at D = 256, where they run),
-and writes what passed and what failed:
+each head-dim block the config fits (bf16; the fallbacks also fp32 at D = 256, the largest block
+they serve),
+and writes what passed and what failed, after each check:
 
     python -m fastattn.triton.checked OUT.json [--jobs N]
 
@@ -17,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
+import tempfile
 import time
 from concurrent import futures
 from pathlib import Path
@@ -74,7 +77,8 @@ def check(kernel: str, config: tuple, D: int, dtype: str, device: str = "cuda", 
     mods = dict(window_size=(60, 20), softcap=20.0, alibi_slopes=torch.rand(H, device=device),
                 sinks=torch.randn(H, device=device))
     worst = 0.0
-    previous, tuning.TUNER.force = tuning.TUNER.force, {kernel: config}
+    force = {k: tuning.FALLBACK[k] for k in KERNELS} if dtype == "float32" else {}  # fp32: the rest fit only so
+    previous, tuning.TUNER.force = tuning.TUNER.force, {**force, kernel: config}
     try:
         for kwargs in (dict(causal=True), mods):
             worst = max(worst, _error(q, k, v, padding, kwargs, BOUND[dtype]))
@@ -110,17 +114,38 @@ def _error(q, k, v, padding, kwargs, bound) -> float:
     return max(errors) if all(e == e for e in errors) else float("inf")  # NaN fails
 
 
-def _check_item(item) -> tuple[tuple, float | str]:
+def _worker_setup(cache_dir: str) -> None:
+    """Each worker: the kernels not forced take the first candidate untimed (no tuning side by
+    side on one GPU), and nothing lands in the user's tuning cache."""
+    os.environ["FASTATTN_TUNE"] = "0"
+    os.environ["FASTATTN_CACHE_DIR"] = cache_dir
+
+
+def _check_item(item) -> tuple[tuple, float | str | None]:
+    """(item, its error over the bound, or why it failed; None: over this GPU's shared memory,
+    so never launched here: the launch takes the next config)."""
+    from triton.runtime.errors import OutOfResources
+
     try:
         return item, check(*item)
+    except OutOfResources:
+        return item, None
     except Exception as e:  # noqa: BLE001 - a config that fails to launch is a failed check
         return item, f"{type(e).__name__}: {e}"[:300]
+
+
+def _write(path: Path, manifest: dict) -> None:
+    """Atomically: a run cut short leaves the manifest of the checks done so far."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastattn.triton.checked")
     parser.add_argument("out", type=Path)
-    parser.add_argument("--jobs", type=int, default=8, help="processes compiling and checking side by side")
+    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                        help="processes compiling and checking side by side")
     parser.add_argument("--commit", default="")
     args = parser.parse_args(argv)
     import torch
@@ -129,23 +154,28 @@ def main(argv=None) -> int:
     from .tuning import _arch
 
     arch, start = _arch(), time.time()
-    results: dict[tuple, float | str] = {}
-    with futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for item, result in pool.map(_check_item, items(arch)):
-            results[item] = result
-            verdict = f"{result:.2f} of its bound" if isinstance(result, float) else result
-            print(f"{item[0]:<5} {','.join(map(str, item[1])):<12} D={item[2]:<4} {item[3]:<9} {verdict}", flush=True)
-    failed = {item for item, r in results.items() if not (isinstance(r, float) and r < 1)}
-    configs = {kernel: sorted({c for k, c, _, _ in results if k == kernel} - {c for k, c, _, _ in failed if k == kernel})
-               for kernel in KERNELS}
     manifest = {"arch": arch, "device": torch.cuda.get_device_name(), "triton": triton.__version__,
                 "torch": torch.__version__, "commit": args.commit, "date": time.strftime("%Y-%m-%d"),
                 "checked": "forward and gradients against float64: causal + key padding, then window + softcap "
                            "+ ALiBi + sinks; B 2, H 4, Hkv 2, Nq 200, Nk 300; bf16 at each head-dim block "
-                           "64/128/256 the config fits, fallbacks also fp32 at D 256",
-                "configs": {k: [list(c) for c in v] for k, v in configs.items()},
-                "failed": [[k, list(c), D, dt, results[(k, c, D, dt)]] for k, c, D, dt in sorted(failed)]}
-    args.out.write_text(json.dumps(manifest, indent=1))
+                           "64/128/256 the config fits, the fallbacks also fp32 at D 256; a config over shared "
+                           "memory somewhere counts where it launches",
+                "configs": {}, "failed": []}
+    results: dict[tuple, float | str | None] = {}
+    with tempfile.TemporaryDirectory() as cache, futures.ProcessPoolExecutor(
+            args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_setup,
+            initargs=(cache,)) as pool:
+        for item, result in pool.map(_check_item, items(arch)):
+            results[item] = result
+            verdict = ("over shared memory: not launched here" if result is None
+                       else f"{result:.2f} of its bound" if isinstance(result, float) else result)
+            print(f"{item[0]:<5} {','.join(map(str, item[1])):<12} D={item[2]:<4} {item[3]:<9} {verdict}", flush=True)
+            failed = {i for i, r in results.items() if r is not None and not (isinstance(r, float) and r < 1)}
+            manifest["configs"] = {k: [list(c) for c in sorted({c for kk, c, _, _ in results if kk == k}
+                                                               - {c for kk, c, _, _ in failed if kk == k})]
+                                   for k in KERNELS}
+            manifest["failed"] = [[k, list(c), D, dt, results[(k, c, D, dt)]] for k, c, D, dt in sorted(failed)]
+            _write(args.out, manifest)
     print(f"{len(results) - len(failed)} of {len(results)} checks passed in {time.time() - start:.0f} s -> {args.out}")
     return 1 if failed else 0
 

@@ -110,9 +110,10 @@ def _compile_by_name(name: str, dtype: str, arch: int, flags: dict) -> None:
 def _warm(jobs: list) -> None:
     """Compiles the jobs side by side, one process a core, into Triton's disk cache, from which
     the report then reads each kernel (a compile is single-threaded)."""
-    if (os.cpu_count() or 1) < 2:
+    cores = len(os.sched_getaffinity(0))  # os.cpu_count() is the host's in a container
+    if cores < 2:
         return
-    with multiprocessing.get_context("spawn").Pool(os.cpu_count()) as pool:  # fork: nanobind's leak warnings
+    with multiprocessing.get_context("spawn").Pool(cores) as pool:
         pool.starmap(_compile_by_name, jobs, chunksize=1)
 
 

@@ -64,11 +64,6 @@ def fits(config: Config, block_d: int) -> bool:
     return max(config[0], config[1]) * block_d <= 128 * 128
 
 
-def _fitting(kernel: str, block_d: int) -> list[Config]:
-    """The candidates that fit, in order, then the fallback."""
-    return list(dict.fromkeys([*(c for c in CANDIDATES[kernel] if fits(c, block_d)), FALLBACK[kernel]]))
-
-
 def decode_config(block_d: int) -> Config:
     """Decoding shapes (Nq <= DECODE_MAX_Q): 16-query tiles, the keys in wide ones."""
     return (16, 128 if block_d <= 128 else 64, 4, 2)
@@ -164,24 +159,30 @@ class Tuner:
         if nq <= DECODE_MAX_Q:
             return decode_config(block_d)
         checked = self.checked().get(kernel, set())
-        candidates = [c for c in _fitting(kernel, block_d) if c in checked]
+        tunable = [c for c in CANDIDATES[kernel] if fits(c, block_d) and c in checked]
         found = next((c for c in (self.cached().get(key), self.shipped().get(key), self.nearest_shipped(key))
-                      if c in candidates), None)
-        if found is None and (os.environ.get("FASTATTN_TUNE") == "0" or not candidates):
-            found = (candidates or _fitting(kernel, block_d))[0]
+                      if c in checked and fits(c, block_d)), None)
+        if found is None and (os.environ.get("FASTATTN_TUNE") == "0" or not tunable):
+            found = self._order(kernel, block_d)[0]
         if found is None:
             TUNINGS[key] += 1
-            found = min(candidates, key=bench)
+            found = min(tunable, key=bench)
             self.cached()[key] = found
             self._save()
         self.chosen[key] = found
         return found
 
+    def _order(self, kernel: str, block_d: int) -> list[Config]:
+        """The configs a call tries in turn: the candidates that fit and a GPU has checked (every
+        one that fits where none is), then the fallback, of least shared memory."""
+        fitting = [c for c in CANDIDATES[kernel] if fits(c, block_d)]
+        checked = [c for c in fitting if c in self.checked().get(kernel, set())]
+        return list(dict.fromkeys([*(checked or fitting), FALLBACK[kernel]]))
+
     def next_candidate(self, key: str, kernel: str, block_d: int, failed: Config) -> Config:
-        """The candidate after `failed`, which ran out of shared memory, remembered for the key.
-        Each list ends with its config of least shared memory."""
-        candidates = _fitting(kernel, block_d)
-        later = candidates[candidates.index(failed) + 1:] if failed in candidates else candidates
+        """The config after `failed`, which ran out of shared memory, remembered for the key."""
+        order = self._order(kernel, block_d)
+        later = order[order.index(failed) + 1:] if failed in order else order
         if not later:
             raise RuntimeError(f"no launch configuration of the {kernel} kernel fits this GPU's shared memory")
         self.chosen[key] = later[0]
