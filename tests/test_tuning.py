@@ -181,15 +181,13 @@ def test_out_of_shared_memory_walks_only_checked_candidates(tuner, tmp_path):
 
 def test_the_shipped_manifest_is_for_the_shipped_defaults():
     """checked-sm90.json names every shipped sm90 default, and its Triton is the GPU image's."""
-    from fastattn.triton.checked import load
-
     manifest = json.loads((tuning._SHIPPED_DIR / "checked-sm90.json").read_text())
     assert manifest["triton"].startswith("3.6.")
     checked = {k: {tuple(c) for c in v} for k, v in manifest["configs"].items()}
     for key, config in tuning._load(tuning._SHIPPED_DIR / "sm90.json").items():
         assert tuple(config) in checked[key.split("|")[0]], key
     assert (32, 64, 8, 2) not in checked["dkdv"]  # never run on a GPU
-    assert load(tuning._SHIPPED_DIR, "sm90") in ({}, checked)  # {} on a Triton other than 3.6
+    assert tuning.load_checked(tuning._SHIPPED_DIR, "sm90") in ({}, checked)  # {} on a Triton other than 3.6
 
 
 def test_the_gpu_check_of_a_config_measures_against_float64(monkeypatch):

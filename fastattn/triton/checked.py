@@ -9,9 +9,10 @@ and writes what passed and what failed, after each check:
 
     python -m fastattn.triton.checked OUT.json [--jobs N]
 
-The manifest ships as fastattn/triton/tuned/checked-<arch>.json. It holds for the Triton minor
-version it was checked with: a newer Triton compiles the kernels anew, so its configs count as
-unchecked until a GPU checks them (fastattn.triton.tuning then takes the first candidate, untimed).
+The manifest ships as fastattn/triton/tuned/checked-<arch>.json, which fastattn.triton.tuning
+reads (load_checked). It holds for the Triton minor version it was checked with: a newer Triton
+compiles the kernels anew, so its configs count as unchecked until a GPU checks them (the tuner
+then takes the first candidate, untimed).
 """
 from __future__ import annotations
 
@@ -26,23 +27,6 @@ from pathlib import Path
 
 KERNELS = ("fwd", "dkdv", "dq")
 BOUND = {"bfloat16": 1e-2, "float16": 3e-3, "float32": 2e-6}  # relative error, as tests/helpers.TOL
-
-
-def _minor(version: str) -> str:
-    return ".".join(version.split(".")[:2])
-
-
-def load(directory: Path, arch: str) -> dict[str, set[tuple]]:
-    """kernel -> the configs checked on `arch` with the installed Triton's minor version; {} if none."""
-    import triton
-
-    try:
-        manifest = json.loads((directory / f"checked-{arch}.json").read_text())
-        if _minor(manifest["triton"]) != _minor(triton.__version__):
-            return {}
-        return {kernel: {tuple(c) for c in configs} for kernel, configs in manifest["configs"].items()}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
 
 
 def items(arch: str) -> list[tuple[str, tuple, int, str]]:

@@ -110,6 +110,21 @@ def cache_path() -> Path:
     return root / f"triton-{name}-triton{triton.__version__}.json"
 
 
+def load_checked(directory: Path, arch: str) -> dict[str, set[Config]]:
+    """kernel -> the configs checked on `arch` with the installed Triton's minor version, from the
+    manifest fastattn.triton.checked writes on a GPU; {} where there is none."""
+    import triton
+
+    minor = lambda version: version.split(".")[:2]  # noqa: E731
+    try:
+        manifest = json.loads((directory / f"checked-{arch}.json").read_text())
+        if minor(manifest["triton"]) != minor(triton.__version__):
+            return {}
+        return {kernel: {tuple(c) for c in configs} for kernel, configs in manifest["configs"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
 def _load(path: Path) -> dict[str, Config]:
     try:
         return {k: tuple(v) for k, v in json.loads(path.read_text())["configs"].items()}
@@ -135,9 +150,7 @@ class Tuner:
     def checked(self) -> dict[str, set[Config]]:
         """kernel -> the configs a GPU like this one has checked, with this Triton (empty: none)."""
         if self._checked is None:
-            from .checked import load
-
-            self._checked = load(_SHIPPED_DIR, _arch())
+            self._checked = load_checked(_SHIPPED_DIR, _arch())
         return self._checked
 
     def cached(self) -> dict[str, Config]:
