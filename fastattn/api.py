@@ -157,6 +157,7 @@ def attention(
     key_padding_mask, attn_mask, scale, problem = _problem(query, key, value, key_padding_mask, attn_mask, causal,
                                                            scale, dropout_p, backend, window_size, softcap,
                                                            alibi_slopes, sinks, align)
+    check_flag("return_lse", return_lse)
     chosen = select_backend(backend, problem)
     ranges = None if key_padding_mask is None else key_ranges(key_padding_mask)
     out, lse = ops.attention_forward(query, key, value, key_padding_mask, ranges, attn_mask, None, None, 0, 0,
@@ -186,8 +187,8 @@ def check_score_mods(window_size, softcap, alibi_slopes, sinks, align, B: int, H
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
             or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
         raise TypeError(f"window_size: expected two ints (left, right), -1 = unbounded, got {window_size!r}")
-    if min(window_size) < -1:
-        raise ValueError(f"window_size: expected ints >= -1 (-1 = unbounded), got {tuple(window_size)}")
+    if min(window_size) < -1 or max(window_size) >= 2**63:
+        raise ValueError(f"window_size: expected ints in [-1, 2**63) (-1 = unbounded), got {tuple(window_size)}")
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
         raise TypeError(f"softcap: expected a float, got {type(softcap).__name__}")
     if softcap != 0 and not _FP32_TINY <= softcap <= _FP32_MAX:  # comparisons: softcap may be symbolic (compile)
@@ -245,14 +246,15 @@ def _problem(query, key, value, key_padding_mask, attn_mask, causal, scale, drop
         dropout = True if dropout_p > 0.0 else False
         gqa = True if ks[1] != qs[1] else False
         square = True if qs[2] == ks[2] else False
+        positive = True if scale > 0 else False
     else:
-        dropout, gqa, square = dropout_p > 0.0, ks[1] != qs[1], qs[2] == ks[2]
+        dropout, gqa, square, positive = dropout_p > 0.0, ks[1] != qs[1], qs[2] == ks[2], scale > 0
     if align == "bottom_right" and not square and (causal or "window" in mods or "alibi" in mods):
         mods.append("bottom_right")
     needs_grad = needs_grad or sinks_need_grad(sinks)
     problem = Problem(device, query.dtype, head_dim_value(D, traced), mask_kind, key_padding_mask is not None, causal,
                       dropout, needs_grad, aligned(device, query, key, value), False, False,
-                      length_bucket(qs[2], traced), length_bucket(ks[2], traced), gqa, tuple(mods))
+                      length_bucket(qs[2], traced), length_bucket(ks[2], traced), gqa, tuple(mods), positive)
     return key_padding_mask, attn_mask, scale, problem
 
 
@@ -261,16 +263,23 @@ def dropout_seed(dropout_p: float) -> int:
     return int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
 
 
+def check_flag(name: str, value) -> None:
+    """A bool argument: True or False, not a truthy stand-in ("no", None, 1)."""
+    if value is not True and value is not False:
+        raise TypeError(f"{name}: expected bool, got {type(value).__name__}")
+
+
 def check_scalars(causal, scale, dropout_p, backend, head_dim: int) -> float:
     """Validates the arguments every entry point shares; returns the scale to use."""
     if head_dim < 1:
         raise ValueError(f"query: expected a head dim (the last dim) of at least 1, got {head_dim}")
-    if causal is not True and causal is not False:
-        raise TypeError(f"causal: expected bool, got {type(causal).__name__}")
+    check_flag("causal", causal)
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
-    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale: expected a finite float, got {scale!r}")
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
+    elif not -_FP32_MAX <= scale <= _FP32_MAX:  # the kernels scale in float32: 1e300 there is inf
+        raise ValueError(f"scale: expected a finite float32 (|scale| <= {_FP32_MAX}), got {scale!r}")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
     if not isinstance(backend, str):

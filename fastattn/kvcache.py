@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .api import check_scalars, check_score_mods, check_tensors, score_mod_args
+from .api import check_flag, check_scalars, check_score_mods, check_tensors, score_mod_args
 from .backends import Problem, select_backend
 from .backends.base import head_dim_value, length_bucket
 
@@ -31,6 +31,10 @@ def _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> None:
     if k_new is not None and (k_new.shape != v_new.shape or tuple(k_new.shape[:2]) != (B, Hkv) or k_new.shape[3] != D):
         raise ValueError(f"k_new/v_new: expected equal shapes (B, Hkv, Nnew, D) = ({B}, {Hkv}, Nnew, {D}), "
                          f"got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)) if k_new is not None else ():
+        if any(stride == 0 and size > 1 for stride, size in zip(cache.stride(), cache.shape)):
+            raise ValueError(f"{name}: expected no broadcast dim (stride 0) in a cache k_new is written to: one "
+                             f"row's keys would overwrite another's; got strides {cache.stride()}")
     if not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (B,):
         raise TypeError(f"cache_seqlens: expected a ({B},) int32 tensor, got {cache_seqlens!r:.80}")
     if cache_seqlens.device != q.device:
@@ -78,6 +82,7 @@ def attention_with_kvcache(
     Returns out (B, H, Nq, D), or (out, lse) with lse (B, H, Nq) float32."""
     _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new)
     scale = check_scalars(causal, scale, 0.0, backend, q.shape[-1])
+    check_flag("return_lse", return_lse)
     if align != "bottom_right":
         raise ValueError(f"align: expected 'bottom_right' (decoding is aligned to the end of the cache), got {align!r}")
     mods = check_score_mods(window_size, softcap, alibi_slopes, sinks, align, q.shape[0], q.shape[1], q.device)

@@ -13,6 +13,11 @@ def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) 
     float32 and returned in out_a's dtype; lse = log(e^lse_a + e^lse_b). A row that saw no key
     in either (lse -inf in both) stays zeros with lse -inf. Differentiable."""
     for name, out, lse in (("out_a", out_a, lse_a), ("out_b", out_b, lse_b)):
+        for what, t in ((name, out), (f"lse of {name}", lse)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
+            if t.device != out_a.device:
+                raise ValueError(f"{what}: expected device {out_a.device} (out_a's), got {t.device}")
         if out.dim() != 4 or tuple(lse.shape) != tuple(out.shape[:3]):
             raise ValueError(f"{name}: expected (B, H, N, D) with its lse (B, H, N), got {tuple(out.shape)} and "
                              f"{tuple(lse.shape)}")

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .api import aligned, check_scalars, check_score_mods, check_tensors, dropout_seed, score_mod_args, \
+from .api import aligned, check_flag, check_scalars, check_score_mods, check_tensors, dropout_seed, score_mod_args, \
     sinks_need_grad
 from .backends import Problem, select_backend
 
@@ -36,9 +36,13 @@ def _check_cu_seqlens(name: str, cu: Tensor, total: int, longest, device, batch:
         raise ValueError(f"{name}: expected {batch + 1} entries (cu_seqlens_q's), got {cu.shape[0]}")
     if cu.device != device:
         raise ValueError(f"{name}: expected device {device}, got {cu.device}")
+    if cu.stride(0) != 1:  # the kernels index it as a plain array
+        raise ValueError(f"{name}: expected a contiguous tensor, got stride {cu.stride(0)}")
     max_name = name.replace("cu_seqlens", "max_seqlen")
-    if not isinstance(longest, int) or longest < 0:
-        raise ValueError(f"{max_name}: expected an int >= 0, got {longest!r}")
+    # (traced, a longest read from the data is unbounded above: the int32 bound is checked eagerly)
+    if (not isinstance(longest, int) or isinstance(longest, bool) or longest < 0
+            or not torch.compiler.is_compiling() and longest >= 2**31):
+        raise ValueError(f"{max_name}: expected an int in [0, 2**31), got {longest!r}")
     steps = cu[1:] - cu[:-1]
     ok = (cu[0] == 0) & (cu[-1] == total) & (steps >= 0).all() & (steps <= longest).all()
     if cu.is_cuda or torch.compiler.is_compiling():
@@ -82,6 +86,7 @@ def attention_varlen(
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, q.device, None)
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, q.device, cu_seqlens_q.shape[0] - 1)
     scale = check_scalars(causal, scale, dropout_p, backend, q.shape[-1])
+    check_flag("return_lse", return_lse)
     mods = check_score_mods(window_size, softcap, alibi_slopes, sinks, align, cu_seqlens_q.shape[0] - 1, q.shape[1],
                             q.device)
     # Where the two are one tensor every sequence is square and the alignment cannot matter; else

@@ -33,6 +33,11 @@ def call(q=None, k=None, v=None, **kw):
     (dict(attn_mask=torch.zeros(9, 11, device="meta")), ValueError, ["attn_mask", "device", "meta"]),
     (dict(causal=1), TypeError, ["causal", "bool", "int"]),
     (dict(scale=float("nan")), ValueError, ["scale", "finite", "nan"]),
+    (dict(scale=1e300), ValueError, ["scale", "float32", "1e+300"]),  # inf in float32: was all-NaN output
+    (dict(scale=True), TypeError, ["scale", "float", "bool"]),
+    (dict(return_lse="no"), TypeError, ["return_lse", "bool", "str"]),
+    (dict(return_lse=None), TypeError, ["return_lse", "bool", "NoneType"]),
+    (dict(window_size=(2**63, 0)), ValueError, ["window_size", "2**63", "9223372036854775808"]),
     (dict(dropout_p=1.0), ValueError, ["dropout_p", "[0, 1)", "1.0"]),
     (dict(backend="cuda-magic"), ValueError, ["backend", "cpu", "cuda-magic"]),
 ])

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import fastattn
 from helpers import CPU_BACKENDS, check_against_reference, padding_mask, qkv
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -120,3 +121,19 @@ def test_empty_key_sequence():
     q, k, v = qkv(2, 2, 2, 5, 0, 16)
     out, lse = fastattn.attention(q, k, v, return_lse=True)
     assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "sdpa", "triton", "reference") if b in fastattn.available_backends()])
+@pytest.mark.parametrize("broadcast", ["batch", "head"])
+def test_expanded_query(backend, broadcast):
+    """A query broadcast over the batch or the heads (stride 0): the output keeps its rows of D
+    contiguous with the broadcast dim outermost (it was innermost: Triton wrote garbage, and
+    torch's CPU backward, which reads out as if so laid out, gave sdpa wrong dq and dk)."""
+    torch.manual_seed(0)
+    base = torch.randn(1, 4, 33, 32) if broadcast == "batch" else torch.randn(3, 1, 33, 32)
+    q = base.expand(3, 4, 33, 32).detach().requires_grad_()
+    k, v = (torch.randn(3, 4, 40, 32, requires_grad=True) for _ in range(2))
+    check_against_reference(q, k, v, backend, causal=True)
+    out = fastattn.attention(q, k, v, causal=True, backend=backend)
+    dim = 0 if broadcast == "batch" else 1
+    assert out.stride(-1) == 1 and out.stride(dim) == max(out.stride())

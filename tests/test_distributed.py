@@ -123,6 +123,10 @@ def test_merge_attention_bad_input():
     out, lse = torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3)
     with pytest.raises(ValueError, match=r"out_b: expected \(B, H, N, D\) with its lse"):
         fastattn.merge_attention(out, lse, out, lse[..., :2])
+    with pytest.raises(TypeError, match="lse of out_a: expected a torch.Tensor, got list"):
+        fastattn.merge_attention(out, [0.0], out, lse)
+    with pytest.raises(ValueError, match="lse of out_b: expected device cpu"):
+        fastattn.merge_attention(out, lse, out, lse.to("meta"))
     with pytest.raises(TypeError, match="lse of out_a: expected float32"):
         fastattn.merge_attention(out, lse.double(), out, lse)
     with pytest.raises(ValueError, match="out_b: expected the shape of out_a"):

@@ -92,6 +92,9 @@ def test_one_node_under_compile():
     (dict(cache_seqlens=torch.tensor([3, 20])), TypeError, "int32"),
     (dict(cache_seqlens=torch.tensor([3, 50], dtype=torch.int32)), ValueError, r"\[0, 49\]"),
     (dict(k_new=None), ValueError, "both or neither"),
+    # an expanded cache: one row's append overwrote another's valid keys
+    (dict(k_cache=torch.randn(1, 2, 50, 32).expand(2, 2, 50, 32)), ValueError, "k_cache: expected no broadcast"),
+    (dict(v_cache=torch.randn(2, 1, 50, 32).expand(2, 2, 50, 32)), ValueError, "v_cache: expected no broadcast"),
     (dict(q=torch.randn(2, 4, 1, 32).requires_grad_()), ValueError, "forward only"),
     (dict(q=torch.randn(2, 4, 1, 32, dtype=torch.float64).half()), TypeError, "dtype"),
 ])
@@ -114,6 +117,9 @@ def test_the_op_checks_what_the_front_door_would():
         op(q, k_cache, v_cache, lengths, torch.randn(1, 2, 1, 16), None, True, 0.1, "cpu")
     with pytest.raises(RuntimeError, match=r"v_new must be \(B, Hkv, Nnew, D\)"):
         op(q, k_cache, v_cache, lengths, torch.randn(1, 2, 1, 16), torch.randn(1, 1, 1, 16), True, 0.1, "cpu")
+    expanded = torch.randn(1, 1, 10, 16).expand(1, 2, 10, 16)
+    with pytest.raises(ValueError, match="k_cache: expected no broadcast dim"):
+        op(q, expanded, v_cache, lengths, torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16), True, 0.1, "cpu")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -173,7 +179,7 @@ def test_decoding_has_one_alignment():
     q, cache = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 4, 8)
     with pytest.raises(ValueError, match="align: expected 'bottom_right'.*got 'top_left'"):
         attention_with_kvcache(q, cache, cache, torch.tensor([4], dtype=torch.int32), align="top_left")
-    with pytest.raises(ValueError, match="window_size: expected ints >= -1"):
+    with pytest.raises(ValueError, match=r"window_size: expected ints in \[-1, 2\*\*63\)"):
         attention_with_kvcache(q, cache, cache, torch.tensor([4], dtype=torch.int32), window_size=(-2, 0))
 
 

@@ -68,6 +68,28 @@ def test_declines_what_it_cannot_promise(call, why):
     fastattn.attention(q, k, v, **call)  # auto takes fastattn's own kernels
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 2, 0, 5, 16), (0, 2, 2, 4, 5, 16), (0, 4, 2, 0, 5, 16)], ids=str)
+def test_no_query_gives_empty_outputs(shape):
+    """Nq = 0 made torch's CPU kernel divide by zero (SIGFPE, the process gone); B or H = 0 failed
+    in a reshape (H = 0 is a ValueError naming key). Each gives empty out and lse, and zero
+    gradients, as the cpu backend does."""
+    q, k, v = inputs(*shape)
+    out, lse = fastattn.attention(q, k, v, causal=True, return_lse=True, backend="sdpa")
+    assert out.shape == q.shape and lse.shape == q.shape[:3]
+    (out.sum() + lse.sum()).backward()
+    assert all(t.grad is not None and not t.grad.any() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("scale", [-0.125, 0.0])
+def test_declines_causal_with_a_scale_not_above_zero(scale):
+    """torch's kernels mask causal scores as if scale > 0: NaN or wrong values otherwise."""
+    q, k, v = inputs(1, 2, 2, 40, 40, 16)
+    with pytest.raises(NoBackendError, match="scale <= 0"):
+        fastattn.attention(q, k, v, causal=True, scale=scale, backend="sdpa")
+    fastattn.attention(q, k, v, causal=False, scale=scale, backend="sdpa")  # no mask: right
+    check_against_reference(q, k, v, "auto", causal=True, scale=scale)
+
+
 def test_declines_no_keys_packed_and_decoding():
     q = torch.randn(1, 2, 4, 16, device=DEVICE)
     empty = torch.randn(1, 2, 0, 16, device=DEVICE)

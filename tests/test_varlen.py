@@ -136,6 +136,10 @@ def test_compiles_to_one_node_per_call():
     (dict(cu_seqlens_q=torch.tensor([0, 5, 5, 135, 168, 169])), TypeError, "int32"),
     (dict(max_seqlen_q=100), ValueError, "max_seqlen_q = 100"),
     (dict(max_seqlen_k=-1), ValueError, "max_seqlen_k"),
+    (dict(max_seqlen_k=2**32 + 64), ValueError, "max_seqlen_k"),  # wrapped in int32 and was accepted
+    (dict(max_seqlen_q=True), ValueError, "max_seqlen_q"),
+    # the kernels index it as an array: a strided one gave Triton wrong rows or NaN
+    (dict(cu_seqlens_q=cu(LENS_Q, "cpu").repeat_interleave(2)[::2]), ValueError, "cu_seqlens_q: expected a contiguous"),
     (dict(q=torch.randn(169, 4, 8)), ValueError, "head dim 8"),
     (dict(k=torch.randn(205, 3, 32)), ValueError, "value"),
     (dict(q=torch.randn(169, 4, 32, 2)[..., 0]), ValueError, "unit head-dim stride"),

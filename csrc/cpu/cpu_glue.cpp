@@ -32,13 +32,17 @@ at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
 
 at::Tensor new_output(const at::Tensor& like, std::optional<at::ScalarType> dtype) {
   // like's dimensions from outermost (largest stride) in, ties by position: a q sliced out of a
-  // (B, N, 3, H, D) projection gets an out that reshapes back to (B, N, H * D) with no copy.
+  // (B, N, 3, H, D) projection gets an out that reshapes back to (B, N, H * D) with no copy. A
+  // broadcast dimension (stride 0, an expanded q) goes outermost and the last dimension innermost,
+  // whatever their strides: kernels write rows of the last dimension (backends.base.out_strides).
   const int64_t n = like.dim();
   std::array<int64_t, 8> order{};
   TORCH_CHECK(n <= 8, "new_output takes up to 8 dims");
   for (int64_t d = 0; d < n; ++d) order[d] = d;
-  std::stable_sort(order.begin(), order.begin() + n,
-                   [&](int64_t a, int64_t b) { return like.stride(a) > like.stride(b); });
+  const auto rank = [&](int64_t d) { return d == n - 1 ? 2 : like.stride(d) == 0 ? 0 : 1; };
+  std::stable_sort(order.begin(), order.begin() + n, [&](int64_t a, int64_t b) {
+    return rank(a) != rank(b) ? rank(a) < rank(b) : like.stride(a) > like.stride(b);
+  });
   std::array<int64_t, 8> sizes{}, inverse{};
   bool in_order = true;
   for (int64_t i = 0; i < n; ++i) sizes[i] = like.size(order[i]), inverse[order[i]] = i, in_order &= order[i] == i;
@@ -144,6 +148,11 @@ TensorPair cpu_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at:
       TORCH_CHECK(t->scalar_type() == k_cache.scalar_type() && t->device() == k_cache.device(), name,
                   " must have the caches' dtype and device");
     }
+  for (const auto& [name, cache] : {std::pair{"k_cache", &k_cache}, std::pair{"v_cache", &v_cache}})
+    for (int64_t d = 0; k_new && d < cache->dim(); ++d)  // an expanded cache: one row's append overwrites another's
+      TORCH_CHECK_VALUE(cache->stride(d) != 0 || cache->size(d) <= 1, name,
+                        ": expected no broadcast dim (stride 0) in a cache k_new is written to, got strides ",
+                        cache->strides());
   const at::Tensor lengths = cache_seqlens.contiguous();
   const int32_t* n = lengths.data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b)

@@ -29,6 +29,7 @@ class Problem(NamedTuple):
     nk: int = 1
     gqa: bool = False  # fewer kv heads than query heads
     score_mods: tuple[str, ...] = ()  # of SCORE_MODS, in its order: what the call's scores take beyond q.k
+    positive_scale: bool = True  # scale > 0 (a causal mask applied after scaling by <= 0 is no mask)
 
 
 def length_bucket(n, traced: bool = False) -> int:
@@ -187,9 +188,11 @@ def _poisoned(t: Tensor) -> Tensor:
 
 
 def out_strides(q: Tensor) -> tuple[int, ...]:
-    """The strides of a dense (B, H, Nq, D) tensor laid out in q's dimension order."""
+    """The strides of a dense (B, H, Nq, D) tensor laid out in q's dimension order: D innermost,
+    whatever its stride (the kernels write rows of D), a broadcast dimension (stride 0, an expanded
+    q) outermost."""
     strides, step = [0] * 4, 1
-    for d in sorted(range(4), key=lambda d: (q.stride(d), -d)):  # innermost dimension first
+    for d in sorted(range(4), key=lambda d: (d != 3, q.stride(d) == 0, q.stride(d), -d)):  # innermost first
         strides[d] = step
         step *= q.shape[d]
     return tuple(strides)

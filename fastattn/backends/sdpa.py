@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Backend, Capabilities, Problem, out_strides
+from .base import Backend, Capabilities, Problem, empty_lse, empty_out, out_strides
 
 aten = torch.ops.aten
 
@@ -142,6 +142,8 @@ class SdpaBackend(Backend):
             why.append("an attn_mask may leave a query no key, where torch's kernels give lse 0 or NaN")
         if problem.nk == 0:
             why.append("no keys: torch's kernels give lse 0 or NaN")
+        if problem.causal and not problem.positive_scale:
+            why.append("causal with scale <= 0: torch's kernels give NaN or wrong values")
         if problem.device == "cuda" and not problem.aligned:
             why.append("torch's CUDA kernels read 16-byte aligned rows (unit head-dim stride, strides in 8s)")
         if problem.device == "cuda":
@@ -158,6 +160,8 @@ class SdpaBackend(Backend):
     def forward(self, q, k, v, masks, causal, scale, dropout_p, seed):
         q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
         B, H, Nq, D = q.shape
+        if q.numel() == 0:  # no query: torch's CPU kernel divides by Nq = 0 (SIGFPE), and B or H = 0 fails
+            return empty_out(q), empty_lse(q)
         if q.device.type == "cpu":
             out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
         else:
@@ -177,6 +181,8 @@ class SdpaBackend(Backend):
         return out, lse
 
     def backward(self, dout, dlse, q, k, v, out, lse, masks, causal, scale, dropout_p, seed):
+        if q.numel() == 0:  # no query, so no key or value reaches the output
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
         dq, dk, dv = self._backward(dout, q, k, v, out, lse, causal, scale)
         if dlse is not None:  # torch's backwards have no lse gradient: see _lse_gradient
