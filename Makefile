@@ -54,11 +54,13 @@ transformers-oldest: .stamps/dev-deps
 
 # The Triton kernels on the GPU image's Triton (`make test` runs the newest): every launch the glue
 # makes compiled for sm_90, the cached launch checked against the JIT's, and the kernels at the GPU's
-# tile shapes under the interpreter. That release in build/ on the path.
+# tile shapes under the interpreter. That release in build/ on the path, with a numpy before 2.3
+# (its interpreter turns one-element arrays into ints, which numpy 2.3 refuses).
 TRITON_OLDEST ?= 3.6.0
 triton-oldest: .stamps/dev-deps
-	$(PY) -m pip install -q --no-deps --upgrade --target build/triton-$(TRITON_OLDEST) triton==$(TRITON_OLDEST)
-	PYTHONPATH=build/triton-$(TRITON_OLDEST) $(PY) -m pytest -q tests/test_triton_compile.py \
+	$(PY) -m pip install -q --no-deps --upgrade --target build/triton-$(TRITON_OLDEST) triton==$(TRITON_OLDEST) \
+		"numpy<2.3"
+	PYTHONPATH=build/triton-$(TRITON_OLDEST) $(PY) -m pytest -q -W ignore::DeprecationWarning tests/test_triton_compile.py \
 		tests/test_triton_launch.py tests/test_triton_tiles.py
 
 # Compiles every CUDA kernel for sm_80 and sm_90a with nvcc (no GPU needed) and reads the result.

@@ -17,8 +17,9 @@ What it declines, and why: torch's kernels give a query that sees no key lse 0 (
 sees a key, provably and without looking at the data: no padding mask and no attn_mask (either
 may hide every key of a row), dense or causal (top-left: query i sees key 0) with at least one
 key. Dropout draws torch's own random stream, which fastattn's op cannot hand on to the
-backward; packed sequences and KV-cache decoding have no such ops. On a GPU, what torch's checks
-refuse. None of this is a limit of fastattn's own kernels, which `auto` falls back to.
+backward; packed sequences and KV-cache decoding have no such ops. Causal with scale <= 0: torch's
+kernels then give NaN. On a GPU, what torch's checks refuse. An empty query takes no torch kernel
+(its CPU kernel divides by Nq = 0). None of this is a limit of fastattn's own kernels, which `auto` falls back to.
 """
 from __future__ import annotations
 
