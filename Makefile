@@ -14,7 +14,7 @@ VENV := .venv/bin/python
 endif
 CSRC := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: setup run test info cuda-check aarch64-check transformers-oldest triton-oldest clean
+.PHONY: setup run test fuzz info cuda-check aarch64-check transformers-oldest triton-oldest clean
 
 setup: .stamps/build
 
@@ -39,6 +39,14 @@ run: setup
 
 test: setup .stamps/dev-deps
 	$(PY) -m pytest -q tests
+
+# The fuzzers (tests/test_fuzz.py, tests/test_fuzz_bad_input.py) with many more examples than `make
+# test`'s bounded, derandomized run: FUZZ_EXAMPLES per fast test (fewer for Triton's interpreter),
+# fresh random ones each run; prints how many cases each test ran.
+FUZZ_EXAMPLES ?= 2000
+fuzz: setup .stamps/dev-deps
+	FASTATTN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s --hypothesis-show-statistics --durations=0 \
+		tests/test_fuzz.py tests/test_fuzz_bad_input.py
 
 info: setup
 	$(PY) -m fastattn info

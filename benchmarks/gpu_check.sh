@@ -205,9 +205,10 @@ echo "arch: $arch; backends: ${backends:-none}"
 #   sdpa 57 tests 25 | Triton real sizes 8 (8 specializations) 75 | shapes 12 (10) 85 |
 #   masks 20 (~7) 65 | packed 9 (~12 with the lone calls) 90 | decoding 58 (~24, 2 kernels) 135 |
 #   modifiers at real tiles 13 (13, all-modifier kernels) 156 | launch 2 30 | Triton odd cases 6 50 |
-#   GPU-only (host syncs, graphs, compile, tuning) 12 150 | CUDA C++ 63 25 | dispatch 10 15
-# ~905 worker-s + 12 workers x ~8 s start = ~1000 / 12 workers = ~85 s, + collection and the
-# last test ~10 s: ~95 s of the 140 s cap (~270 tests). Left out (CI runs them on the CPU or they
+#   GPU-only (host syncs, graphs, compile, tuning) 12 150 | CUDA C++ 63 25 | dispatch 10 15 |
+#   non-finite policy (Triton, bf16) 11 (~10) 80 | Gluon backward's 9 (compiled by its own step) 20
+# ~1005 worker-s + 12 workers x ~8 s start = ~1100 / 12 workers = ~92 s, + collection and the
+# last test ~10 s: ~102 s of the 140 s cap (~290 tests). Left out (CI runs them on the CPU or they
 # repeat a specialization): fp16/fp32 beside bf16 where only the dtype changes, the reference
 # backend's rows, the CPU-tensor compile tests, test_gluon (its own step), test_triton_tiles (every
 # config: the checked-configs step), test_every_candidate_config_is_right (the same). The
@@ -234,6 +235,10 @@ tests/test_gpu.py::test_triton_score_mods_at_real_tile_sizes[*-128-torch.bfloat1
 tests/test_gpu.py::test_triton_score_mods_at_real_tile_sizes[6-64-torch.bfloat16]
 tests/test_gpu.py::test_triton_score_mods_at_real_tile_sizes[10-64-torch.bfloat16]
 tests/test_gpu.py::test_bf16_gradients_on_a_peaked_softmax[*]
+tests/test_nonfinite.py::test_hidden_non_finite_values_never_reach_a_result[torch.bfloat16-*-triton]
+tests/test_nonfinite.py::test_decoding_*-triton]
+tests/test_nonfinite.py::test_*[triton]
+tests/test_gpu.py::test_gluon_backward_keeps_hidden_nan_out[*]
 tests/test_triton_launch.py::*
 tests/test_triton.py::test_transposed_inputs_and_bf16_padding
 tests/test_triton.py::test_fully_masked_rows_are_zero

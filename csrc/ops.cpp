@@ -6,6 +6,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "ops.h"
 
 namespace fastattn {
@@ -114,9 +116,12 @@ namespace {
 at::Tensor sink_gradient(const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& out, const at::Tensor& lse,
                          const at::Tensor& sinks) {
   const auto compute = at::promote_types(out.scalar_type(), at::kFloat);
-  at::Tensor delta = (dout.to(compute) * out.to(compute)).sum(-1);  // (B, H, Nq)
+  const at::Tensor o = out.to(compute);  // a zero output (a row that sees no key): delta 0 beside any dO
+  at::Tensor delta = at::where(o == 0, at::zeros_like(o), dout.to(compute) * o).sum(-1);  // (B, H, Nq)
   if (dlse) delta = delta - dlse->to(compute);
-  const at::Tensor p_sink = at::exp(sinks.to(compute).view({1, -1, 1}) - lse.to(compute));
+  const at::Tensor sink = sinks.to(compute).view({1, -1, 1});
+  // A sink of -inf is none: 0, not exp(-inf + inf) in a row that sees no key (lse -inf).
+  const at::Tensor p_sink = at::where(sink == -std::numeric_limits<double>::infinity(), at::zeros_like(sink), at::exp(sink - lse.to(compute)));
   return (-(p_sink * delta).sum(at::IntArrayRef{0, 2})).to(sinks.scalar_type());
 }
 

@@ -246,15 +246,14 @@ def _problem(query, key, value, key_padding_mask, attn_mask, causal, scale, drop
         dropout = True if dropout_p > 0.0 else False
         gqa = True if ks[1] != qs[1] else False
         square = True if qs[2] == ks[2] else False
-        positive = True if scale > 0 else False
     else:
-        dropout, gqa, square, positive = dropout_p > 0.0, ks[1] != qs[1], qs[2] == ks[2], scale > 0
+        dropout, gqa, square = dropout_p > 0.0, ks[1] != qs[1], qs[2] == ks[2]
     if align == "bottom_right" and not square and (causal or "window" in mods or "alibi" in mods):
         mods.append("bottom_right")
     needs_grad = needs_grad or sinks_need_grad(sinks)
     problem = Problem(device, query.dtype, head_dim_value(D, traced), mask_kind, key_padding_mask is not None, causal,
                       dropout, needs_grad, aligned(device, query, key, value), False, False,
-                      length_bucket(qs[2], traced), length_bucket(ks[2], traced), gqa, tuple(mods), positive)
+                      length_bucket(qs[2], traced), length_bucket(ks[2], traced), gqa, tuple(mods))
     return key_padding_mask, attn_mask, scale, problem
 
 

@@ -14,6 +14,18 @@ from .backends.base import head_dim_value, length_bucket
 MAX_QUERIES = 16  # new queries per sequence and call: decoding, speculative or not
 
 
+def _may_overlap(t: Tensor) -> bool:
+    """Whether two elements of t may share memory: False when, its dims sorted by stride, each
+    stride passes the farthest element the smaller ones reach (every strided, sliced or
+    transposed layout of distinct memory, packed K/V views included)."""
+    reach = 0
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1):
+        if stride <= reach:
+            return True
+        reach += (size - 1) * stride
+    return False
+
+
 def _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> None:
     new = [(name, t) for name, t in (("k_new", k_new), ("v_new", v_new)) if t is not None]
     check_tensors([("q", q), ("k_cache", k_cache), ("v_cache", v_cache), *new], "(B, heads, N, D)")
@@ -35,6 +47,13 @@ def _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> None:
         if any(stride == 0 and size > 1 for stride, size in zip(cache.stride(), cache.shape)):
             raise ValueError(f"{name}: expected no broadcast dim (stride 0) in a cache k_new is written to: one "
                              f"row's keys would overwrite another's; got strides {cache.stride()}")
+        if not torch.compiler.is_compiling() and _may_overlap(cache):  # (sorting symbolic strides would guard)
+            raise ValueError(f"{name}: expected a cache k_new is written to whose elements do not overlap, got shape "
+                             f"{tuple(cache.shape)} with strides {cache.stride()}")
+    if k_new is not None and (k_cache is v_cache or not torch.compiler.is_compiling() and k_cache.numel()
+                              and k_cache.data_ptr() == v_cache.data_ptr()):  # (dynamo cannot compare pointers)
+        raise ValueError("v_cache: expected memory apart from k_cache's when k_new/v_new are written, got the same "
+                         f"data pointer (shape {tuple(v_cache.shape)}, strides {v_cache.stride()})")
     if not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (B,):
         raise TypeError(f"cache_seqlens: expected a ({B},) int32 tensor, got {cache_seqlens!r:.80}")
     if cache_seqlens.device != q.device:

@@ -21,6 +21,8 @@ def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) 
         if out.dim() != 4 or tuple(lse.shape) != tuple(out.shape[:3]):
             raise ValueError(f"{name}: expected (B, H, N, D) with its lse (B, H, N), got {tuple(out.shape)} and "
                              f"{tuple(lse.shape)}")
+        if not out.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point dtype, got {out.dtype}")
         if lse.dtype != torch.float32:
             raise TypeError(f"lse of {name}: expected float32, got {lse.dtype}")
     if out_a.shape != out_b.shape:

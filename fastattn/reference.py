@@ -11,6 +11,10 @@ padding, causal (j <= i + offset) and window (i + offset - left <= j <= i + offs
 unbounded) masks. offset aligns the queries to the keys: 0 top-left (SDPA's), Nk - Nq bottom-right
 (FlashAttention's: the last query sees the last key). A sink (one logit per head) adds exp(sink)
 to each softmax denominator, with no value: p_j = exp(s_j - lse), lse = log(exp(sink) + sum exp(s_j)).
+
+Non-finite inputs (README, "Non-finite inputs"): a pair a mask hides (score -inf) contributes nothing,
+not even 0 * NaN, to the output, the lse or a gradient; a non-finite query, key, value or dO that a row
+sees makes that row's output (or the gradients through it) non-finite, as in SDPA.
 """
 from __future__ import annotations
 
@@ -51,8 +55,9 @@ def attention_scores(q, k, key_padding_mask=None, attn_mask=None, causal=False, 
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             s = s.masked_fill(~attn_mask, -math.inf)
-        else:
-            s = s + attn_mask.to(compute)
+        else:  # -inf hides the key: selected, so a NaN score behind it stays hidden
+            m = attn_mask.to(compute)
+            s = torch.where(m == -math.inf, -math.inf, s + m)
     if key_padding_mask is not None:
         s = s.masked_fill(key_padding_mask[:, None, None, :], -math.inf)
     if causal or left >= 0 or right >= 0:
@@ -90,7 +95,22 @@ def _softmax(s: Tensor, sinks: Tensor | None):
     empty = l == 0
     l_safe = torch.where(empty, torch.ones_like(l), l)
     lse = torch.where(empty, -math.inf, m + torch.log(l_safe))
-    return e / l_safe, lse.squeeze(-1)
+    return torch.where(s == -math.inf, 0.0, e / l_safe), lse.squeeze(-1)  # hidden: 0 even where l is NaN
+
+
+def _finite(t: Tensor) -> Tensor:
+    """t with non-finite elements 0: an operand of a product whose zero factors are hidden pairs."""
+    return torch.where(torch.isfinite(t), t, 0.0)
+
+
+def _product(a: Tensor, b: Tensor, seen: Tensor) -> Tensor:
+    """a @ b where a is 0 at the pairs `seen` (a's shape) leaves out: b's non-finite elements reach
+    only the rows that see them (made NaN there), never through 0 * NaN. The slow path only when b
+    holds some (one host sync; the reference's speed is not a goal). A score of -inf is hidden."""
+    if bool(torch.isfinite(b).all()):
+        return a @ b
+    reached = seen.to(b.dtype) @ (~torch.isfinite(b)).to(b.dtype) > 0
+    return torch.where(reached, math.nan, a @ _finite(b))
 
 
 def reference_attention(
@@ -110,12 +130,16 @@ def reference_attention(
     align: str = "top_left",  # or "bottom_right": where the causal mask, the window and ALiBi put query i
 ) -> tuple[Tensor, Tensor]:
     """Returns (out (B, H, Nq, D) in q's dtype, lse (B, H, Nq)) computed in at least float32."""
-    p, lse = attention_probabilities(q, k, key_padding_mask, attn_mask, causal, scale, window_size, softcap,
-                                     alibi_slopes, sinks, align)
+    s, _ = attention_scores(q, k, key_padding_mask, attn_mask, causal, scale, window_size, softcap, alibi_slopes,
+                            align)
+    p, lse = _softmax(s, sinks)
     if dropout_mask is not None:
         p = p * dropout_mask
     v = v.to(p.dtype).repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    return (p @ v).to(q.dtype), lse
+    out = _product(p, v, s != -math.inf)
+    if sinks is not None:  # a NaN sink: its head NaN, rows that see no key included
+        out = torch.where(sinks.isnan()[None, :, None, None], math.nan, out)
+    return out.to(q.dtype), lse
 
 
 def reference_attention_backward(
@@ -135,20 +159,23 @@ def reference_attention_backward(
     s, capped = attention_scores(q, k, key_padding_mask, attn_mask, causal, scale, window_size, softcap,
                                  alibi_slopes, align)
     p, _ = _softmax(s, sinks)
+    seen = s != -math.inf
     ke, ve = (t.to(p.dtype).repeat_interleave(group, dim=1) for t in (k, v))  # (B, H, Nk, D)
     do = dout.to(p.dtype)
     pd, dp = p, do @ ve.transpose(-1, -2)  # (B, H, Nq, Nk)
     if dropout_mask is not None:
         pd, dp = p * dropout_mask, dp * dropout_mask
+    dp = torch.where(seen, dp, 0.0)  # a hidden value's NaN stays out
     offset = (p * dp).sum(-1, keepdim=True)
     if dlse is not None:
         offset = offset - dlse.to(p.dtype).nan_to_num().unsqueeze(-1)
     ds = p * (dp - offset)
     if capped is not None:
         ds = ds * capped
-    dq = scale * ds @ ke
-    dk = scale * (ds.transpose(-1, -2) @ q.to(p.dtype)).view(B, Hkv, group, Nk, D).sum(2)
-    dv = (pd.transpose(-1, -2) @ do).view(B, Hkv, group, Nk, D).sum(2)
+    ds = torch.where(seen, ds, 0.0)
+    dq = scale * _product(ds, ke, seen)
+    dk = scale * _product(ds.transpose(-1, -2), q.to(p.dtype), seen.transpose(-1, -2)).view(B, Hkv, group, Nk, D).sum(2)
+    dv = _product(pd.transpose(-1, -2), do, seen.transpose(-1, -2)).view(B, Hkv, group, Nk, D).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -157,8 +184,10 @@ def sink_gradient(dout: Tensor, dlse: Tensor | None, out: Tensor, lse: Tensor, s
     exp(sink - lse) times its softmax offset delta = rowsum(dO * O) - dlse, summed with a minus
     over the head's rows (lse includes the sink, so no row is empty here)."""
     compute = torch.promote_types(out.dtype, torch.float32)
-    delta = (dout.to(compute) * out.to(compute)).sum(-1)  # (B, H, Nq)
+    out = out.to(compute)
+    delta = torch.where(out == 0, 0.0, dout.to(compute) * out).sum(-1)  # (B, H, Nq); a zero row: 0 beside any dO
     if dlse is not None:
         delta = delta - dlse.to(compute)
-    p_sink = torch.exp(sinks.to(compute)[None, :, None] - lse.to(compute))
+    sink = sinks.to(compute)[None, :, None]
+    p_sink = torch.where(sink == -math.inf, 0.0, torch.exp(sink - lse.to(compute)))  # -inf: no sink, even where lse is -inf
     return -(p_sink * delta).sum((0, 2)).to(sinks.dtype)

@@ -154,3 +154,72 @@ def test_declines_what_it_cannot_run():
     q, k, v = inputs(1, 2, 2, 16, 16, 64)
     with pytest.raises(fastattn.NoBackendError, match="attn_mask"):
         fastattn.attention(q, k, v, attn_mask=torch.ones(16, 16, dtype=torch.bool, device=DEVICE), backend=BACKEND)
+
+
+# Issue 36's non-finite policy (docs: fastattn.reference's policy): a NaN that reaches a row only
+# through pairs a mask hides changes nothing; a seen one makes the row non-finite. Each kind puts
+# batch row 1 under the mask it names (row 0 unpadded), and the NaN goes where some rows or keys
+# cannot see it.
+NAN_KINDS = {  # kind: (causal, batch row 1's padded keys of 150, where the NaN goes in row 1)
+    "causal": (True, lambda j: j < 0, dict(q=70, k=100, v=60, dout=40)),
+    "right": (False, lambda j: j >= 100, dict(q=30, k=110, v=105, dout=30)),
+    "left": (False, lambda j: j < 50, dict(q=30, k=40, v=10, dout=30)),
+    "scattered": (False, lambda j: j % 3 == 0, dict(q=30, k=42, v=9, dout=30)),
+    "causal-left": (True, lambda j: j < 50, dict(q=20, k=40, v=30, dout=20)),  # rows 0..49 see no key
+}
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v", "dout"])
+@pytest.mark.parametrize("kind", list(NAN_KINDS) if DEVICE == "cuda" else ["causal", "scattered", "causal-left"])
+@pytest.mark.parametrize("D", [64, 128] if DEVICE == "cuda" else [64])  # the emulator: CI's time budget
+def test_hidden_nan_stays_out(kind, where, D):
+    """NaN in a hidden key or value, or in the query or dO of a row some keys are hidden from:
+    what no tainted row reaches equals float64 without the NaN; tainted rows are non-finite."""
+    torch.manual_seed(0)
+    causal, padded, at = NAN_KINDS[kind]
+    B, H, Hkv, N = 2, 2, 1, 150
+    kpm = torch.zeros(B, N, dtype=torch.bool)
+    kpm[1] = padded(torch.arange(N))
+    clean = [t.detach() for t in qkv(B, H, Hkv, N, N, D, dtype=torch.bfloat16)]
+    dout = torch.randn(B, H, N, D).to(torch.bfloat16)
+    # the NaN: a row of q or dO (batch 1, head 0), or a key's k or v (batch 1, kv head 0)
+    bad = {"q": torch.zeros(B, H, N, dtype=torch.bool), "k": torch.zeros(B, Hkv, N, dtype=torch.bool),
+           "dout": torch.zeros(B, H, N, dtype=torch.bool)}
+    bad["v"] = bad["k"].clone()
+    bad[where][1, 0, at[where]] = True
+    q, k, v, do = (torch.where(bad[name][..., None], float("nan"), t)
+                   for name, t in zip(("q", "k", "v", "dout"), (*clean, dout)))
+
+    # Which rows are tainted and which keys a tainted row sees (policy.md 2), from visibility.
+    idx = torch.arange(N)
+    vis = (~kpm)[:, None, None, :] & ((idx[None, :] <= idx[:, None]) if causal else True)  # (B, 1, Nq, Nk)
+    vis = vis.expand(B, H, N, N)
+    sees_any = vis.any(-1)
+    kv_bad = (bad["k"] | bad["v"]).repeat_interleave(H // Hkv, 1)
+    tainted = sees_any & (bad["q"] | (vis & kv_bad[:, :, None, :]).any(-1))
+    grad_tainted = tainted | (sees_any & bad["dout"])
+    excused = (vis & grad_tainted[..., None]).any(2).view(B, Hkv, H // Hkv, N).any(2)  # (B, Hkv, Nk)
+
+    leaves = [t.to(DEVICE).requires_grad_() for t in (q, k, v)]
+    out, lse = fastattn.attention(*leaves, key_padding_mask=kpm.to(DEVICE), causal=causal, return_lse=True,
+                                  backend=BACKEND)
+    out.backward(do.to(DEVICE))
+    ref_leaves = [t.double().requires_grad_() for t in clean]
+    ref, ref_lse = fastattn.reference_attention(*ref_leaves, kpm, None, causal)
+    ref.backward(dout.double())
+
+    out, lse = out.cpu(), lse.cpu()
+    assert not torch.isfinite(out[tainted]).all(-1).any(), "a tainted row is finite"
+    ok = ~tainted
+    assert torch.isfinite(out[ok]).all() and rel_err(out[ok], ref[ok]) < TOL[torch.bfloat16]
+    assert torch.equal(torch.isinf(lse[ok]), torch.isinf(ref_lse[ok]))
+    finite = ok & torch.isfinite(ref_lse)
+    assert rel_err(lse[finite], ref_lse[finite], floor=finite.sum().item() ** 0.5) < TOL[torch.bfloat16]
+    floor = 0.1 * dout.double().norm().item()
+    for name, got, want, keep in (("q", leaves[0], ref_leaves[0], ~grad_tainted), ("k", leaves[1], ref_leaves[1], ~excused),
+                                  ("v", leaves[2], ref_leaves[2], ~excused)):
+        g = got.grad.cpu()[keep]
+        assert torch.isfinite(g).all(), f"d{name} not finite where no tainted row reaches"
+        assert rel_err(g, want.grad[keep], floor=floor) < 4 * TOL[torch.bfloat16], f"d{name}"
+    if where == "dout" and excused.any():  # a seen NaN in dO reaches dv (the kernels poison P there)
+        assert not torch.isfinite(leaves[2].grad.cpu()[excused]).all(-1).any()

@@ -272,3 +272,64 @@ def test_bf16_gradients_on_a_peaked_softmax(backend):
     with torch.no_grad():
         q.mul_(12.0)  # scores q.k / 8 with a spread of ~12: the largest near 40
     check_against_reference(q, k, v, backend, causal=True, tol=TOL[torch.bfloat16])
+
+
+GLUON_NAN_KINDS = {  # kind: (causal, batch row 1's padded keys of 300, where the NaN goes in row 1)
+    "causal": (True, lambda j: j < 0, dict(q=150, k=250, dout=100)),
+    "right": (False, lambda j: j >= 200, dict(q=30, k=205, dout=30)),
+    "scattered": (False, lambda j: j % 3 == 0, dict(q=30, k=42, dout=30)),
+}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="needs an sm_90 GPU (no interpreter runs Gluon)")
+@pytest.mark.parametrize("where", ["q", "k", "dout"])
+@pytest.mark.parametrize("kind", list(GLUON_NAN_KINDS))
+def test_gluon_backward_keeps_hidden_nan_out(kind, where):
+    """Issue 36's non-finite policy in the Gluon backward, every variant: a NaN in a hidden key's k,
+    or in the query or dO of a row some keys are hidden from, reaches no gradient that no tainted
+    row reaches (those equal float64 without the NaN). (The Gluon forward does not zero V's
+    non-finite elements yet: NaN in a hidden v is the Triton and CUDA C++ kernels' alone.)"""
+    pytest.importorskip("triton.experimental.gluon")
+    from fastattn.gluon import launch
+    from fastattn.masks import key_ranges
+
+    torch.manual_seed(0)
+    causal, padded, at = GLUON_NAN_KINDS[kind]
+    B, H, Hkv, N, D = 2, 4, 2, 300, 128
+    kpm = torch.zeros(B, N, dtype=torch.bool, device="cuda")
+    kpm[1] = padded(torch.arange(N, device="cuda"))
+    clean = [t.detach().cuda() for t in qkv(B, H, Hkv, N, N, D, dtype=torch.bfloat16)]
+    dout = torch.randn(B, H, N, D, device="cuda").to(torch.bfloat16)
+    bad = {"q": torch.zeros(B, H, N, dtype=torch.bool, device="cuda"),
+           "k": torch.zeros(B, Hkv, N, dtype=torch.bool, device="cuda"),
+           "dout": torch.zeros(B, H, N, dtype=torch.bool, device="cuda")}
+    bad[where][1, 0, at[where]] = True
+    q, k, do = (torch.where(bad[n][..., None], float("nan"), t).contiguous()
+                for n, t in (("q", clean[0]), ("k", clean[1]), ("dout", dout)))
+    v = clean[2]
+
+    idx = torch.arange(N, device="cuda")
+    vis = ((~kpm)[:, None, None, :] & ((idx[None, :] <= idx[:, None]) if causal else True)).expand(B, H, N, N)
+    sees_any = vis.any(-1)
+    tainted = sees_any & (bad["q"] | (vis & bad["k"].repeat_interleave(H // Hkv, 1)[:, :, None, :]).any(-1))
+    grad_tainted = tainted | (sees_any & bad["dout"])
+    excused = (vis & grad_tainted[..., None]).any(2).view(B, Hkv, H // Hkv, N).any(2)
+
+    leaves = [t.double().requires_grad_() for t in clean]
+    ref, ref_lse = fastattn.reference_attention(*leaves, kpm, None, causal)
+    want = torch.autograd.grad(ref, leaves, dout.double())
+    # out and lse as a kernel gives them: NaN in tainted rows
+    out = torch.where(tainted[..., None], float("nan"), ref.detach()).to(torch.bfloat16).contiguous()
+    lse = torch.where(tainted, float("nan"), ref_lse.detach()).float().contiguous()
+    floor = 0.1 * dout.double().norm().item()
+    for variant in launch.BWD_VARIANTS:
+        dq = torch.full((B, H, N, D), float("nan"), device="cuda", dtype=torch.bfloat16)
+        dk, dv = (torch.full((B, Hkv, N, D), float("nan"), device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        launch.backward(do, q, k, v, out, lse, dq, dk, dv, causal, D ** -0.5, kpm, key_ranges(kpm), None,
+                        variant=variant)
+        for name, got, ref_grad, keep in (("q", dq, want[0], ~grad_tainted), ("k", dk, want[1], ~excused),
+                                          ("v", dv, want[2], ~excused)):
+            assert torch.isfinite(got[keep]).all(), (variant.name, "d" + name)
+            err = rel_err(got[keep], ref_grad[keep], floor=floor)
+            assert err < 4 * TOL[torch.bfloat16], (variant.name, "d" + name, err)

@@ -25,19 +25,19 @@ def inputs(*shape, dtype=torch.float32, transposed=False):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(2, 4, 2, 33, 47, 64), (1, 4, 4, 47, 33, 64), (2, 4, 1, 20, 20, 128),
                                    (1, 2, 2, 1, 70, 32)], ids=str)
-@pytest.mark.parametrize("causal", [False, True])
-def test_against_reference(dtype, shape, causal):
+@pytest.mark.parametrize("scale", [0.2, -0.125])
+def test_against_reference(dtype, shape, scale):
     """check_against_reference also backpropagates through lse (the two extra kernel calls)."""
     torch.manual_seed(0)
-    check_against_reference(*inputs(*shape, dtype=dtype), "sdpa", causal=causal, scale=0.2, tol=TOL[dtype])
+    check_against_reference(*inputs(*shape, dtype=dtype), "sdpa", scale=scale, tol=TOL[dtype])
 
 
 def test_layouts_and_head_dim_256():
     torch.manual_seed(0)
     q, k, v = inputs(2, 4, 2, 40, 40, 64, dtype=torch.bfloat16, transposed=True)
-    out = fastattn.attention(q, k, v, causal=True, backend="sdpa")
-    assert out.stride() == fastattn.attention(q, k, v, causal=True, backend="reference").stride()
-    check_against_reference(q, k, v, "sdpa", causal=True, tol=TOL[torch.bfloat16])
+    out = fastattn.attention(q, k, v, backend="sdpa")
+    assert out.stride() == fastattn.attention(q, k, v, backend="reference").stride()
+    check_against_reference(q, k, v, "sdpa", tol=TOL[torch.bfloat16])
     check_against_reference(*inputs(1, 2, 2, 24, 24, 256, dtype=torch.bfloat16), "sdpa", tol=TOL[torch.bfloat16])
 
 
@@ -45,7 +45,7 @@ def test_compile_sees_one_node():
     q, k, v = inputs(2, 4, 2, 33, 47, 32)
 
     def f(q, k, v):
-        return fastattn.attention(q, k, v, causal=True, backend="sdpa").sum()
+        return fastattn.attention(q, k, v, backend="sdpa").sum()
 
     assert count_fastattn_nodes(f, q, k, v) == 1
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
@@ -56,6 +56,7 @@ def test_compile_sees_one_node():
     (dict(key_padding_mask=True), "padding mask may leave a query no key"),
     (dict(attn_mask=True), "attn_mask may leave a query no key"),
     (dict(dropout_p=0.1), "dropout not supported"),
+    (dict(causal=True), "causal: torch's kernels multiply a future key's value by p = 0"),
 ])
 def test_declines_what_it_cannot_promise(call, why):
     q, k, v = inputs(2, 2, 2, 16, 24, 32)
@@ -74,20 +75,10 @@ def test_no_query_gives_empty_outputs(shape):
     in a reshape (H = 0 is a ValueError naming key). Each gives empty out and lse, and zero
     gradients, as the cpu backend does."""
     q, k, v = inputs(*shape)
-    out, lse = fastattn.attention(q, k, v, causal=True, return_lse=True, backend="sdpa")
+    out, lse = fastattn.attention(q, k, v, return_lse=True, backend="sdpa")
     assert out.shape == q.shape and lse.shape == q.shape[:3]
     (out.sum() + lse.sum()).backward()
     assert all(t.grad is not None and not t.grad.any() for t in (q, k, v))
-
-
-@pytest.mark.parametrize("scale", [-0.125, 0.0])
-def test_declines_causal_with_a_scale_not_above_zero(scale):
-    """torch's kernels mask causal scores as if scale > 0: NaN or wrong values otherwise."""
-    q, k, v = inputs(1, 2, 2, 40, 40, 16)
-    with pytest.raises(NoBackendError, match="scale <= 0"):
-        fastattn.attention(q, k, v, causal=True, scale=scale, backend="sdpa")
-    fastattn.attention(q, k, v, causal=False, scale=scale, backend="sdpa")  # no mask: right
-    check_against_reference(q, k, v, "auto", causal=True, scale=scale)
 
 
 def test_declines_no_keys_packed_and_decoding():
@@ -117,7 +108,7 @@ def test_cuda_declines_what_torch_refuses(monkeypatch):
     """torch refuses meta tensors there (check_all_tensors_on_device): dispatch asks about CUDA ones."""
     monkeypatch.setattr(backends, "_CHOSEN", {})
     assert REGISTRY["sdpa"].stand_in_device == "cuda"
-    assert sdpa.problem_choice("cuda", torch.float32, 64, 16, 16, False, False) == "efficient"
+    assert sdpa.problem_choice("cuda", torch.float32, 64, 16, 16, False) == "efficient"
     q, k, v = inputs(1, 2, 2, 16, 16, 64)
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # torch's fused kernels off
         with pytest.raises(NoBackendError, match="refuse its efficient kernels"):
@@ -170,8 +161,8 @@ def aten_calls(monkeypatch):
     return calls
 
 
-def cuda_problem(dtype=torch.bfloat16, head_dim=64, causal=False, gqa=False, nq=64, nk=64):
-    return Problem("cuda", dtype, head_dim, None, False, causal, False, True, nq=nq, nk=nk, gqa=gqa)
+def cuda_problem(dtype=torch.bfloat16, head_dim=64, gqa=False, nq=64, nk=64):
+    return Problem("cuda", dtype, head_dim, None, False, False, False, True, nq=nq, nk=nk, gqa=gqa)
 
 
 def meta_qkv(dtype, B=2, H=4, Hkv=2, Nq=40, Nk=40, D=64):
@@ -192,22 +183,22 @@ def meta_qkv(dtype, B=2, H=4, Hkv=2, Nq=40, Nk=40, D=64):
 ], ids=str)
 def test_asks_torch_in_the_backends_order(torch_checks, dtype, head_dim, accepted, asked, chosen):
     torch_checks.accepted |= accepted
-    assert sdpa.problem_choice("meta", dtype, head_dim, 64, 64, False, False) == chosen
+    assert sdpa.problem_choice("meta", dtype, head_dim, 64, 64, False) == chosen
     assert torch_checks.kernels_asked() == asked
 
 
-@pytest.mark.parametrize("dtype, head_dim, causal, gqa", [
-    (torch.bfloat16, 64, False, False), (torch.float16, 128, True, True), (torch.float32, 32, True, False),
-    (torch.bfloat16, 256, False, True)], ids=str)
-def test_dispatch_asks_torch_about_the_problem(torch_checks, dtype, head_dim, causal, gqa):
-    REGISTRY["sdpa"].reasons(cuda_problem(dtype, head_dim, causal, gqa, nq=32, nk=128))
+@pytest.mark.parametrize("dtype, head_dim, gqa", [
+    (torch.bfloat16, 64, False), (torch.float16, 128, True), (torch.float32, 32, False),
+    (torch.bfloat16, 256, True)], ids=str)
+def test_dispatch_asks_torch_about_the_problem(torch_checks, dtype, head_dim, gqa):
+    REGISTRY["sdpa"].reasons(cuda_problem(dtype, head_dim, gqa, nq=32, nk=128))
     assert torch_checks.kernels_asked() == list(sdpa.cuda_kernels(dtype, head_dim)) != []
     for _, params in torch_checks.asked:
         q, k, v = params.query, params.key, params.value
         assert q.dtype == k.dtype == v.dtype == dtype
         assert q.shape[-1] == k.shape[-1] == v.shape[-1] == head_dim and q.stride(-1) == k.stride(-1) == 1
         assert (q.shape[2], k.shape[2]) == (32, 128)
-        assert params.is_causal == causal and params.enable_gqa == gqa and (q.shape[1] != k.shape[1]) == gqa
+        assert not params.is_causal and params.enable_gqa == gqa and (q.shape[1] != k.shape[1]) == gqa
         assert params.dropout == 0.0 and params.attn_mask is None
         assert q.requires_grad  # as for training: the backward takes the forward's kernel
         assert q.device.type == "meta"
@@ -258,30 +249,29 @@ def test_forward_and_backward_run_the_kernel_torch_takes(torch_checks, aten_call
     torch_checks.accepted |= accepted
     q, k, v = meta_qkv(dtype, Nq=40, Nk=56)
     backend = REGISTRY["sdpa"]
-    out, lse = backend.forward(q, k, v, None, True, 0.125, 0.0, 0)
+    out, lse = backend.forward(q, k, v, None, False, 0.125, 0.0, 0)
     assert (out.shape, lse.shape) == (q.shape, q.shape[:3])
     asked = torch_checks.kernels_asked()
     _, params = torch_checks.asked[-1]
     assert params.query.shape == q.shape and params.key.shape == params.value.shape == k.shape
-    assert params.is_causal and params.enable_gqa and params.query.device.type == "meta"
+    assert not params.is_causal and params.enable_gqa and params.query.device.type == "meta"
     torch_checks.accepted.clear()
-    backend.backward(torch.empty_like(out), None, q, k, v, out, lse, None, True, 0.125, 0.0, 0)
+    backend.backward(torch.empty_like(out), None, q, k, v, out, lse, None, False, 0.125, 0.0, 0)
     assert aten_calls == [ATEN[kernel], ATEN[kernel] + "_backward"]
     assert torch_checks.kernels_asked() == asked
 
 
 def test_asks_again_about_what_torch_reads_anew(torch_checks):
-    """The call-time answers are kept by length, layout, alignment, dtype and causality."""
+    """The call-time answers are kept by length, layout, alignment and dtype."""
     torch_checks.accepted |= ALL
     q, k, v = meta_qkv(torch.bfloat16)
     offset = torch.empty(q.numel() + 4, dtype=q.dtype, device="meta")[4:].view(q.shape)
     heads_outer = q.transpose(1, 2).contiguous().transpose(1, 2)  # other strides
-    for args in [(q, k, v, False), (q, k, v, True), (q[:, :, :20], k, v, False), (q, k[:, :, :20], v[:, :, :20], False),
-                 (heads_outer, k, v, False), (q, k, heads_outer[:, :2], False), (offset, k, v, False),
-                 (q.float(), k.float(), v.float(), False)]:
+    for args in [(q, k, v), (q[:, :, :20], k, v), (q, k[:, :, :20], v[:, :, :20]), (heads_outer, k, v),
+                 (q, k, heads_outer[:, :2]), (offset, k, v), (q.float(), k.float(), v.float())]:
         asked = len(torch_checks.asked)
         for _ in range(2):
-            REGISTRY["sdpa"].forward(*args[:3], None, args[3], 0.125, 0.0, 0)
+            REGISTRY["sdpa"].forward(*args, None, False, 0.125, 0.0, 0)
         assert len(torch_checks.asked) == asked + 1  # once, by its first choice
 
 
@@ -320,28 +310,15 @@ def test_torch_kernel_names_what_records_timed():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("causal, gqa", [(False, False), (True, True)])
-def test_torch_answers_about_meta_tensors(dtype, causal, gqa):
+@pytest.mark.parametrize("gqa", [False, True])
+def test_torch_answers_about_meta_tensors(dtype, gqa):
     """The real checks take meta tensors without raising, and refuse them (check_all_tensors_on_device
     wants CUDA ones; a build without CUDA refuses everything): dispatch's stand-ins are CUDA tensors."""
     q, k, v = meta_qkv(dtype, Hkv=2 if gqa else 4)
-    params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, causal, gqa)
+    params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, gqa)
     assert [getattr(torch.backends.cuda, name)(params) for name in CAN_USE.values()] == [False] * 3
-    assert sdpa.problem_choice("meta", dtype, 64, 64, 64, gqa, causal) is None
+    assert sdpa.problem_choice("meta", dtype, 64, 64, 64, gqa) is None
     assert REGISTRY["sdpa"].stand_in_device == ("cuda" if torch.cuda.is_available() else None)
-
-
-def test_causal_lengths_of_one_bucket_need_torch_for_both_shapes(torch_checks, monkeypatch):
-    """Nq 200 and Nk 250 share a bucket: FlashAttention's check refuses causal Nq != Nk, so
-    dispatch asks about a square and a non-square call, and declines unless both are taken."""
-    square_only = lambda params, debug=False: (not params.is_causal  # noqa: E731
-                                               or params.query.shape[2] == params.key.shape[2])
-    monkeypatch.setattr(torch.backends.cuda, "can_use_flash_attention", square_only)
-    assert sdpa.problem_choice("meta", torch.bfloat16, 192, 256, 256, False, False) == "flash"
-    assert sdpa.problem_choice("meta", torch.bfloat16, 192, 256, 256, False, True) is None
-    assert sdpa.problem_choice("meta", torch.bfloat16, 192, 256, 512, False, True) is None
-    torch_checks.accepted.add("efficient")
-    assert sdpa.problem_choice("meta", torch.bfloat16, 192, 256, 256, False, True) == "flash"
 
 
 def test_inference_tensors_are_asked_about_without_a_gradient(torch_checks):
@@ -349,7 +326,7 @@ def test_inference_tensors_are_asked_about_without_a_gradient(torch_checks):
     with torch.inference_mode():
         q, k, v = meta_qkv(torch.bfloat16)
     with torch.no_grad():
-        assert sdpa.torch_choice(q, k, v, True) == "flash"
+        assert sdpa.torch_choice(q, k, v) == "flash"
     assert not torch_checks.asked[-1][1].query.requires_grad
 
 

@@ -10,6 +10,7 @@
 #include "cpu_tiles.h"
 #include "flash_cpu.h"
 #include "micro_kernels.h"
+#include "non_finite.h"
 
 namespace fastattn::cpu {
 namespace {
@@ -93,6 +94,7 @@ void decode_impl(const AttentionParams& p) {
                                              std::max<int64_t>(1, span / kMinSplit));
   const int64_t split_len = round_up((span + splits - 1) / splits, kDecodeBlockK);
   const DecodeMasker masker{p, Nq, group, row_step, key_step};
+  const bool hides = p.causal || p.window_left >= 0 || p.window_right >= 0;
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
@@ -104,6 +106,8 @@ void decode_impl(const AttentionParams& p) {
     const FlushDenormals ftz;
     std::vector<float> qt(Dp * ldr), qr(R * Dp), s(kDecodeBlockK * ldr), acc(R * Dp), m(ldr), l(ldr), alpha(ldr);
     RowTile<T> kt(kDecodeBlockK, Dp), vt(kDecodeBlockK, Dp);
+    std::vector<uint8_t> bad_key(kDecodeBlockK);
+    std::vector<float> finite_v;
     for (int64_t item = next(); item >= 0; item = next()) {
       const int64_t b = item / (Hkv * splits), hk = item / splits % Hkv, split = item % splits;
       const int64_t len = p.seqused_k[b], lo = first_key(len) + split * split_len, hi = std::min(lo + split_len, len);
@@ -133,16 +137,26 @@ void decode_impl(const AttentionParams& p) {
           mk.row_dots(static_cast<int>(R), nk, Dp, qr.data(), Dp, kt.data, kt.ld, s.data(), row_step);
         else
           mk.gemm(nk, static_cast<int>(ldr), Dp, kt.data, kt.ld, 1, qt.data(), ldr, s.data(), ldr, false);
-        if (masker.needed(j0, nk, len)) masker.apply(s.data(), j0, nk, b, hk, len, R);
+        const float* v_rows = vt.data;
+        int64_t ldv = vt.ld;
+        if (masker.needed(j0, nk, len)) {
+          masker.apply(s.data(), j0, nk, b, hk, len, R);
+          // Pairs the causal mask or the window hide: a NaN value there must not meet p = 0 (non_finite.h).
+          if (hides && non_finite_rows(vh + j0 * vs[2], vs[2], vs[3], nk, D, bad_key.data())) {
+            poison_seen(s.data(), key_step, row_step, bad_key.data(), nk, static_cast<int>(R));
+            v_rows = finite_copy(vt.data, vt.ld, nk, Dp, finite_v);
+            ldv = Dp;
+          }
+        }
         if (few)
           mk.softmax_step_rows(s.data(), static_cast<int>(R), nk, row_step, m.data(), l.data(), alpha.data());
         else
           mk.softmax_step(s.data(), nk, static_cast<int>(R), ldr, m.data(), l.data(), alpha.data());
         mk.scale_rows(acc.data(), static_cast<int>(R), Dp, Dp, alpha.data());
-        mk.gemm(static_cast<int>(R), Dp, nk, s.data(), row_step, key_step, vt.data, vt.ld, acc.data(), Dp, true);
+        mk.gemm(static_cast<int>(R), Dp, nk, s.data(), row_step, key_step, v_rows, ldv, acc.data(), Dp, true);
       }
       for (int64_t r = 0; r < R; ++r) {
-        const bool seen = l[r] > 0.f;
+        const bool seen = l[r] != 0.f;  // NaN: a tainted row
         const float inv_l = seen ? 1.f / l[r] : 0.f;
         float* o = o_part.data() + (item * R + r) * D;
         for (int64_t d = 0; d < D; ++d) o[d] = acc[r * Dp + d] * inv_l;
@@ -160,7 +174,7 @@ void decode_impl(const AttentionParams& p) {
       const float sink = p.sinks == nullptr ? kNegInf : p.sinks[h];  // a split of its own, with no value
       float top = sink;
       for (int64_t sp = 0; sp < splits; ++sp) top = std::max(top, lse_part[part(sp)]);
-      float total = p.sinks == nullptr ? 0.f : std::exp(sink - top);
+      float total = sink == kNegInf ? 0.f : std::exp(sink - top);  // -inf: no sink (nor exp(-inf + inf))
       std::fill(o.begin(), o.end(), 0.f);
       for (int64_t sp = 0; sp < splits; ++sp) {
         const float wt = top == kNegInf ? 0.f : std::exp(lse_part[part(sp)] - top);
@@ -168,9 +182,9 @@ void decode_impl(const AttentionParams& p) {
         for (int64_t d = 0; d < D; ++d) o[d] += wt * o_part[part(sp) * D + d];
       }
       T* out = static_cast<T*>(p.out) + b * os[0] + h * os[1] + i * os[2];
-      const float inv = total > 0.f ? 1.f / total : 0.f;
+      const float inv = total != 0.f ? 1.f / total : 0.f;
       for (int64_t d = 0; d < D; ++d) out[d * os[3]] = static_cast<T>(o[d] * inv);
-      p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + i] = total > 0.f ? top + std::log(total) : kNegInf;
+      p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + i] = total != 0.f ? top + std::log(total) : kNegInf;
     }
   });
 }

@@ -21,6 +21,7 @@
 #include "../seq_info.h"
 #include "cpu_tiles.h"
 #include "micro_kernels.h"
+#include "non_finite.h"
 
 namespace fastattn::cpu {
 namespace {
@@ -109,9 +110,9 @@ struct TileMasker {
       for (int j = 0; j < nk; ++j) {
         float* row = s + j * ld;
         const int64_t at = base + j * st[3];
-        if (p.mask_kind == MaskKind::kFloat) {
+        if (p.mask_kind == MaskKind::kFloat) {  // -inf hides: set, so a NaN score stays hidden
           const float* m = static_cast<const float*>(p.mask) + at;
-          for (int i = 0; i < mq; ++i) row[i] += m[i * st[2]] * kLog2e;
+          for (int i = 0; i < mq; ++i) row[i] = m[i * st[2]] == kNegInf ? kNegInf : row[i] + m[i * st[2]] * kLog2e;
         } else {
           const bool* m = static_cast<const bool*>(p.mask) + at;
           for (int i = 0; i < mq; ++i)
@@ -215,6 +216,25 @@ struct KVRows {
 struct ForwardBuffers {
   std::vector<float> qt, s, acc, m, l, alpha;  // acc: O [queries][Dp], or O^T [Dp][queries] (bf16 dots)
   std::vector<uint32_t> qt2, pt2;              // Q^T and P^T in bf16 pairs, for bf16 dot products
+  std::vector<uint8_t> bad_key = std::vector<uint8_t>(kBf16BlockK);  // a value row with NaN or inf
+  std::vector<float> finite_v;                 // a value tile without them (non_finite.h)
+  std::vector<uint32_t> finite_v2;
+
+  // rows with a copy of their values' nk rows (or the pairs of them) whose non-finite elements are 0.
+  KVRows with_finite_values(KVRows rows, int nk, int64_t Dp, bool bf16_dots) {
+    if (bf16_dots) {
+      const int64_t kp = round_up(nk, 32) / 2;  // the key pairs the product reads
+      finite_v2.resize(Dp * kp);
+      for (int64_t c = 0; c < Dp; ++c)
+        for (int64_t w = 0; w < kp; ++w) finite_v2[c * kp + w] = finite_pair(rows.v2[c * rows.ldv2 + w]);
+      rows.v2 = finite_v2.data();
+      rows.ldv2 = kp;
+    } else {
+      rows.v = finite_copy(rows.v, rows.ldv, nk, Dp, finite_v);
+      rows.ldv = Dp;
+    }
+    return rows;
+  }
 
   static ForwardBuffers& of_this_thread(int64_t Dp, int64_t Dk, bool bf16_dots, int64_t ldq) {
     thread_local ForwardBuffers buf;
@@ -284,6 +304,9 @@ void forward_impl(const AttentionParams& p) {
     const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, seq.q_len - i0));
     const KeyRange keys = visible_keys(p, seq, i0, mq);
     const TileMasker masker{p, seq, b, h, ldq};
+    const bool hides = p.causal || p.window_left >= 0 || p.window_right >= 0 || p.mask_kind != MaskKind::kNone ||
+                       (p.key_padding != nullptr && p.kv_holes[b]);  // some pair may be hidden
+    const T* v_rows = v + b * vs[0] + h / group * vs[1] + seq.k_off * vs[2];
     std::fill(buf.m.begin(), buf.m.end(), kNegInf);
     std::fill(buf.l.begin(), buf.l.end(), 0.f);
     std::fill(buf.acc.begin(), buf.acc.end(), 0.f);
@@ -299,13 +322,19 @@ void forward_impl(const AttentionParams& p) {
     const int64_t block_k = bf16_dots ? kBf16BlockK : kBlockK;
     for (int64_t j0 = keys.begin; j0 < keys.end; j0 += block_k) {
       const int nk = static_cast<int>(std::min<int64_t>(block_k, keys.end - j0));
-      const KVRows rows = kv(j0, nk);
+      KVRows rows = kv(j0, nk);
       if (bf16_dots)  // whole 16-key blocks: the keys past nk are zero padding or are ignored
         mk.gemm_bf16(round_up(nk, 16), ldq, Dk / 2, rows.k2, Dk / 2, buf.qt2.data(), ldq, buf.s.data(),
                      ldq, false);
       else
         mk.gemm(nk, ldq, Dp, rows.k, rows.ldk, 1, buf.qt.data(), ldq, buf.s.data(), ldq, false);
       masker.apply(buf.s.data(), j0, nk, i0, mq);
+      // bf16 products read whole 32-key pairs of blocks of V^T: keys past nk, hidden, may be real ones
+      const int64_t read = bf16_dots ? std::min<int64_t>(round_up(nk, 32), seq.key_end - j0) : nk;
+      if (hides && non_finite_rows(v_rows + j0 * vs[2], vs[2], vs[3], read, D, buf.bad_key.data())) {
+        poison_seen(buf.s.data(), ldq, 1, buf.bad_key.data(), nk, mq);
+        rows = buf.with_finite_values(rows, nk, Dp, bf16_dots);
+      }
       mk.softmax_step(buf.s.data(), nk, mq, ldq, buf.m.data(), buf.l.data(), buf.alpha.data());
       if (p.dropout_p > 0.f) masker.dropout(buf.s.data(), j0, nk, i0, mq);
       if (bf16_dots) {  // P^T in pairs of keys, zero past nk up to whole 32-key blocks: [keys / 2][queries]
@@ -329,10 +358,10 @@ void forward_impl(const AttentionParams& p) {
         keep = m == kNegInf ? 0.f : std::exp2(m - sink);
         l = l * keep + 1.f;
         m = sink;
-      } else if (p.sinks != nullptr) {
+      } else if (sink != kNegInf) {  // a sink of -inf is none (not exp2(-inf + inf))
         l += std::exp2(sink - m);
       }
-      const bool seen = l > 0.f;  // false: no visible key and no sink, the row is zero
+      const bool seen = l != 0.f;  // false: no visible key and no sink, the row is zero; NaN: tainted
       const float inv_l = seen ? keep / l : 0.f;
       for (int64_t d = 0; d < D; ++d)
         o[i * os[2] + d * os[3]] = static_cast<T>(buf.acc[i * acc_i + d * acc_d] * inv_l);
@@ -457,6 +486,9 @@ void backward_impl(const AttentionBwdParams& p) {
     constexpr int64_t kTile = kBwdBlockK * kBlockQ;
     std::vector<float> s(kTile), dp(kTile), pd(kTile), keep(kTile), dk(kBwdBlockK * Dp), dv(kBwdBlockK * Dp),
         cap(p.softcap > 0.f ? kTile : 0);
+    // Non-finite rows (non_finite.h): per query, dO, tainted (query, dO or lse); per key, key or value.
+    std::vector<uint8_t> do_bad(Nq_pad), row_bad(Nq_pad), k_bad(kBwdBlockK), key_bad(kBwdBlockK), seen(kTile);
+    std::vector<float> kt_finite;
     std::optional<BackwardBf16> x16;
     if (bf16_dots) x16.emplace(Nq_pad, Dp, Dk);
     for (int64_t bh = next(); bh >= 0; bh = next()) {
@@ -465,6 +497,8 @@ void backward_impl(const AttentionBwdParams& p) {
       const int64_t Nq = seq.q_len, Nk = seq.k_len;
       const KeyRange keys{seq.key_begin, seq.key_end};
       const TileMasker masker{p, seq, b, h};
+      const bool hides = p.causal || p.window_left >= 0 || p.window_right >= 0 || p.mask_kind != MaskKind::kNone ||
+                         (p.key_padding != nullptr && p.kv_holes[b]);  // some pair may be hidden
       const int64_t kv_at = b * p.dkv_stride[0] + h * p.dkv_stride[1] + seq.k_off * D;
       float* dk_out = p.dk + kv_at;
       float* dv_out = p.dv + kv_at;
@@ -497,6 +531,13 @@ void backward_impl(const AttentionBwdParams& p) {
             dot_do_o += dor[i * Dp + d] * static_cast<float>(oh[i * os[2] + d * os[3]]);
           delta[i] = dot_do_o - (dlse != nullptr && std::isfinite(lse[i]) ? dlse[i] : 0.f);
         }
+        if (hides) {  // Q and dO rows as dK's and dV's operands: non-finite elements 0 (P^T and dS^T hide them)
+          if (non_finite_rows(qh, qs[2], qs[3], Nq, D, row_bad.data()))
+            for (int64_t x = 0; x < Nq * Dp; ++x) qr[x] = finite_or_zero(qr[x]);
+          if (non_finite_rows(doh, dos[2], dos[3], Nq, D, do_bad.data()))
+            for (int64_t x = 0; x < Nq * Dp; ++x) dor[x] = finite_or_zero(dor[x]);
+          for (int64_t i = 0; i < Nq; ++i) row_bad[i] |= do_bad[i] | std::isnan(lse[i]);
+        }
         if (bf16_dots)
           for (int64_t i0 = 0; i0 < Nq; i0 += kBlockQ)
             x16->pack_queries(mk, i0, static_cast<int>(std::min<int64_t>(kBlockQ, Nq - i0)), D, Dp, Dk,
@@ -518,6 +559,17 @@ void backward_impl(const AttentionBwdParams& p) {
           pack_rows(kj, ks[2], ks[3], nk, D, Dp, kt.data());
           pack_rows(vj, vs[2], vs[3], nk, D, Dp, vt.data());
         }
+        bool keys_bad = false;
+        const float* k_for_dq = kt.data();
+        if (hides) {
+          const bool k_any = non_finite_rows(kj, ks[2], ks[3], nk, D, k_bad.data());
+          keys_bad = non_finite_rows(vj, vs[2], vs[3], nk, D, key_bad.data()) || k_any;
+          if (k_any && bf16_dots) {  // K^T, dQ's operand, without them
+            for (uint32_t& w : x16->kt) w = finite_pair(w);
+          } else if (k_any) {
+            k_for_dq = finite_copy(kt.data(), Dp, nk, Dp, kt_finite);
+          }
+        }
         std::fill(dk.begin(), dk.end(), 0.f);
         std::fill(dv.begin(), dv.end(), 0.f);
         const KeyRange queries = visible_queries(p, seq, j0, nk);
@@ -530,13 +582,26 @@ void backward_impl(const AttentionBwdParams& p) {
           else
             mk.gemm(nk, kBlockQ, Dp, kt.data(), Dp, 1, qt.data() + i0 * Dp, kBlockQ, s.data(), kBlockQ, false);
           masker.apply(s.data(), j0, nk, i0, mq, cap.empty() ? nullptr : cap.data());
+          // The exact path where a non-finite row meets this pair of tiles: P and dS set to 0 where
+          // hidden (beside a NaN lse, dP or softcap derivative), not multiplied into 0.
+          const bool exact = hides && (keys_bad || std::any_of(row_bad.begin() + i0, row_bad.begin() + i0 + mq,
+                                                               [](uint8_t x) { return x != 0; }));
+          const auto hide = [&](float* x) {
+            for (int j = 0; j < nk; ++j)
+              for (int i = 0; i < mq; ++i)
+                if (!seen[j * kBlockQ + i]) x[j * kBlockQ + i] = 0.f;
+          };
+          if (exact)
+            for (int j = 0; j < nk; ++j)
+              for (int i = 0; i < mq; ++i) seen[j * kBlockQ + i] = s[j * kBlockQ + i] != kNegInf;
           mk.exp2_shifted(s.data(), nk, mq, kBlockQ, lse2.data() + i0);  // P^T
+          if (exact) hide(s.data());
           if (bf16_dots)
             mk.gemm_bf16(nk16, kBlockQ, Dk / 2, x16->v.data(), Dk / 2, x16->dot.data() + i0 * Dk / 2, kBlockQ,
                          dp.data(), kBlockQ, false);
           else
             mk.gemm(nk, kBlockQ, Dp, vt.data(), Dp, 1, dot.data() + i0 * Dp, kBlockQ, dp.data(), kBlockQ, false);
-          const float* p_used = s.data();  // the probabilities that multiplied V
+          float* p_used = s.data();  // the probabilities that multiplied V
           if (p.dropout_p > 0.f) {
             masker.dropout(nullptr, j0, nk, i0, mq, keep.data());
             for (int j = 0; j < nk; ++j)
@@ -546,12 +611,17 @@ void backward_impl(const AttentionBwdParams& p) {
               }
             p_used = pd.data();
           }
+          if (exact)  // a row whose dO held NaN (0 in dor) still reaches the keys it sees
+            for (int j = 0; j < nk; ++j)
+              for (int i = 0; i < mq; ++i)
+                if (do_bad[i0 + i] && seen[j * kBlockQ + i]) p_used[j * kBlockQ + i] = kNaN;
           if (!bf16_dots) {
             mk.gemm(nk, Dp, mq, p_used, kBlockQ, 1, dor.data() + i0 * Dp, Dp, dv.data(), Dp, true);
             mk.softmax_grad(s.data(), dp.data(), nk, mq, kBlockQ, delta.data() + i0);  // dS^T
             if (!cap.empty()) scale_by(s.data(), cap.data(), nk, mq);  // through the softcap
+            if (exact) hide(s.data());
             mk.gemm(nk, Dp, mq, s.data(), kBlockQ, 1, qr.data() + i0 * Dp, Dp, dk.data(), Dp, true);
-            mk.gemm(mq, Dp, nk, s.data(), 1, kBlockQ, kt.data(), Dp, dq.data() + i0 * Dp, Dp, true);
+            mk.gemm(mq, Dp, nk, s.data(), 1, kBlockQ, k_for_dq, Dp, dq.data() + i0 * Dp, Dp, true);
             continue;
           }
           const uint32_t* q_pairs = x16->q.data() + i0 / 2 * Dp;
@@ -560,6 +630,7 @@ void backward_impl(const AttentionBwdParams& p) {
                        true);
           mk.softmax_grad(s.data(), dp.data(), nk, mq, kBlockQ, delta.data() + i0);  // dS^T
           if (!cap.empty()) scale_by(s.data(), cap.data(), nk, mq);  // through the softcap
+          if (exact) hide(s.data());
           mk.gemm_bf16(nk16, Dp, kq, x16->rows_of(mk, s.data(), nk, mq, kq), kBlockQ / 2, q_pairs, Dp, dk.data(), Dp,
                        true);
           const int kk = static_cast<int>(round_up(nk, 32) / 2);  // dQ^T += K^T dS^T, over key pairs

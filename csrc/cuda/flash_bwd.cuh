@@ -168,13 +168,14 @@ __global__ void __launch_bounds__(DqTile<D>::kThreads) bwd_dq_kernel(const Atten
         for (int i = 0; i < 4; ++i) {
           const int r = i / 2;
           const bool off = mask.any && mask.hidden(row0 + 16 * mb + 8 * r, nb * 8 + 2 * t + i % 2);
-          const float prob = off ? 0.f : exp2f(fmaf(s[mb][nb][i], qk_scale, -l2[mb][r]));
-          s[mb][nb][i] = prob * (dp[mb][nb][i] - dl[mb][r]);  // dS
+          const float prob = exp2f(fmaf(s[mb][nb][i], qk_scale, -l2[mb][r]));
+          // a select, not 0 times: s, dP, lse and delta of a hidden pair may be NaN
+          s[mb][nb][i] = off ? 0.f : prob * (dp[mb][nb][i] - dl[mb][r]);  // dS
         }
       }
     }
     #pragma unroll
-    for (int kk = 0; kk < kNB / 2; ++kk) {  // dQ += dS K
+    for (int kk = 0; kk < kNB / 2; ++kk) {  // dQ += dS K (masked tiles: K's non-finite elements zeroed)
       uint32_t af[kMB][4];
       #pragma unroll
       for (int mb = 0; mb < kMB; ++mb) pack_a<T>(af[mb], s[mb][2 * kk], s[mb][2 * kk + 1]);
@@ -182,6 +183,7 @@ __global__ void __launch_bounds__(DqTile<D>::kThreads) bwd_dq_kernel(const Atten
       for (int cc = 0; cc < kDB / 2; ++cc) {
         uint32_t kf[4];
         ldmatrix_x4_trans(kf, b_cols<D>(tK, kk * 16, cc));
+        if (mask.any) zero_nonfinite<T>(kf);
         #pragma unroll
         for (int mb = 0; mb < kMB; ++mb) {
           mma_16816<T>(dq[mb][2 * cc], af[mb], kf[0], kf[1]);
@@ -291,14 +293,18 @@ __global__ void __launch_bounds__(DkvTile<D>::kThreads) bwd_dkdv_kernel(const At
           for (int i = 0; i < 4; ++i) {
             const int ql = nb * 8 + 2 * t + i % 2;
             const bool off = mask.any && mask.hidden(ql, key0 + 16 * kb + (i / 2) * 8);
-            const float prob = off ? 0.f : exp2f(fmaf(s[kb][nb][i], qk_scale, -tL[ql]));
-            s[kb][nb][i] = prob;                               // P^T
-            dp[kb][nb][i] = prob * (dp[kb][nb][i] - tDl[ql]);  // dS^T
+            const float prob = exp2f(fmaf(s[kb][nb][i], qk_scale, -tL[ql]));
+            // Selects, not 0 times (issue 36's non-finite policy): s, dP, lse and delta of a
+            // hidden pair may be NaN. A masked tile zeroes dO's non-finite elements for dV, so
+            // there P^T is NaN where the row's delta is not finite (its dO, or O or dlse, holds a
+            // non-finite element): a seen NaN in dO still reaches dV.
+            s[kb][nb][i] = off ? 0.f : !mask.any || isfinite(tDl[ql]) ? prob : NAN;  // P^T
+            dp[kb][nb][i] = off ? 0.f : prob * (dp[kb][nb][i] - tDl[ql]);          // dS^T
           }
         }
       }
       #pragma unroll
-      for (int kk = 0; kk < kNB / 2; ++kk) {  // dV += P^T dO, dK += dS^T Q
+      for (int kk = 0; kk < kNB / 2; ++kk) {  // dV += P^T dO, dK += dS^T Q (masked tiles: dO, Q zeroed where non-finite)
         uint32_t pf[kKB][4], sf[kKB][4];
         #pragma unroll
         for (int kb = 0; kb < kKB; ++kb) {
@@ -310,6 +316,7 @@ __global__ void __launch_bounds__(DkvTile<D>::kThreads) bwd_dkdv_kernel(const At
           uint32_t df[4], qf[4];
           ldmatrix_x4_trans(df, b_cols<D>(tdO, kk * 16, cc));
           ldmatrix_x4_trans(qf, b_cols<D>(tQ, kk * 16, cc));
+          if (mask.any) zero_nonfinite<T>(df), zero_nonfinite<T>(qf);
           #pragma unroll
           for (int kb = 0; kb < kKB; ++kb) {
             mma_16816<T>(dv[kb][2 * cc], pf[kb], df[0], df[1]);

@@ -55,6 +55,27 @@ __device__ __forceinline__ void pack_a(uint32_t (&a)[4], const float (&lo)[4], c
   a[0] = pack2<T>(lo[0], lo[1]), a[1] = pack2<T>(lo[2], lo[3]), a[2] = pack2<T>(hi[0], hi[1]), a[3] = pack2<T>(hi[2], hi[3]);
 }
 
+// The keys of this thread's score columns nb * 8 + 2t + j (bit 2 nb + j) whose row of the value
+// tile holds a non-finite element, read with P V's own ldmatrix: lane (g, t) holds columns
+// g and 8 + g of each 16-column chunk of keys 2t, 2t + 1, 8 + 2t, 9 + 2t, so OR-ing over g covers D.
+template <int D, int kN, typename T>
+__device__ __forceinline__ uint32_t nonfinite_value_keys(const T* tV) {
+  uint32_t bits = 0;
+  #pragma unroll
+  for (int kk = 0; kk < kN / 16; ++kk) {
+    #pragma unroll
+    for (int cc = 0; cc < D / 16; ++cc) {
+      uint32_t vf[4];
+      ldmatrix_x4_trans(vf, b_cols<D>(tV, kk * 16, cc));
+      bits |= (nonfinite2<T>(vf[0]) | nonfinite2<T>(vf[2])) << (4 * kk);       // score block nb = 2 kk
+      bits |= (nonfinite2<T>(vf[1]) | nonfinite2<T>(vf[3])) << (4 * kk + 2);   // nb = 2 kk + 1
+    }
+  }
+  #pragma unroll
+  for (int lanes = 4; lanes < 32; lanes *= 2) bits |= __shfl_xor_sync(0xffffffff, bits, lanes);
+  return bits;
+}
+
 template <int D, typename T>
 __global__ void __launch_bounds__(FwdTile<D>::kThreads) flash_fwd_kernel(const AttentionParams p) {
   using Tile = FwdTile<D>;
@@ -128,6 +149,11 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads) flash_fwd_kernel(const A
       }
     }
     const TileMask mask(p, b, m0, kM, n0, kN, kv_lo, kv_hi);
+    // Non-finite policy, on masked tiles only (elsewhere every pair is seen and 0 * NaN cannot
+    // hide): a hidden score becomes -inf by a select (a hidden NaN k stays out), P V reads the
+    // values with their non-finite elements zeroed (a hidden NaN v stays out of rows with p = 0),
+    // and a key whose value row held one makes the scores of the rows that see it NaN instead.
+    const uint32_t bad_keys = mask.any ? nonfinite_value_keys<D, kN>(tV) : 0u;
     float tile_max[kMB][2];
     #pragma unroll
     for (int mb = 0; mb < kMB; ++mb) {
@@ -139,6 +165,8 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads) flash_fwd_kernel(const A
           if (fold) s[mb][nb][i] *= qk_scale;
           if (mask.any && mask.hidden(row0 + 16 * mb + (i / 2) * 8, nb * 8 + 2 * t + i % 2))
             s[mb][nb][i] = -INFINITY;
+          else if (bad_keys >> (2 * nb + i % 2) & 1u)
+            s[mb][nb][i] = NAN;
           tile_max[mb][i / 2] = fmaxf(tile_max[mb][i / 2], s[mb][nb][i]);
         }
       }
@@ -178,6 +206,7 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads) flash_fwd_kernel(const A
       for (int cc = 0; cc < kDB / 2; ++cc) {
         uint32_t vf[4];
         ldmatrix_x4_trans(vf, b_cols<D>(tV, kk * 16, cc));
+        if (mask.any) zero_nonfinite<T>(vf);
         #pragma unroll
         for (int mb = 0; mb < kMB; ++mb) {
           mma_16816<T>(o[mb][2 * cc], pf[mb], vf[0], vf[1]);
@@ -198,7 +227,7 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads) flash_fwd_kernel(const A
     for (int r = 0; r < 2; ++r) {
       const int row = warp_row + 16 * mb + 8 * r + g;
       const float l = quad_sum(l_i[mb][r]);
-      const bool seen = l > 0.f;
+      const bool seen = l != 0.f;  // NaN: a tainted row, whose lse is NaN too (not -inf: the backward sees it)
       const float inv = seen ? 1.f / l : 0.f;
       #pragma unroll
       for (int db = 0; db < kDB; ++db) {

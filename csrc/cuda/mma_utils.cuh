@@ -184,6 +184,27 @@ __device__ __forceinline__ const T* b_cols(const T* tile, int k0, int cc) {
 
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// Non-finite 16-bit floats (all exponent bits set: inf or NaN) in a packed pair: bit 0 the low
+// one, bit 1 the high one. Masked tiles zero them in the operands of the products whose hidden
+// pairs would otherwise meet them as 0 * NaN (issue 36's non-finite policy).
+template <typename T>
+struct ExponentBits { static constexpr uint32_t value = 0x7F80u; };  // bf16
+template <>
+struct ExponentBits<__half> { static constexpr uint32_t value = 0x7C00u; };
+template <typename T>
+__device__ __forceinline__ uint32_t nonfinite2(uint32_t x) {
+  constexpr uint32_t e = ExponentBits<T>::value;
+  return ((x & e) == e ? 1u : 0u) | ((x & (e << 16)) == (e << 16) ? 2u : 0u);
+}
+template <typename T>
+__device__ __forceinline__ void zero_nonfinite(uint32_t (&r)[4]) {
+  #pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t bad = nonfinite2<T>(r[i]);
+    r[i] &= (bad & 1u ? 0xFFFF0000u : ~0u) & (bad & 2u ? 0x0000FFFFu : ~0u);
+  }
+}
+
 // Reductions over the 4 lanes (t = 0..3) that share a fragment row.
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));

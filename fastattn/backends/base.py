@@ -29,7 +29,6 @@ class Problem(NamedTuple):
     nk: int = 1
     gqa: bool = False  # fewer kv heads than query heads
     score_mods: tuple[str, ...] = ()  # of SCORE_MODS, in its order: what the call's scores take beyond q.k
-    positive_scale: bool = True  # scale > 0 (a causal mask applied after scaling by <= 0 is no mask)
 
 
 def length_bucket(n, traced: bool = False) -> int:

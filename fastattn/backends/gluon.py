@@ -59,6 +59,9 @@ class GluonBackend(Backend):
             why.append(f"head_dim {problem.head_dim}: compiled for 64 and 128")
         if not problem.aligned:
             why.append("TMA reads 16-byte aligned rows")
+        if problem.causal or problem.key_padding:  # README, "Non-finite inputs"
+            why.append("a causal or padding mask: the forward lets a NaN in a value the mask hides reach the "
+                       "output (zeroing it spilled the overlap variant's registers; waits for a GPU)")
         if problem.device == "cuda" and not why and not _hopper():
             why.append("needs sm_90 (Hopper): wgmma, TMA, setmaxnreg")
         if not why:

@@ -15,10 +15,11 @@ gradients come from the matching aten backward.
 What it declines, and why: torch's kernels give a query that sees no key lse 0 (CPU) or NaN
 (GPU), where fastattn promises zeros and lse = -inf, so it takes only calls in which every query
 sees a key, provably and without looking at the data: no padding mask and no attn_mask (either
-may hide every key of a row), dense or causal (top-left: query i sees key 0) with at least one
-key. Dropout draws torch's own random stream, which fastattn's op cannot hand on to the
-backward; packed sequences and KV-cache decoding have no such ops. Causal with scale <= 0: torch's
-kernels then give NaN. On a GPU, what torch's checks refuse. An empty query takes no torch kernel
+may hide every key of a row), with at least one key. No causal mask: torch's kernels multiply the
+keys it hides by p = 0, so a NaN in a future value reaches earlier rows, where fastattn promises
+that what a mask hides never reaches a result (and with scale <= 0 they give NaN). Dropout draws
+torch's own random stream, which fastattn's op cannot hand on to the backward; packed sequences and
+KV-cache decoding have no such ops. On a GPU, what torch's checks refuse. An empty query takes no torch kernel
 (its CPU kernel divides by Nq = 0). None of this is a limit of fastattn's own kernels, which `auto` falls back to.
 """
 from __future__ import annotations
@@ -61,31 +62,28 @@ def torch_kernel(device: str, dtype: torch.dtype, head_dim: int, gqa: bool, cudn
     return kernels[0] if kernels else None
 
 
-def torch_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> str | None:
+def torch_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """The first of cuda_kernels that torch's checks accept for q, k, v on the current device, or
     None. Asked as for training: the forward cannot tell whether a backward follows (it runs with
     grad mode off), and the backward, which asks again, must get the forward's kernel."""
     with torch.enable_grad():  # an inference tensor takes no gradient, and never gets a backward
         params = torch.backends.cuda.SDPAParams(q.detach().requires_grad_(not q.is_inference()), k, v, None, 0.0,
-                                                causal, k.shape[1] != q.shape[1])
+                                                False, k.shape[1] != q.shape[1])
         return next((kernel for kernel in cuda_kernels(q.dtype, q.shape[-1])
                      if getattr(torch.backends.cuda, _CAN_USE[kernel])(params)), None)
 
 
 @torch._dynamo.assume_constant_result  # makes tensors and asks torch: run, not traced
-def problem_choice(device: str, dtype: torch.dtype, head_dim: int, nq: int, nk: int, gqa: bool,
-                   causal: bool) -> str | None:
+def problem_choice(device: str, dtype: torch.dtype, head_dim: int, nq: int, nk: int, gqa: bool) -> str | None:
     """torch_choice for stand-ins of a Problem on `device`: batch 1, one kv head (two query heads
-    for GQA), the length buckets. Causal calls whose buckets are equal may still have Nq != Nk,
-    which FlashAttention's check refuses: torch must take both, or the backend declines."""
+    for GQA), the length buckets."""
 
     def stand_in(heads: int, n: int) -> torch.Tensor:
         # One row of memory: the checks read the last stride and the offset, not the data
         return torch.empty(head_dim, dtype=dtype, device=device).expand(1, heads, n, head_dim)
 
-    q = stand_in(2 if gqa else 1, nq)
-    choices = [torch_choice(q, k, k, causal) for k in [stand_in(1, nk)] + [stand_in(1, nk + 1)] * (causal and nq == nk)]
-    return None if None in choices else choices[0]
+    k = stand_in(1, nk)
+    return torch_choice(stand_in(2 if gqa else 1, nq), k, k)
 
 
 # torch's answers by everything its checks read, its switches (enable_*_sdp, deterministic
@@ -93,13 +91,13 @@ def problem_choice(device: str, dtype: torch.dtype, head_dim: int, nq: int, nk: 
 _CHOICES: dict[tuple, str | None] = {}
 
 
-def _kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> str:
+def _kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
     """torch_choice for a call's own tensors, kept by everything torch's checks read of them (and
     asked on q's device: they read the current device's properties)."""
     # Offsets mod 8 items: the alignment check reads offset * item size mod at most 16 bytes
     cuda = torch.backends.cuda
     key = (q.get_device(), q.dtype, q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.storage_offset() % 8,
-           k.storage_offset() % 8, v.storage_offset() % 8, causal, q.is_inference(), cuda.cudnn_sdp_enabled(),
+           k.storage_offset() % 8, v.storage_offset() % 8, q.is_inference(), cuda.cudnn_sdp_enabled(),
            cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), torch.are_deterministic_algorithms_enabled())
     try:
         kernel = _CHOICES[key]
@@ -107,11 +105,11 @@ def _kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> 
         if len(_CHOICES) >= 4096:  # shapes x layouts seen; then start over
             _CHOICES.clear()
         with torch.cuda.device(q.get_device()):
-            kernel = _CHOICES[key] = torch_choice(q, k, v, causal)
+            kernel = _CHOICES[key] = torch_choice(q, k, v)
     if kernel is None:
         raise RuntimeError(f"sdpa: torch's checks (torch.backends.cuda.can_use_*_attention) refuse its "
                            f"{', '.join(cuda_kernels(q.dtype, q.shape[-1]))} kernels for this call (q "
-                           f"{tuple(q.shape)} {q.dtype} on {q.device}, k {tuple(k.shape)}, causal={causal}), "
+                           f"{tuple(q.shape)} {q.dtype} on {q.device}, k {tuple(k.shape)}), "
                            f"though they took dispatch's stand-ins for it: name another backend")
     return kernel
 
@@ -143,8 +141,9 @@ class SdpaBackend(Backend):
             why.append("an attn_mask may leave a query no key, where torch's kernels give lse 0 or NaN")
         if problem.nk == 0:
             why.append("no keys: torch's kernels give lse 0 or NaN")
-        if problem.causal and not problem.positive_scale:
-            why.append("causal with scale <= 0: torch's kernels give NaN or wrong values")
+        if problem.causal:
+            why.append("causal: torch's kernels multiply a future key's value by p = 0, so a NaN there reaches "
+                       "earlier rows (and scale <= 0 gives NaN)")
         if problem.device == "cuda" and not problem.aligned:
             why.append("torch's CUDA kernels read 16-byte aligned rows (unit head-dim stride, strides in 8s)")
         if problem.device == "cuda":
@@ -152,28 +151,32 @@ class SdpaBackend(Backend):
             if not kernels:
                 why.append("torch's CUDA kernels take head dims that are multiples of 8 up to 256")
             elif not why and self.stand_in_device and problem_choice(
-                    self.stand_in_device, problem.dtype, problem.head_dim, problem.nq, problem.nk, problem.gqa,
-                    problem.causal) is None:
+                    self.stand_in_device, problem.dtype, problem.head_dim, problem.nq, problem.nk,
+                    problem.gqa) is None:
                 why.append(f"torch's checks (torch.backends.cuda.can_use_*_attention) refuse its "
                            f"{', '.join(kernels)} kernels for this call")
         return why
 
-    def forward(self, q, k, v, masks, causal, scale, dropout_p, seed):
+    def forward(self, q, k, v, masks, causal, scale, dropout_p, seed):  # never causal: see reasons
         q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
         B, H, Nq, D = q.shape
         if q.numel() == 0:  # no query: torch's CPU kernel divides by Nq = 0 (SIGFPE), and B or H = 0 fails
             return empty_out(q), empty_lse(q)
         if q.device.type == "cpu":
-            out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+            out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+            # that kernel gives a query holding NaN or inf zeros and lse 0: non-finite in, non-finite out
+            seen_bad = ~torch.isfinite(q).all(-1)
+            out.masked_fill_(seen_bad[..., None], float("nan"))
+            lse.masked_fill_(seen_bad, float("nan"))
         else:
-            kernel = _kernel(q, k, v, causal)
+            kernel = _kernel(q, k, v)
             if kernel == "cudnn":
-                out, lse = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
+                out, lse = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False,
                                                                      scale=scale)[:2]
             elif kernel == "flash":
-                out, lse = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+                out, lse = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
             else:
-                out, lse = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal,
+                out, lse = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False,
                                                                         scale=scale)[:2]
         # cuDNN's lse is (B, H, Nq, 1), the memory-efficient kernel's padded to 32 rows
         lse = lse.reshape(B, H, -1)[:, :, :Nq].contiguous()
@@ -185,43 +188,43 @@ class SdpaBackend(Backend):
         if q.numel() == 0:  # no query, so no key or value reaches the output
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
-        dq, dk, dv = self._backward(dout, q, k, v, out, lse, causal, scale)
+        dq, dk, dv = self._backward(dout, q, k, v, out, lse, scale)
         if dlse is not None:  # torch's backwards have no lse gradient: see _lse_gradient
-            dq_lse, dk_lse = self._lse_gradient(dlse, q, k, causal, scale)
+            dq_lse, dk_lse = self._lse_gradient(dlse, q, k, scale)
             dq, dk = dq + dq_lse, dk + dk_lse
         return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
-    def _backward(self, dout, q, k, v, out, lse, causal, scale):
+    def _backward(self, dout, q, k, v, out, lse, scale):
         """Gradients of out alone, through the aten backward that matches the forward."""
         B, H, Nq, D = q.shape
         Nk = k.shape[2]
         if q.device.type == "cpu":
             return aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                _rows_contiguous(dout), q, k, v, out, lse, 0.0, causal, scale=scale)
-        kernel = _kernel(q, k, v, causal)
+                _rows_contiguous(dout), q, k, v, out, lse, 0.0, False, scale=scale)
+        kernel = _kernel(q, k, v)
         unused = torch.empty(0, dtype=torch.int64, device=q.device)  # the dropout RNG state: no dropout
         if kernel == "cudnn":  # cuDNN wants dO in O's layout and its lse as (B, H, Nq, 1)
             if dout.stride() != out.stride():
                 dout = torch.empty_strided(out.shape, out.stride(), dtype=dout.dtype, device=dout.device).copy_(dout)
             return aten._scaled_dot_product_cudnn_attention_backward(
-                dout, q, k, v, out, lse.unsqueeze(-1), unused, unused, None, None, None, Nq, Nk, 0.0, causal,
+                dout, q, k, v, out, lse.unsqueeze(-1), unused, unused, None, None, None, Nq, Nk, 0.0, False,
                 scale=scale)
         dout = _rows_contiguous(dout)
         if kernel == "flash":
             return aten._scaled_dot_product_flash_attention_backward(
-                dout, q, k, v, out, lse, None, None, Nq, Nk, 0.0, causal, unused, unused, scale=scale)
+                dout, q, k, v, out, lse, None, None, Nq, Nk, 0.0, False, unused, unused, scale=scale)
         padded = torch.nn.functional.pad(lse, (0, 0 if torch.version.hip else -Nq % 32))  # as the forward's lse
         return aten._scaled_dot_product_efficient_attention_backward(
-            dout, q, k, v, None, out, padded, unused, unused, 0.0, [True, True, True, False], causal,
+            dout, q, k, v, None, out, padded, unused, unused, 0.0, [True, True, True, False], False,
             scale=scale)[:3]
 
-    def _lse_gradient(self, dlse, q, k, causal, scale):
+    def _lse_gradient(self, dlse, q, k, scale):
         """The part of (dq, dk) that flows from lse. d lse_i / d s_ij = p_ij, so
         dq_i = scale dlse_i sum_j p_ij k_j and dk_j = scale sum_i p_ij dlse_i q_i: the first is
         attention with k as the values, the second that attention's dV for dO = dlse q. Two more
         kernel calls, only when the loss uses lse (return_lse)."""
-        out_k, lse_k = self.forward(q, k, k, None, causal, scale, 0.0, 0)  # lse_k: the forward's lse
+        out_k, lse_k = self.forward(q, k, k, None, False, scale, 0.0, 0)  # lse_k: the forward's lse
         dq_scaled = dlse[..., None].to(q.dtype) * q
-        _, _, dk = self._backward(dq_scaled, q, k, k, out_k, lse_k, causal, scale)
+        _, _, dk = self._backward(dq_scaled, q, k, k, out_k, lse_k, scale)
         dq = (scale * dlse[..., None] * out_k.float()).to(q.dtype)
         return dq, (scale * dk.float()).to(k.dtype)

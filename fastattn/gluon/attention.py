@@ -25,7 +25,8 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                               warpgroup_mma_wait)
 
 # triton 3.6 names the TMA copies async_copy_global_to_shared; 3.7+ async_load (3.9 removed the old)
 tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -163,10 +164,9 @@ def _qk(q_smem, k_smem, ready, c, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, 
 
 
 @gluon.jit
-def _masked(scores, offs_m, offs_n, kv_lo, kv_hi, holes, kpm_row, Nk, CAUSAL: gl.constexpr,
-            HAS_KPM: gl.constexpr):
-    """-inf where a query may not see a key: outside the row's valid keys [kv_lo, kv_hi) (all
-    keys without a padding mask), at scattered padding inside them, above the diagonal."""
+def _keep(offs_m, offs_n, kv_lo, kv_hi, holes, kpm_row, Nk, CAUSAL: gl.constexpr, HAS_KPM: gl.constexpr):
+    """Whether query offs_m sees key offs_n: inside the row's valid keys [kv_lo, kv_hi) (all keys
+    without a padding mask), not at scattered padding inside them, not above the diagonal."""
     keep = gl.expand_dims((offs_n >= kv_lo) & (offs_n < kv_hi), 0)
     if HAS_KPM:
         if holes != 0:
@@ -174,7 +174,30 @@ def _masked(scores, offs_m, offs_n, kv_lo, kv_hi, holes, kpm_row, Nk, CAUSAL: gl
             keep = keep & gl.expand_dims(pad == 0, 0)
     if CAUSAL:
         keep = keep & (gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0))
-    return gl.where(keep, scores, float("-inf"))
+    return keep
+
+
+@gluon.jit
+def _zero_nonfinite(tile, ROWS: gl.constexpr, D: gl.constexpr, num_warps: gl.constexpr):
+    """Zeroes the non-finite elements of a [ROWS, D] shared tile in place, fenced for the wgmma
+    that reads it next. Issue 36's non-finite policy (the backward's masked tiles): hidden pairs get p = 0 and dS = 0
+    by selects, and this keeps the products from making 0 * NaN of a hidden key's or query's
+    element."""
+    COLS: gl.constexpr = 16  # columns at a time: fewer live registers
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [256 // COLS, COLS // 8], [num_warps, 1], [1, 0])
+    for c in gl.static_range(D // COLS):
+        part = tile.slice(c * COLS, COLS, dim=1)
+        x = part.load(layout)
+        finite = gl.abs(x.to(gl.float32)) < float("inf")  # False for NaN too
+        part.store(gl.where(finite, x, gl.zeros_like(x)))
+    fence_async_shared()
+
+
+@gluon.jit
+def _masked(scores, offs_m, offs_n, kv_lo, kv_hi, holes, kpm_row, Nk, CAUSAL: gl.constexpr,
+            HAS_KPM: gl.constexpr):
+    """-inf where a query may not see a key (_keep), by a select: a hidden NaN stays out."""
+    return gl.where(_keep(offs_m, offs_n, kv_lo, kv_hi, holes, kpm_row, Nk, CAUSAL, HAS_KPM), scores, float("-inf"))
 
 
 @gluon.jit
@@ -264,7 +287,7 @@ def _attend(q_smem, k_smem, v_smem, q_empty, ready, empty, turn_mine, turn_other
             mbarrier.arrive(empty.index((c0 + j) % STAGES), count=1)
     mbarrier.arrive(q_empty, count=1)  # the producer may load the next tile's Q
 
-    seen = l_i > 0.0  # False: the row sees no key: zeros and lse = -inf
+    seen = l_i != 0.0  # False: the row sees no key: zeros and lse = -inf; NaN (a tainted row): NaN
     l_o = gl.convert_layout(gl.where(seen, l_i, 1.0), gl.SliceLayout(1, o_layout))
     out = acc / gl.expand_dims(l_o, 1)
     o_rows = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))

@@ -19,7 +19,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
-from .attention import UNSPECIALIZED, _key_range, _masked, _producer, _tile_origin, tma_load, wgmma_layout
+from .attention import (UNSPECIALIZED, _keep, _key_range, _producer, _tile_origin, _zero_nonfinite, tma_load,
+                        wgmma_layout)
 
 
 @gluon.jit
@@ -90,17 +91,24 @@ def _dkdv_consumer(q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK, DV
         offs_m = start_m + gl.arange(0, BLOCK_M, layout=queries)
         lse2, delta = _row_stats(LSE, DELTA, (bh0 + g).to(gl.int64) * Nq, offs_m, Nq)
         st, dpt = warpgroup_mma_wait(num_outstanding=0, deps=(st, dpt))
-        scores = st * qk_scale
+        pt = gl.exp2(st * qk_scale - gl.expand_dims(lse2, 0))
+        dst = pt * (dpt - gl.expand_dims(delta, 0))
         edge = key_edge
         if CAUSAL:
             edge = edge | (start_m < start_n + BLOCK_N - 1)
         if edge:
+            # Issue 36's non-finite policy: selects, not 0 times (a hidden pair's s, dP, lse or
+            # delta may be NaN), Q and dO zeroed where non-finite for dK and dV, and P^T NaN where
+            # the query's delta is not finite (its dO, or O or dlse, holds a non-finite element),
+            # so that a seen NaN in dO still reaches dV.
             keep = gl.expand_dims(keep_n, 1)
             if CAUSAL:
                 keep = keep & (gl.expand_dims(offs_m, 0) >= gl.expand_dims(offs_n, 1))
-            scores = gl.where(keep, scores, float("-inf"))
-        pt = gl.exp2(scores - gl.expand_dims(lse2, 0))
-        dst = pt * (dpt - gl.expand_dims(delta, 0))
+            row_finite = gl.expand_dims(gl.abs(delta) < float("inf"), 0)
+            pt = gl.where(keep, gl.where(row_finite, pt, float("nan")), 0.0)
+            dst = gl.where(keep, dst, 0.0)
+            _zero_nonfinite(q_smem.index(s), BLOCK_M, D, num_warps)
+            _zero_nonfinite(do_smem.index(s), BLOCK_M, D, num_warps)
         dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), a_layout), do_smem.index(s), dv, is_async=True)
         dk = warpgroup_mma(gl.convert_layout(dst.to(dtype), a_layout), q_smem.index(s), dk, is_async=True)
         dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
@@ -193,15 +201,17 @@ def _dq_consumer(q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty, dq_row_pt
         dp = warpgroup_mma(do_smem, v_smem.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
         st, dp = warpgroup_mma_wait(num_outstanding=0, deps=(st, dp))
         n0 = (t_lo + j) * BLOCK_N
-        scores = st * qk_scale
+        p = gl.exp2(st * qk_scale - gl.expand_dims(lse2, 1))
+        ds = p * (dp - gl.expand_dims(delta, 1))
         edge = (n0 < kv_lo) | (n0 + BLOCK_N > kv_hi) | (holes != 0)
         if CAUSAL:
             edge = edge | (n0 + BLOCK_N - 1 > start_m)
         if edge:
+            # Issue 36's non-finite policy: a select, not 0 times (a hidden pair's s, dP, lse or
+            # delta may be NaN), and K zeroed where non-finite for dQ += dS K.
             offs_n = n0 + gl.arange(0, BLOCK_N, layout=cols)
-            scores = _masked(scores, offs_m, offs_n, kv_lo, kv_hi, holes, kpm_row, Nk, CAUSAL, HAS_KPM)
-        p = gl.exp2(scores - gl.expand_dims(lse2, 1))
-        ds = p * (dp - gl.expand_dims(delta, 1))
+            ds = gl.where(_keep(offs_m, offs_n, kv_lo, kv_hi, holes, kpm_row, Nk, CAUSAL, HAS_KPM), ds, 0.0)
+            _zero_nonfinite(k_smem.index(s), BLOCK_N, D, num_warps)
         dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), k_smem.index(s), dq, is_async=True)
         dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ))
         mbarrier.arrive(empty.index(s), count=1)

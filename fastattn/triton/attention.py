@@ -74,7 +74,7 @@ def _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, holes, Nq, Nk, kpm_row, mask_bh,
     if MASK_KIND == 2:  # float attn_mask: added to the scores
         m = tl.load(mask_bh + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
                     mask=(offs_m[:, None] < Nq) & (offs_n[None, :] < Nk), other=0.0)
-        s = s + m.to(tl.float32) * 1.4426950408889634
+        s = tl.where(m == float("-inf"), float("-inf"), s + m.to(tl.float32) * 1.4426950408889634)  # NaN s hidden too
     if MASK_KIND == 1:  # bool attn_mask: True = may attend
         m = tl.load(mask_bh + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
                     mask=(offs_m[:, None] < Nq) & (offs_n[None, :] < Nk), other=0)
@@ -93,6 +93,33 @@ def _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, holes, Nq, Nk, kpm_row, mask_bh,
             keep = keep & ((window_left < 0) | (offs_n[None, :] >= at - window_left))
         s = tl.where(keep, s, float("-inf"))
     return s
+
+
+@triton.jit
+def _finite(x):
+    return (x == x) & (tl.abs(x) < float("inf"))
+
+
+@triton.jit
+def _hide_values(p, v):
+    """A tile with hidden pairs (p = 0): its values with non-finite elements 0, which p = 0 would
+    turn into 0 * NaN, and p NaN where a row sees a key whose value held one (that row's output
+    still comes out NaN; a pair whose p underflows to 0 counts as hidden)."""
+    finite = _finite(v)
+    v = tl.where(finite, v, tl.zeros_like(v))
+    bad = tl.sum(tl.where(finite, 0.0, 1.0), 1) != 0.0
+    p = tl.where(bad[None, :] & (p != 0.0), float("nan"), p)
+    return p, v
+
+
+@triton.jit
+def _zero_non_finite(x):
+    return tl.where(_finite(x), x, tl.zeros_like(x))
+
+
+@triton.jit
+def _non_finite_rows(x):
+    return tl.max(tl.where(_finite(x), 0, 1), 1) != 0
 
 
 @triton.jit
@@ -198,6 +225,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
             keep = _dropout_keep(seed, bh, offs_m, offs_n, Nk, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+        if BOUNDS or HAS_KPM or MASK_KIND != 0:  # the tile may hide pairs
+            p, v = _hide_values(p, v)
         acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, PREC)
         m_i = m_new
     return acc, l_i, m_i
@@ -253,12 +282,13 @@ def _fwd_kernel(Q, K, V, O, LSE, KV_RANGES, KPM, MASK, CU_Q, CU_K, ALIBI, SINKS,
     if HAS_SINKS:  # the sink joins the denominator with no value: rescale to the larger of it and the max
         sink = tl.load(SINKS + h) * 1.4426950408889634
         m_new = tl.maximum(m_i, sink)
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.math.exp2(sink - m_new)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a sink of -inf and no key: still 0
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.math.exp2(sink - m_use)
         acc = acc * alpha[:, None]
         m_i = m_new
 
-    seen = l_i > 0.0  # False: the row sees no key (and has no sink): zeros and lse = -inf
+    seen = l_i != 0.0  # False: the row sees no key (and has no sink): zeros and lse = -inf; NaN: tainted
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     tl.store(O + b * stride_ob + h * stride_oh + (q_off + offs_m[:, None]) * stride_om + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D))
@@ -328,6 +358,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_RANGES, KPM, MASK, CU_Q
     kv_lo, kv_hi, holes = _key_range(KV_RANGES, b, B, Nk, HAS_KPM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    MASKED: tl.constexpr = CAUSAL or WINDOW or HAS_KPM or MASK_KIND != 0  # see backward(): "Hidden pairs"
     if (start_n + BLOCK_N > kv_lo) & (start_n < kv_hi):  # else no query sees these keys
         k = tl.load(K + b * stride_kb + hk * stride_kh + (k_off + offs_n[:, None]) * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
         v = tl.load(V + b * stride_vb + hk * stride_vh + (k_off + offs_n[:, None]) * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
@@ -355,8 +386,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_RANGES, KPM, MASK, CU_Q
                 s = _mask_tile(s, offs_m, offs_n, kv_lo, kv_hi, holes, Nq, Nk, kpm_row, mask_bh, stride_mm,
                                stride_mn, offset, window_left, window_right, True, CAUSAL, WINDOW, HAS_KPM,
                                MASK_KIND)
-                # lse = -inf (a row with no key) has only -inf scores: p = 0 there.
-                p = tl.math.exp2(s - tl.where(lse2 == float("-inf"), 0.0, lse2)[:, None])
+                # lse = -inf (a row with no key) has only -inf scores: p = 0 there; a tainted row's NaN
+                # lse shifts by 0 too, so that p is 0 where hidden (its delta is NaN: see backward()).
+                p = tl.math.exp2(s - tl.where((lse2 == float("-inf")) | (lse2 != lse2), 0.0, lse2)[:, None])
                 dp = _mma(do, tl.trans(v), PREC)
                 p_used = p
                 if DROPOUT:
@@ -365,8 +397,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_RANGES, KPM, MASK, CU_Q
                     dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
                 dv += _mma(tl.trans(p_used.to(do.dtype)), do, PREC)
                 ds = p * (dp - delta[:, None])
-                if SOFTCAP:  # through the cap: finite where masked, where ds is 0 already
+                if SOFTCAP:  # through the cap
                     ds = ds * (1.0 - t * t)
+                if MASKED:
+                    ds = tl.where(p != 0.0, ds, 0.0)
                 dk += _mma(tl.trans(ds.to(q.dtype)), q, PREC)
     at = b * stride_gb + hk * stride_gh + (k_off + offs_n[:, None]) * D + offs_d[None, :]
     tl.store(DK + at, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
@@ -400,8 +434,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_RANGES, KPM, MASK, CU_Q, CU_K
     do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dom + offs_d[None, :], mask=q_ok, other=0.0)
     lse_at = b * stride_lb + h * stride_lh + q_off + offs_m
     lse2 = tl.load(LSE + lse_at, mask=offs_m < Nq, other=0.0) * 1.4426950408889634
-    lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
+    lse2 = tl.where((lse2 == float("-inf")) | (lse2 != lse2), 0.0, lse2)  # as in _bwd_dkdv_kernel
     delta = tl.load(DELTA + lse_at, mask=offs_m < Nq, other=0.0)
+    MASKED: tl.constexpr = CAUSAL or WINDOW or HAS_KPM or MASK_KIND != 0  # see backward(): "Hidden pairs"
     k_base = K + b * stride_kb + hk * stride_kh + k_off * stride_kn
     v_base = V + b * stride_vb + hk * stride_vh + k_off * stride_vn
     kpm_row = KPM + b * stride_kpb
@@ -428,6 +463,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_RANGES, KPM, MASK, CU_Q, CU_K
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
+        if MASKED:
+            ds = tl.where(p != 0.0, ds, 0.0)
         dq += _mma(ds.to(k.dtype), k, PREC)
     tl.store(DQ + b * stride_gb + h * stride_gh + rows * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok)
 
@@ -664,12 +701,21 @@ def softmax_offsets(out, dout, lse, dlse=None, cu_q=None, B=None, Nq=None) -> to
 def backward(dout, dlse, q, k, v, out, lse, masks: MaskArgs, causal: bool, scale: float,
              dropout_p: float, seed: int, dq, dk, dv, max_seqlens=(0, 0)):
     """dout, q, k, v, out with contiguous rows of D; dq (B, H, Nq, D), dk and dv (B, Hkv, Nk, D),
-    contiguous; dlse in lse's layout."""
+    contiguous; dlse in lse's layout.
+
+    Hidden pairs in the backward: with masks, q and k enter the kernels with their non-finite
+    elements 0 (an elementwise pass each: zeroing them in the kernels' tiles spilled registers), p
+    is 0 where hidden (a tainted row's NaN lse shifts by 0) and dS 0 where p is, so what a mask hides
+    never meets dS K or dS^T Q as 0 * NaN. A tainted row still comes out NaN through its delta (its
+    output or dO is). A NaN in dO may reach the dV of keys its row does not see (P^T dO: containing
+    it spilled the dK/dV kernel's registers; README, "Non-finite inputs")."""
     H, Hkv, vl = q.shape[1], k.shape[1], masks.varlen
     B, Nq, Nk = _batch_and_lengths(q, k, masks, max_seqlens)
     flags = _flags(q, masks, causal, dropout_p)
-    lse_strides, do_strides = _batch_head(lse, vl), _rows(dout, vl)
     delta = softmax_offsets(out, dout, lse, dlse, masks.cu_q if vl else None, B, Nq)
+    if flags.CAUSAL or flags.WINDOW or flags.HAS_KPM or flags.MASK_KIND:
+        q, k = (torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) for t in (q, k))
+    lse_strides, do_strides = _batch_head(lse, vl), _rows(dout, vl)
     common = (*masks.pointers(), *_rows(q, vl), *_rows(k, vl), *_rows(v, vl), *do_strides, *masks.strides(),
               *lse_strides)
     tail = (B, H, Nq, Nk, H // Hkv, seed, scale * LOG2E, scale, dropout_p, *masks.scalars())

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import INTERPRETING, LOG2E, UNSPECIALIZED, MaskArgs, _mma, _tanh, block_d, cdiv, dot_precision, \
-    next_pow2
+from .attention import INTERPRETING, LOG2E, UNSPECIALIZED, MaskArgs, _mma, _hide_values, _tanh, block_d, cdiv, \
+    dot_precision, next_pow2
 from .launch import Launcher
 
 
@@ -77,9 +77,11 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, SEQLENS, ALIBI,
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
+        if CAUSAL or WINDOW:  # pairs hidden from some rows
+            p, v = _hide_values(p, v)
         acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, PREC)
         m_i = m_new
-    seen = l_i > 0.0
+    seen = l_i != 0.0  # NaN: a tainted row
     part = ((b * H + h) * Nq + i) * num_splits + split  # O_PART (B, H, Nq, splits, D), LSE_PART without D
     tl.store(O_PART + part[:, None] * D + offs_d[None, :], acc / tl.where(seen, l_i, 1.0)[:, None],
              mask=row_ok[:, None] & (offs_d[None, :] < D))
@@ -108,10 +110,10 @@ def _decode_merge_kernel(O_PART, LSE_PART, O, LSE, SINKS, stride_ob, stride_oh, 
         total += tl.math.exp2(sink - top)
     o = tl.load(O_PART + (row * num_splits + offs_s)[:, None] * D + offs_d[None, :],
                 mask=(offs_s[:, None] < num_splits) & (offs_d[None, :] < D), other=0.0)
-    out = tl.sum(w[:, None] * o, 0) / tl.where(total > 0.0, total, 1.0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(total != 0.0, total, 1.0)
     tl.store(O + b * stride_ob + h * stride_oh + i * stride_om + offs_d, out.to(O.dtype.element_ty),
              mask=offs_d < D)
-    lse = tl.where(total > 0.0, (top + tl.math.log2(tl.where(total > 0.0, total, 1.0))) * 0.6931471805599453,
+    lse = tl.where(total != 0.0, (top + tl.math.log2(tl.where(total != 0.0, total, 1.0))) * 0.6931471805599453,
                    float("-inf"))
     tl.store(LSE + row, lse)
 
