@@ -199,7 +199,8 @@ def check_lse(got, want, exempt, tol):
 def amplification(spec) -> float:
     """|scale| sqrt(D), at least 1: float32 scores carry rounding of about eps |s|, and |s| grows by
     this over the default scale's (tests/helpers.py's bounds assume that one): the bounds on out and
-    lse, and the floor under dq and dk (scale dS K: dS's cancellation times scale |k|), grow with it."""
+    lse, and those on dq and dk and the floor under them (scale dS K: dS's cancellation times scale |k|), grow
+    with it."""
     return max(1.0, abs(scale_of(spec)) * math.sqrt(spec["D"]))
 
 
@@ -223,7 +224,7 @@ def verify(got: dict, want: dict, t: Taint, dtype, dout, dlse, amp=1.0):
     tol = TOL[dtype]
     for name, exempt, grow in (("dq", t.grad_rows, amp), ("dk", t.keys, amp), ("dv", t.dv_keys, 1.0)):
         if got.get(name) is not None:
-            check_close(name, got[name], want[name], exempt, 4 * tol, floor * grow)
+            check_close(name, got[name], want[name], exempt, 4 * tol * grow, floor * grow)
     if got.get("dsinks") is not None:
         # a sum over rows of terms of either sign: measured against the terms' magnitude
         delta = (dout.double() * want["out"].detach()).sum(-1) - (0 if dlse is None else dlse.double())
@@ -281,7 +282,7 @@ def check_attention(spec, backends):
         verify(got, shared, t, spec["dtype"], dout, dlse, amplification(spec))
 
 
-@fuzz_settings(bounded=250)
+@fuzz_settings(bounded=150)
 @given(spec=attention_specs())
 def test_attention_cpu_backends(spec):
     check_attention(spec, FAST)
@@ -357,7 +358,7 @@ def check_varlen(spec, backends):
         verify(got, want, t, dt, to_dense(dout), None if dlse is None else dlse[None], amplification(spec))
 
 
-@fuzz_settings(bounded=150, weight=0.5)
+@fuzz_settings(bounded=100, weight=0.5)
 @given(spec=varlen_specs())
 def test_varlen_cpu_backends(spec):
     check_varlen(spec, FAST)
@@ -441,7 +442,7 @@ def check_cache_writes(before, after, new, lens):
     return expected
 
 
-@fuzz_settings(bounded=120, weight=0.5)
+@fuzz_settings(bounded=80, weight=0.5)
 @given(spec=kvcache_specs())
 def test_kvcache_cpu_backends(spec):
     check_kvcache(spec, FAST)

@@ -73,6 +73,8 @@ def _call(backend, q, k, v, mods):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_hidden_non_finite_values_never_reach_a_result(backend, kind, dtype):
+    if backend == "triton" and dtype == torch.float32 and not torch.cuda.is_available():
+        pytest.skip("the interpreter runs the same kernels in bf16 (CI's time budget)")
     gen = torch.Generator().manual_seed(KINDS.index(kind) * 7 + BACKENDS.index(backend))
     B, H, Hkv, Nq, Nk, D = 2, 2, 1, 150, 150, 32
     if kind == "bottom_right":
