@@ -221,12 +221,12 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, Nk, dropout_p)
-            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
         if BOUNDS or HAS_KPM or MASK_KIND != 0:  # the tile may hide pairs
             p, v = _hide_values(p, v)
+        if DROPOUT:  # multiplied, so that a dropped pair's NaN (seen, not hidden) stays NaN
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, Nk, dropout_p)
+            p = p * tl.where(keep, 1.0 / (1.0 - dropout_p), 0.0)
         acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, PREC)
         m_i = m_new
     return acc, l_i, m_i
@@ -379,7 +379,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_RANGES, KPM, MASK, CU_Q
                 q_ok = (offs_m[:, None] < Nq) & (offs_d[None, :] < D)
                 q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_ok, other=0.0)
                 do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_ok, other=0.0)
-                lse2 = tl.load(LSE + lse_row + offs_m, mask=offs_m < Nq, other=0.0) * 1.4426950408889634
+                # rows past Nq: lse +inf, so their p is 0 (a hidden value's inf must not meet them in dS)
+                lse2 = tl.load(LSE + lse_row + offs_m, mask=offs_m < Nq, other=float("inf")) * 1.4426950408889634
                 delta = tl.load(DELTA + lse_row + offs_m, mask=offs_m < Nq, other=0.0)
                 s = _mma(q, tl.trans(k), PREC) * qk_scale
                 s, t = _score_mods(s, offs_m, offs_n, offset, cap, slope, SOFTCAP, HAS_ALIBI)
