@@ -14,7 +14,7 @@ VENV := .venv/bin/python
 endif
 CSRC := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: setup run test fuzz info cuda-check aarch64-check transformers-oldest triton-oldest clean
+.PHONY: setup run test test-quick fuzz info cuda-check aarch64-check transformers-oldest triton-oldest clean
 
 setup: .stamps/build
 
@@ -37,8 +37,19 @@ setup: .stamps/build
 run: setup
 	$(PY) -m fastattn bench --quick
 
+# Every test in tests/ (the tiers: pyproject.toml's markers, assigned in tests/conftest.py): all but the
+# `serial` tier under pytest-xdist (TEST_WORKERS processes, --dist loadgroup), then the `serial` tier
+# alone with every CPU thread (the CPU kernels' parallel paths, the speed guards). Both passes run;
+# either failing fails. `make test-quick`: the `quick` tier (the edit-test loop, under 2 minutes on 2 cores).
+TEST_WORKERS ?= auto
+XDIST := -p xdist -n $(TEST_WORKERS) --dist loadgroup
 test: setup .stamps/dev-deps
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(XDIST) -m "not serial" tests; parallel=$$?; \
+	$(PY) -m pytest -q -m serial tests; serial=$$?; \
+	test $$parallel -eq 0 && test $$serial -eq 0
+
+test-quick: setup .stamps/dev-deps
+	$(PY) -m pytest -q $(XDIST) -m quick tests
 
 # The fuzzers (tests/test_fuzz.py, tests/test_fuzz_bad_input.py) with many more examples than `make
 # test`'s bounded, derandomized run: FUZZ_EXAMPLES per fast test (fewer for Triton's interpreter),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fastattn.bench.attention import run_case
 from fastattn.bench.cases import Case
-from fastattn.bench.report import environment
+from fastattn.bench.record_report import environment
 
 PROVIDERS = frozenset({"fastattn:cuda", "fastattn:triton", "sdpa:flash", "sdpa:cudnn", "sdpa:default"})
 

@@ -174,8 +174,9 @@ def time_survivors(fwd_variants, bwd_variants, record: Path, progress=None) -> d
             def ours_fwd_bwd(x, first=fwd.get(fastest)):
                 if first is None:  # no Gluon forward: the Triton one gives out and lse
                     import fastattn.triton.attention as ta
+                    from fastattn.call import Call
 
-                    ta.forward(q, k, v, out, lse, ta.MaskArgs(q, None, None, None), causal, scale, 0.0, 0)
+                    ta.forward(q, k, v, out, lse, Call(causal=causal, scale=scale))
                 else:
                     first()
                 launch.backward(dout, q, k, v, out, lse, *grads, causal, scale, variant=x)

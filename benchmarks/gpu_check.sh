@@ -14,7 +14,7 @@
 #   versions             10 + 20                    nvidia-smi; python -m fastattn info (+ arch, backends)
 #   tests                TEST_TIMEOUT=140           ~95 s: the default path's GPU tests, a curated list
 #                                                   (GPU_TESTS below: how it is sized), TEST_WORKERS=12
-#   checked configs      CHECKED_TIMEOUT=90         python -m fastattn.triton.checked: every Triton
+#   checked configs      CHECKED_TIMEOUT=90         python -m fastattn.bench.triton_checked: every Triton
 #                                                   candidate and shipped config against float64 ->
 #                                                   checked.json, copied to fastattn/triton/tuned/checked-<arch>.json
 #   sanitizers           SANITIZE_TIMEOUT=30 each   12 s + 15 s: compute-sanitizer memcheck, racecheck on
@@ -276,7 +276,7 @@ echo "GPU tests passed,failed,skipped: $counts (failures in full: $FASTATTN_LIVE
 if ! has triton; then
   skip "checked configs" "no triton backend"
 else
-  step "checked configs" "$CHECKED_TIMEOUT" "$py" -m fastattn.triton.checked "$out_dir/checked.json" \
+  step "checked configs" "$CHECKED_TIMEOUT" "$py" -m fastattn.bench.triton_checked "$out_dir/checked.json" \
     --commit "$FASTATTN_COMMIT"
   if [[ -s $out_dir/checked.json && $arch != none ]]; then
     mkdir -p fastattn/triton/tuned && cp "$out_dir/checked.json" "fastattn/triton/tuned/checked-$arch.json" &&
@@ -309,7 +309,7 @@ bench_args=()
 [[ ${END_TO_END:-} == 1 ]] || bench_args+=(--no-end-to-end)
 step bench "$BENCH_TIMEOUT" "$py" -m fastattn bench "${bench_args[@]}" --json "$record" --plot "$png" --tests "$counts"
 if [[ -f $record && ! -f $png ]]; then  # cut short: plot the rows it saved
-  step plot 30 "$py" -c "import json, sys; from fastattn.bench.report import plot
+  step plot 30 "$py" -c "import json, sys; from fastattn.bench.record_report import plot
 plot(json.load(open(sys.argv[1])), sys.argv[2])" "$record" "$png"
 fi
 if [[ -f $record ]]; then

@@ -18,70 +18,39 @@ namespace fastattn {
 using TensorPair = std::tuple<at::Tensor, at::Tensor>;
 using TensorTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-// Every call's arguments after the masks (the op schemas' causal ... seed, then the score
-// modifiers after the backend's name, fastattn.reference defines them): a window of keys around
-// the aligned diagonal (-1: unbounded), softcapping (0: off), ALiBi slopes (H,) or (B, H), one
-// sink logit per head (H,), and the bottom-right alignment of causal, window and ALiBi.
-struct CallArgs {
-  bool causal;
-  double scale;
-  double dropout_p;
-  int64_t seed;
-  int64_t window_left = -1, window_right = -1;
-  double softcap = 0.0;
-  std::optional<at::Tensor> alibi_slopes, sinks;
-  bool bottom_right = false;
-};
-
-// The score modifiers of a call as CallArgs (its fields before them unused).
-CallArgs score_mods(int64_t window_left, int64_t window_right, double softcap,
-                    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks,
-                    bool bottom_right);
-
 // The CPU kernels, allocating their outputs: out in q's dimension order, lse (B, H, Nq) fp32;
 // gradients contiguous in the inputs' dtypes, dK/dV summed over each GQA group.
-TensorPair cpu_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const MaskTensors& masks,
-                       const CallArgs& args);
+TensorPair cpu_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Call& call);
 TensorTriple cpu_backward(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
                           const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                          const MaskTensors& masks, const CallArgs& args);
+                          const Call& call);
 // Writes k_new/v_new into the caches at rows cache_seqlens[b]..., then attends (flash-decoding).
 TensorPair cpu_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                        const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
-                       const std::optional<at::Tensor>& v_new, const CallArgs& args);
+                       const std::optional<at::Tensor>& v_new, const Call& call);
 
-// The backends written in Python (reference, triton; cuda for now), as fastattn.ops registers
-// them: each takes the op's own arguments and the GIL.
-TensorPair python_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const MaskTensors& masks,
-                          const CallArgs& args, std::string_view backend);
+// The backends written in Python (reference, triton, ...), as fastattn.ops registers them: each
+// takes the op's own arguments and the GIL.
+TensorPair python_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, std::string_view backend,
+                          const Call& call);
 TensorTriple python_backward(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
                              const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                             const MaskTensors& masks, const CallArgs& args, std::string_view backend);
+                             std::string_view backend, const Call& call);
 TensorPair python_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                           const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
-                          const std::optional<at::Tensor>& v_new, const CallArgs& args, std::string_view backend);
+                          const std::optional<at::Tensor>& v_new, std::string_view backend, const Call& call);
 
 // The ops through the dispatcher, every key on the way (autograd, Python modes, the kernel):
 // for the autograd formula, and for Python's front door, which reaches them in one call
 // (module.cpp) where torch.ops' argument parsing would cost more than a small call's kernel.
-// mods: the score modifiers (CallArgs' fields after seed; the others unused).
-TensorPair call_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        const std::optional<at::Tensor>& key_padding, const std::optional<at::Tensor>& key_ranges,
-                        const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& cu_seqlens_q,
-                        const std::optional<at::Tensor>& cu_seqlens_k, c10::SymInt max_seqlen_q, c10::SymInt max_seqlen_k,
-                        bool causal, double scale, double dropout_p, c10::SymInt seed, c10::string_view backend,
-                        const CallArgs& mods = {});
+TensorPair call_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c10::string_view backend,
+                        const Call& call);
 TensorTriple call_backward(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
                            const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                           const std::optional<at::Tensor>& key_padding, const std::optional<at::Tensor>& key_ranges,
-                           const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& cu_seqlens_q,
-                           const std::optional<at::Tensor>& cu_seqlens_k, c10::SymInt max_seqlen_q,
-                           c10::SymInt max_seqlen_k, bool causal, double scale, double dropout_p, c10::SymInt seed,
-                           c10::string_view backend, const CallArgs& mods = {});
+                           c10::string_view backend, const Call& call);
 TensorPair call_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
-                        const std::optional<at::Tensor>& v_new, bool causal, double scale, c10::string_view backend,
-                        const CallArgs& mods = {});
+                        const std::optional<at::Tensor>& v_new, c10::string_view backend, const Call& call);
 
 // The CPU helpers Python calls (fastattn._C): the padding mask's kernel form of a CPU mask, in
 // one pass; the kernels' dropout keep mask, materialised (tests); the micro-kernel tables (the

@@ -33,17 +33,17 @@ void check_contiguous_f32(const at::Tensor& t, const char* name, const at::Tenso
 
 // Packed sequences: validates the cumulative lengths against the packed tensors (on the CPU
 // only: on a GPU that would cost a sync, and fastattn.attention_varlen checks them on the device).
-void set_varlen(AttentionParams& p, const MaskTensors& masks, const at::Tensor& q, const at::Tensor& k) {
-  const at::Tensor& cq = *masks.cu_seqlens_q;
-  const at::Tensor& ck = *masks.cu_seqlens_k;
+void set_varlen(AttentionParams& p, const Call& call, const at::Tensor& q, const at::Tensor& k) {
+  const at::Tensor& cq = *call.cu_seqlens_q;
+  const at::Tensor& ck = *call.cu_seqlens_k;
   TORCH_CHECK(cq.dim() == 1 && cq.size(0) >= 1 && cq.is_contiguous(), "cu_seqlens_q must be a contiguous (B + 1,) tensor");
   check_same(ck, "cu_seqlens_k", q, cq.sizes(), at::kInt);
   check_same(cq, "cu_seqlens_q", q, cq.sizes(), at::kInt);
   TORCH_CHECK(ck.is_contiguous(), "cu_seqlens_k must be contiguous");
   TORCH_CHECK(q.size(0) == 1, "packed q must be (1, H, total, D), got ", q.sizes());
   p.batch = cq.size(0) - 1;
-  p.q_len = masks.max_seqlen_q;
-  p.kv_len = masks.max_seqlen_k;
+  p.q_len = call.max_seqlen_q.expect_int();
+  p.kv_len = call.max_seqlen_k.expect_int();
   p.cu_seqlens_q = cq.data_ptr<int32_t>();
   p.cu_seqlens_k = ck.data_ptr<int32_t>();
   if (cq.is_cpu()) {
@@ -62,8 +62,7 @@ void set_varlen(AttentionParams& p, const MaskTensors& masks, const at::Tensor& 
 }  // namespace
 
 AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& out, const at::Tensor& lse, const MaskTensors& masks,
-                            bool causal, double scale, double dropout_p, int64_t seed) {
+                            const at::Tensor& out, const at::Tensor& lse, const Call& call) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-D (B, H, N, D)");
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Nk = k.size(2);
@@ -72,9 +71,9 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   check_same(v, "v", q, {B, Hkv, Nk, D}, q.scalar_type());
   check_same(out, "out", q, q.sizes(), q.scalar_type());
   check_contiguous_f32(lse, "lse", q, {B, H, Nq});
-  TORCH_CHECK(masks.cu_seqlens_q.has_value() == masks.cu_seqlens_k.has_value(),
+  TORCH_CHECK(call.cu_seqlens_q.has_value() == call.cu_seqlens_k.has_value(),
               "cu_seqlens_q and cu_seqlens_k come together");
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK(call.dropout_p >= 0.0 && call.dropout_p < 1.0, "dropout_p must be in [0, 1), got ", call.dropout_p);
 
   AttentionParams p{};
   p.q = q.data_ptr();
@@ -94,19 +93,19 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   p.kv_len = Nk;
   p.head_dim = D;
   p.dtype = dtype_of(q);
-  p.scale = static_cast<float>(scale);
-  p.causal = causal;
-  p.dropout_p = static_cast<float>(dropout_p);
-  p.seed = static_cast<uint64_t>(seed);
+  p.scale = static_cast<float>(call.scale);
+  p.causal = call.causal;
+  p.dropout_p = static_cast<float>(call.dropout_p);
+  p.seed = static_cast<uint64_t>(call.seed.expect_int());
 
-  if (masks.cu_seqlens_q) {
-    TORCH_CHECK(!masks.key_ranges && !masks.attn_mask, "packed sequences take no other mask");
-    set_varlen(p, masks, q, k);
+  if (call.cu_seqlens_q) {
+    TORCH_CHECK(!call.key_ranges && !call.attn_mask, "packed sequences take no other mask");
+    set_varlen(p, call, q, k);
   }
   // key_ranges alone: no padding inside the ranges (a KV cache's valid prefix).
-  TORCH_CHECK(masks.key_ranges.has_value() || !masks.key_padding.has_value(), "key_padding needs key_ranges");
-  if (masks.key_ranges) {
-    const at::Tensor& r = *masks.key_ranges;
+  TORCH_CHECK(call.key_ranges.has_value() || !call.key_padding.has_value(), "key_padding needs key_ranges");
+  if (call.key_ranges) {
+    const at::Tensor& r = *call.key_ranges;
     check_same(r, "key_ranges", q, {3, B}, at::kInt);
     TORCH_CHECK(r.is_contiguous(), "key_ranges must be contiguous");
     p.kv_begin = r.data_ptr<int32_t>();
@@ -115,14 +114,14 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
         TORCH_CHECK(p.kv_begin[i] >= 0 && p.kv_begin[i] <= Nk, "key range entries must lie in [0, ", Nk, "]");
     p.kv_end = p.kv_begin + B;
     p.kv_holes = p.kv_end + B;
-    if (masks.key_padding) {
-      check_same(*masks.key_padding, "key_padding", q, {B, Nk}, at::kBool);
-      p.key_padding = masks.key_padding->data_ptr<bool>();
-      copy_strides(*masks.key_padding, p.kpm_stride, 2);
+    if (call.key_padding) {
+      check_same(*call.key_padding, "key_padding", q, {B, Nk}, at::kBool);
+      p.key_padding = call.key_padding->data_ptr<bool>();
+      copy_strides(*call.key_padding, p.kpm_stride, 2);
     }
   }
-  if (masks.attn_mask) {
-    const at::Tensor& m = *masks.attn_mask;
+  if (call.attn_mask) {
+    const at::Tensor& m = *call.attn_mask;
     TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == at::kFloat,
                 "attn_mask must be bool or float32, got ", m.scalar_type());
     check_same(m, "attn_mask", q, {B, H, Nq, Nk}, m.scalar_type());
@@ -136,12 +135,11 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
 AttentionBwdParams make_bwd_params(const at::Tensor& dout, const at::Tensor& q,
                                    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                                    const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
-                                   const MaskTensors& masks, bool causal, double scale,
-                                   double dropout_p, int64_t seed, const at::Tensor& dq,
+                                   const Call& call, const at::Tensor& dq,
                                    const at::Tensor& dk, const at::Tensor& dv) {
   AttentionBwdParams p{};
   static_cast<AttentionParams&>(p) =
-      make_params(q, k, v, out, lse, masks, causal, scale, dropout_p, seed);
+      make_params(q, k, v, out, lse, call);
   check_same(dout, "dout", q, q.sizes(), q.scalar_type());
   p.dout = dout.data_ptr();
   copy_strides(dout, p.do_stride, 4);

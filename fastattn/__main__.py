@@ -68,11 +68,11 @@ def main(argv=None) -> None:
 
         train(rest)
     elif args.command == "tune" and "--dispatch" in rest:
-        from fastattn.bench.dispatch import main as tune_dispatch
+        from fastattn.bench.dispatch_sweep import main as tune_dispatch
 
         raise SystemExit(tune_dispatch(rest))
     elif args.command == "tune":
-        from fastattn.triton.tune import main as tune
+        from fastattn.bench.triton_sweep import main as tune
 
         raise SystemExit(tune(rest))
     elif args.command == "report":
@@ -82,7 +82,7 @@ def main(argv=None) -> None:
 
         more = []
         if importlib.util.find_spec("triton.experimental.gluon") is not None:
-            from fastattn.gluon.report import report as gluon_report
+            from fastattn.gluon.compile_report import report as gluon_report
 
             more.append(gluon_report)
         raise SystemExit(report(rest, more))
@@ -93,7 +93,7 @@ def main(argv=None) -> None:
     elif args.table:
         import json
 
-        from fastattn.bench.report import markdown_table
+        from fastattn.bench.record_report import markdown_table
 
         print(markdown_table(json.loads(open(args.table).read())))
     else:

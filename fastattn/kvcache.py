@@ -7,9 +7,8 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .api import check_flag, check_scalars, check_score_mods, check_tensors, score_mod_args
-from .backends import Problem, select_backend
-from .backends.base import head_dim_value, length_bucket
+from .backends import select_backend
+from .front_door import check_tensors, describe
 
 MAX_QUERIES = 16  # new queries per sequence and call: decoding, speculative or not
 
@@ -100,22 +99,15 @@ def attention_with_kvcache(
     position total - Nq + i, and the window's left edge bounds the keys read.
     Returns out (B, H, Nq, D), or (out, lse) with lse (B, H, Nq) float32."""
     _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new)
-    scale = check_scalars(causal, scale, 0.0, backend, q.shape[-1])
-    check_flag("return_lse", return_lse)
     if align != "bottom_right":
         raise ValueError(f"align: expected 'bottom_right' (decoding is aligned to the end of the cache), got {align!r}")
-    mods = check_score_mods(window_size, softcap, alibi_slopes, sinks, align, q.shape[0], q.shape[1], q.device)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, k_new, v_new)):
         raise ValueError("attention_with_kvcache: forward only; call it under torch.no_grad() or on detached tensors")
-    traced = torch.compiler.is_compiling()
-    problem = Problem(device=q.device.type, dtype=q.dtype, head_dim=head_dim_value(q.shape[-1], traced),
-                      mask_kind=None, key_padding=False, causal=causal, dropout=False, needs_grad=False, decode=True,
-                      nq=length_bucket(q.shape[2], traced), nk=length_bucket(k_cache.shape[2], traced),
-                      gqa=True if k_cache.shape[1] != q.shape[1] else False,  # a branch: see api._problem
-                      score_mods=tuple(mods))
+    call, problem = describe(q, k_cache, v_cache, kind="decode", causal=causal, scale=scale, window_size=window_size,
+                             softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, align=align,
+                             return_lse=return_lse, backend=backend)
     chosen = select_backend(backend, problem)
     if chosen.name != "cpu":
         _check_lengths(cache_seqlens, k_cache.shape[2] - (0 if k_new is None else k_new.shape[2]))
-    out, lse = ops.attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, chosen.name,
-                                     *score_mod_args(mods, window_size, softcap, alibi_slopes, sinks)[:-1])
+    out, lse = ops.attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, chosen.name, call)
     return (out, lse) if return_lse else out

@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor
 
+from . import _C
+
 
 def padding_from_keep(keep: Tensor) -> Tensor:
     """Hugging Face's attention_mask and other `valid` masks (1 or True = a real token) ->
@@ -42,9 +44,19 @@ def sdpa_mask_from_padding(padding: Tensor) -> Tensor:
 def key_ranges(key_padding: Tensor) -> Tensor:
     """For a (B, Nk) padding mask (True = ignore): a (3, B) int32 tensor holding each batch row's
     first valid key, one past its last (begin >= end for a row with no valid key), and whether
-    padding also lies inside that range (1: only such rows test keys one by one). Pure tensor
-    ops, no host sync: fastattn.attention computes it once and the op hands it to the forward
-    and the backward of every backend."""
+    padding also lies inside that range (1: only such rows test keys one by one). The front door
+    computes it once and the op hands it to the forward and the backward of every backend: one C++
+    pass over a plain CPU mask; torch ops (key_ranges_by_torch_ops) on a GPU (no host sync),
+    wherever torch.compile traces, and wherever a dispatch mode or a tensor subclass must see them
+    (fake tensors hold no data to read)."""
+    if (type(key_padding) is Tensor and key_padding.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch._C._len_torch_dispatch_stack()):
+        return _C.key_ranges(key_padding)
+    return key_ranges_by_torch_ops(key_padding)
+
+
+def key_ranges_by_torch_ops(key_padding: Tensor) -> Tensor:
+    """key_ranges in pure tensor ops."""
     B, Nk = key_padding.shape
     valid = ~key_padding
     idx = torch.arange(Nk, device=key_padding.device)

@@ -16,7 +16,8 @@ try:
 except ImportError as e:
     raise ImportError(f"fastattn's C++ extension fastattn._C is not built ({e}): `pip install --no-build-isolation "
                       f"-e .` or `make setup` builds it") from e
-from .backends import REGISTRY, Masks
+from .backends import REGISTRY
+from .call import Call
 from .backends.base import empty_lse, empty_out
 
 _forward_op = torch.ops.fastattn.attention_forward.default
@@ -31,50 +32,47 @@ def _in_one_call(*tensors) -> bool:
     return not torch._C._has_torch_function_variadic(*tensors) and not torch.compiler.is_compiling()
 
 
-def attention_forward(q, k, v, key_padding_mask, key_ranges, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                      max_seqlen_k, causal, scale, dropout_p, seed, backend, window_left=-1, window_right=-1,
-                      softcap=0.0, alibi_slopes=None, sinks=None, bottom_right=False):
-    op = _C.attention_forward if _in_one_call(q, k, v, key_padding_mask, key_ranges, attn_mask, cu_seqlens_q,
-                                              cu_seqlens_k, alibi_slopes, sinks) else _forward_op
-    return op(q, k, v, key_padding_mask, key_ranges, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-              max_seqlen_k, causal, scale, dropout_p, seed, backend, window_left, window_right, softcap, alibi_slopes,
-              sinks, bottom_right)
+def attention_forward(q, k, v, backend: str, call: Call):
+    """(out, lse) of one call: the op's arguments are q, k, v, the backend's name and the call's fields."""
+    op = _C.attention_forward if _in_one_call(q, k, v, *call) else _forward_op
+    return op(q, k, v, backend, *call)
 
 
-def attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, backend, window_left=-1,
-                      window_right=-1, softcap=0.0, alibi_slopes=None, sinks=None):
-    op = _C.attention_kvcache if _in_one_call(q, k_cache, v_cache, cache_seqlens, k_new, v_new, alibi_slopes,
-                                              sinks) else _kvcache_op
-    return op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, backend, window_left, window_right,
-              softcap, alibi_slopes, sinks)
+def attention_backward(dout, dlse, q, k, v, out, lse, backend: str, call: Call):
+    """(dq, dk, dv) of one call, as the forward's autograd computes them."""
+    return torch.ops.fastattn.attention_backward.default(dout, dlse, q, k, v, out, lse, backend, *call)
+
+
+def attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, backend: str, call: Call):
+    op = _C.attention_kvcache if _in_one_call(q, k_cache, v_cache, cache_seqlens, k_new, v_new, *call) else _kvcache_op
+    return op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, backend, *call)
 
 
 @torch.library.register_fake("fastattn::attention_forward")
-def _(q, k, v, *masks_and_args):
+def _(q, k, v, backend, *fields):
     return empty_out(q), empty_lse(q)
 
 
 @torch.library.register_fake("fastattn::attention_backward")
-def _(dout, dlse, q, k, v, *masks_and_args):
+def _(dout, dlse, q, k, v, out, lse, backend, *fields):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 @torch.library.register_fake("fastattn::attention_kvcache")
-def _(q, k_cache, v_cache, *args):
+def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, backend, *fields):
     return empty_out(q), empty_lse(q)
 
 
 def python_backends():
     """What the op's C++ kernel calls for a backend it does not run itself: (forward, backward,
-    kvcache), each with the op's arguments, the masks and score modifiers as one tuple in Masks'
-    order (decoding's: no masks, bottom-right)."""
-    def forward(q, k, v, masks, causal, scale, dropout_p, seed, backend):
-        return REGISTRY[backend].forward(q, k, v, Masks(*masks), causal, scale, dropout_p, seed)
+    kvcache), each with the op's own tensors, the backend's name and the call's fields."""
+    def forward(q, k, v, backend, *fields):
+        return REGISTRY[backend].forward(q, k, v, Call(*fields))
 
-    def backward(dout, dlse, q, k, v, out, lse, masks, causal, scale, dropout_p, seed, backend):
-        return REGISTRY[backend].backward(dout, dlse, q, k, v, out, lse, Masks(*masks), causal, scale, dropout_p, seed)
+    def backward(dout, dlse, q, k, v, out, lse, backend, *fields):
+        return REGISTRY[backend].backward(dout, dlse, q, k, v, out, lse, Call(*fields))
 
-    def kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, masks, causal, scale, backend):
+    def kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, backend, *fields):
         """Writes k_new/v_new (B, Hkv, Nnew, D) into the caches at rows cache_seqlens[b] + t, then
         attends q to the first cache_seqlens[b] + Nnew keys of each row. No host sync."""
         seqlens = cache_seqlens
@@ -85,7 +83,7 @@ def python_backends():
             k_cache.scatter_(2, index, k_new)
             v_cache.scatter_(2, index, v_new)
             seqlens = cache_seqlens + Nnew
-        return REGISTRY[backend].decode(q, k_cache, v_cache, seqlens.contiguous(), Masks(*masks), causal, scale)
+        return REGISTRY[backend].decode(q, k_cache, v_cache, seqlens.contiguous(), Call(*fields))
 
     return forward, backward, kvcache
 

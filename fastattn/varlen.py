@@ -7,9 +7,8 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .api import aligned, check_flag, check_scalars, check_score_mods, check_tensors, dropout_seed, score_mod_args, \
-    sinks_need_grad
-from .backends import Problem, select_backend
+from .backends import select_backend
+from .front_door import check_tensors, describe
 
 
 def _check_packed(query, key, value) -> None:
@@ -85,27 +84,13 @@ def attention_varlen(
     _check_packed(q, k, v)
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, q.device, None)
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, q.device, cu_seqlens_q.shape[0] - 1)
-    scale = check_scalars(causal, scale, dropout_p, backend, q.shape[-1])
-    check_flag("return_lse", return_lse)
-    mods = check_score_mods(window_size, softcap, alibi_slopes, sinks, align, cu_seqlens_q.shape[0] - 1, q.shape[1],
-                            q.device)
-    # Where the two are one tensor every sequence is square and the alignment cannot matter; else
-    # it may (the lengths are on the device: no host sync to find out).
-    if align == "bottom_right" and cu_seqlens_k is not cu_seqlens_q and (causal or "window" in mods or "alibi" in mods):
-        mods.append("bottom_right")
-
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, heads, total, D) views
-    problem = Problem(
-        device=q.device.type, dtype=q.dtype, head_dim=q.shape[-1], mask_kind=None, key_padding=False,
-        causal=causal, dropout=True if dropout_p > 0.0 else False,  # branches: see api._problem
-        needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) or sinks_need_grad(sinks),
-        aligned=aligned(q.device.type, q4, k4, v4), varlen=True, gqa=True if k.shape[1] != q.shape[1] else False,
-        score_mods=tuple(mods),
-    )  # no length bucket: the longest sequence is often known only from the data (unpad)
-    chosen = select_backend(backend, problem)
-    out, lse = ops.attention_forward(q4, k4, v4, None, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                     max_seqlen_k, causal, scale, float(dropout_p), dropout_seed(dropout_p),
-                                     chosen.name, *score_mod_args(mods, window_size, softcap, alibi_slopes, sinks))
+    call, problem = describe(q4, k4, v4, kind="varlen", batch=cu_seqlens_q.shape[0] - 1, cu_seqlens_q=cu_seqlens_q,
+                             cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                             causal=causal, scale=scale, dropout_p=dropout_p, window_size=window_size,
+                             softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, align=align,
+                             return_lse=return_lse, backend=backend)
+    out, lse = ops.attention_forward(q4, k4, v4, select_backend(backend, problem).name, call)
     out = out[0].transpose(0, 1)
     return (out, lse[0]) if return_lse else out
 

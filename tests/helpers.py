@@ -1,6 +1,8 @@
 """Shared test tools: inputs, the float64 reference, and relative error with per-dtype bounds."""
 from __future__ import annotations
 
+import zlib
+
 import torch
 
 import fastattn
@@ -9,6 +11,20 @@ from fastattn import reference_attention
 # ||out - ref|| / ||ref|| bounds against the float64 reference.
 TOL = {torch.float32: 2e-6, torch.float16: 3e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 CPU_BACKENDS = [b for b in ("cpu", "reference") if b in fastattn.available_backends()]
+
+
+def stable_seed(*parts) -> int:
+    """A seed from the parts' repr, the same in every process (hash() of a str is randomised per
+    process, so a failure seeded from it could not be reproduced)."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def param_id(value) -> str:
+    """A parametrize id the same in every process: str(), with a set's elements sorted (a set of str
+    iterates in a per-process order, and pytest-xdist's workers must collect the same ids)."""
+    if isinstance(value, (set, frozenset)):
+        return "{" + ", ".join(sorted(map(repr, value))) + "}" if value else "set()"
+    return str(value)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:

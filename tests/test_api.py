@@ -4,6 +4,7 @@ import torch
 
 import fastattn
 from fastattn.backends import REGISTRY, Problem, select_backend
+from fastattn.call import Call
 from fastattn.masks import key_ranges
 from helpers import CPU_BACKENDS, TOL, count_fastattn_nodes, qkv, rel_err
 
@@ -67,7 +68,7 @@ def test_head_dim_beyond_backend_limit():
 
 
 def test_dispatch_lists_every_backend_reason():
-    problem = Problem("mps", torch.float32, 64, None, False, False, False, False)
+    problem = Problem("mps", torch.float32, 64)
     with pytest.raises(fastattn.NoBackendError) as info:
         select_backend("auto", problem)
     for name in REGISTRY:
@@ -75,7 +76,8 @@ def test_dispatch_lists_every_backend_reason():
 
 
 def test_auto_picks_cpu_kernel_for_cpu_tensors():
-    problem = Problem("cpu", torch.bfloat16, 128, "bool", True, True, True, True)
+    problem = Problem("cpu", torch.bfloat16, 128, mask_kind="bool", key_padding=True, causal=True, dropout=True,
+                      needs_grad=True)
     assert select_backend("auto", problem).name == "cpu"
     assert {"cpu", "reference"} <= set(fastattn.available_backends())
 
@@ -85,8 +87,8 @@ def test_opcheck():
     kpm = torch.rand(2, 70) < 0.3
     attn = (torch.rand(33, 70) < 0.9).expand(2, 4, 33, 70)
     for backend in CPU_BACKENDS:
-        args = (q, k, v, kpm, key_ranges(kpm), attn, None, None, 0, 0, True, 0.2, 0.0, 0, backend)
-        torch.library.opcheck(torch.ops.fastattn.attention_forward.default, args)
+        call = dict(key_padding=kpm, key_ranges=key_ranges(kpm), attn_mask=attn, causal=True, scale=0.2)
+        torch.library.opcheck(torch.ops.fastattn.attention_forward.default, (q, k, v, backend), call)
 
 
 def test_compile_sees_one_node():
@@ -136,7 +138,8 @@ def test_cpu_dropout_matches_reference_with_the_same_mask():
     q, k, v = qkv(B, H, 1, Nq, Nk, 32)
     kpm = torch.rand(B, Nk) < 0.2
     seed = 1234
-    out, lse = ops.attention_forward(q, k, v, kpm, key_ranges(kpm), None, None, None, 0, 0, True, 0.3, p, seed, "cpu")
+    out, lse = ops.attention_forward(q, k, v, "cpu", Call(key_padding=kpm, key_ranges=key_ranges(kpm), causal=True,
+                                                          scale=0.3, dropout_p=p, seed=seed))
     keep = _C.dropout_keep_mask(seed, B, H, Nq, Nk, p)
     assert abs(keep.float().mean().item() - (1 - p)) < 0.01
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastattn
-from fastattn.bench import attention, cases, report, run, timing
+from fastattn.bench import attention, cases, record_report, run, timing
 from fastattn.bench.decode import decode_rows
 from fastattn.bench.packed import varlen_rows
 from fastattn.bench.context_parallel import context_parallel_rows
@@ -101,7 +101,7 @@ def test_plot_and_json(tmp_path):
     rows += [dict(backend="sdpa:default", mode="fwd+bwd", dtype="fp16", head_dim=128, kind="gqa", seq=4096, tflops=5.0),
              dict(backend="broken", mode="fwd", dtype="bf16", head_dim=64, kind="dense", seq=1024, error="x")]
     record = dict(device="test", rows=rows)
-    report.plot(record, str(tmp_path / "plots.png"))  # lines where N varies, bars where it does not
+    record_report.plot(record, str(tmp_path / "plots.png"))  # lines where N varies, bars where it does not
     assert [p.name for p in tmp_path.iterdir()] == ["plots.png"]
     json.dumps(record)
 

@@ -90,6 +90,19 @@ def test_key_ranges():
     assert key_ranges(torch.ones(2, 0, dtype=torch.bool)).tolist() == [[0, 0], [0, 0], [0, 0]]
 
 
+@settings(max_examples=60, deadline=None)
+@given(B=st.integers(1, 4), Nk=st.integers(0, 40), data=st.data())
+def test_key_ranges_one_pass_equals_torch_ops(B, Nk, data):
+    """The C++ pass a plain CPU mask takes and the torch ops everything else takes agree."""
+    from fastattn.masks import key_ranges_by_torch_ops
+
+    bits = data.draw(st.lists(st.booleans(), min_size=B * Nk, max_size=B * Nk))
+    kpm = torch.tensor(bits, dtype=torch.bool).view(B, Nk)
+    assert torch.equal(key_ranges(kpm), key_ranges_by_torch_ops(kpm))
+    strided = kpm.t().contiguous().t()  # the same mask, column-major
+    assert torch.equal(key_ranges(strided), key_ranges_by_torch_ops(kpm))
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     B=st.integers(1, 3), Hkv=st.integers(1, 2), group=st.integers(1, 3),

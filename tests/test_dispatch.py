@@ -11,7 +11,8 @@ import fastattn
 from fastattn import backends
 from fastattn.backends import dispatch
 from fastattn.backends.base import length_bucket
-from fastattn.bench import dispatch as sweep
+from fastattn.front_door import describe
+from fastattn.bench import dispatch_sweep as sweep
 from helpers import count_fastattn_nodes
 
 MACHINE = dispatch.machine("cpu")
@@ -31,8 +32,8 @@ def table(monkeypatch, tmp_path):
 
 
 def chosen(q, **kw):
-    return backends.select_backend("auto", fastattn.api._problem(q, q, q, kw.get("key_padding_mask"), None,
-                                                                  kw.get("causal", False), None, 0.0, "auto")[3])
+    return backends.select_backend("auto", describe(q, q, q, key_padding_mask=kw.get("key_padding_mask"),
+                                                    causal=kw.get("causal", False))[1])
 
 
 def test_length_bucket():

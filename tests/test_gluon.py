@@ -75,12 +75,14 @@ def test_isolated_checks_report_passes_failures_and_hangs(tmp_path):
 # Gluon ones: a right kernel passes them, and an output or a gradient 10% off does not.
 STANDIN = """
 import torch, fastattn.triton.attention as ta
+from fastattn.call import Call
 from fastattn.gluon import launch
 def forward(q, k, v, out, lse, causal, scale, kpm, ranges, variant, programs):
-    ta.forward(q, k, v, out, lse, ta.MaskArgs(q, kpm, ranges, None), causal, scale, 0.0, 0)
+    ta.forward(q, k, v, out, lse, Call(key_padding=kpm, key_ranges=ranges, causal=causal, scale=scale))
     out.mul_(FACTOR)
 def backward(dout, q, k, v, out, lse, dq, dk, dv, causal, scale, kpm, ranges, dlse, variant):
-    ta.backward(dout, dlse, q, k, v, out, lse, ta.MaskArgs(q, kpm, ranges, None), causal, scale, 0.0, 0, dq, dk, dv)
+    ta.backward(dout, dlse, q, k, v, out, lse, Call(key_padding=kpm, key_ranges=ranges, causal=causal, scale=scale), dq,
+                dk, dv)
     dk.mul_(FACTOR)
 launch.forward, launch.backward = forward, backward
 """
@@ -159,9 +161,8 @@ def test_declines_masked_calls_whose_hidden_values_would_leak(monkeypatch):
     from fastattn.backends.gluon import GluonBackend
 
     monkeypatch.setattr(gluon, "_hopper", lambda: True)
-    masked = [Problem("cuda", torch.bfloat16, 64, None, False, True, False, False),
-              Problem("cuda", torch.bfloat16, 64, None, True, False, False, False)]
+    masked = [Problem("cuda", torch.bfloat16, 64, causal=True), Problem("cuda", torch.bfloat16, 64, key_padding=True)]
     for problem in masked:
         assert any("a NaN in a value the mask hides" in why for why in GluonBackend().reasons(problem))
-    dense = Problem("cuda", torch.bfloat16, 64, None, False, False, False, False)
+    dense = Problem("cuda", torch.bfloat16, 64)
     assert not any("mask hides" in why for why in GluonBackend().reasons(dense))

@@ -38,7 +38,7 @@ case $1 in
   -m) case $2 in
         pytest) echo "3,0,1" >"$FASTATTN_LIVE_COUNTS"; echo '{"t": 1.0}' >"$FASTATTN_LIVE_DURATIONS"
                 printf '%s\n' "$FASTATTN_SELECT" >"$FAKE_SELECT" ;;
-        fastattn.triton.checked) echo '{"configs": []}' >"$3" ;;
+        fastattn.bench.triton_checked) echo '{"configs": []}' >"$3" ;;
         fastattn) case $3 in
             bench) echo '{"rows": []}' >"$(arg --json "$@")"; echo png >"$(arg --plot "$@")" ;;
             tune) out=$(arg --out "$@"); echo '{}' >"${out:-$(arg --json "$@")}" ;;

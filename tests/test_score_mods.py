@@ -132,7 +132,7 @@ def test_alignment_only_where_it_matters():
     assert "score_mods=('bottom_right',)" in fastattn.explain(q2, k, v, causal=True, align="bottom_right")
     torch.testing.assert_close(fastattn.attention(q, k, v, causal=True, align="bottom_right"),
                                fastattn.attention(q, k, v, causal=True))
-    problem = Problem("cpu", torch.float32, 16, None, False, True, False, False, score_mods=("bottom_right",))
+    problem = Problem("cpu", torch.float32, 16, causal=True, score_mods=("bottom_right",))
     assert select_backend("auto", problem).name == "cpu"
 
 
@@ -199,22 +199,23 @@ def test_the_op_checks_slopes_and_sinks_shapes_itself():
     be read out of bounds or transposed by the CPU kernel; (1, H) slopes broadcast."""
     q, k, v = qkv(3, 4, 2, 9, 14, 16)
     op = torch.ops.fastattn.attention_forward.default
-    args = (q, k, v, None, None, None, None, None, 0, 0, False, 0.3, 0.0, 0, "cpu", -1, -1, 0.0)
+    args = (q, k, v, "cpu")
     for bad in (torch.rand(12), torch.rand(4, 3), torch.rand(2, 4)):
         with pytest.raises(RuntimeError, match="alibi_slopes: expected"):
-            op(*args, bad, None, False)
+            op(*args, scale=0.3, alibi_slopes=bad)
     with pytest.raises(RuntimeError, match="sinks: expected"):
-        op(*args, None, torch.rand(2, 2), False)
+        op(*args, scale=0.3, sinks=torch.rand(2, 2))
     slopes = torch.rand(1, 4)
-    torch.testing.assert_close(op(*args, slopes, None, False)[0], op(*args, slopes[0], None, False)[0])
+    torch.testing.assert_close(op(*args, scale=0.3, alibi_slopes=slopes)[0],
+                               op(*args, scale=0.3, alibi_slopes=slopes[0])[0])
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_opcheck_with_score_mods(backend):
     q, k, v = qkv(2, 4, 2, 9, 14, 16, transposed=True)
-    args = (q, k, v, None, None, None, None, None, 0, 0, True, 0.3, 0.0, 0, backend, 3, 1, 2.0, torch.rand(2, 4),
-            torch.randn(4, requires_grad=True), True)
-    torch.library.opcheck(torch.ops.fastattn.attention_forward.default, args)
+    call = dict(causal=True, scale=0.3, window_left=3, window_right=1, softcap=2.0, alibi_slopes=torch.rand(2, 4),
+                sinks=torch.randn(4, requires_grad=True), bottom_right=True)
+    torch.library.opcheck(torch.ops.fastattn.attention_forward.default, (q, k, v, backend), call)
 
 
 VARLEN = [dict(causal=True, align="bottom_right", window_size=(6, 0)), dict(softcap=3.0, alibi_slopes="batch"),

@@ -12,7 +12,8 @@ import torch
 import fastattn
 from fastattn import backends
 from fastattn.backends import REGISTRY, NoBackendError, Problem, dispatch, sdpa, select_backend
-from helpers import TOL, check_against_reference, count_fastattn_nodes, qkv
+from fastattn.call import Call
+from helpers import TOL, check_against_reference, count_fastattn_nodes, param_id, qkv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -162,7 +163,7 @@ def aten_calls(monkeypatch):
 
 
 def cuda_problem(dtype=torch.bfloat16, head_dim=64, gqa=False, nq=64, nk=64):
-    return Problem("cuda", dtype, head_dim, None, False, False, False, True, nq=nq, nk=nk, gqa=gqa)
+    return Problem("cuda", dtype, head_dim, needs_grad=True, nq=nq, nk=nk, gqa=gqa)
 
 
 def meta_qkv(dtype, B=2, H=4, Hkv=2, Nq=40, Nk=40, D=64):
@@ -180,7 +181,7 @@ def meta_qkv(dtype, B=2, H=4, Hkv=2, Nq=40, Nk=40, D=64):
     (torch.bfloat16, 192, ALL, ["flash"], "flash"),  # cuDNN's only up to D 128
     (torch.float32, 64, ALL, ["efficient"], "efficient"),  # the only one for fp32
     (torch.bfloat16, 36, ALL, [], None),  # D not in 8s: none to ask about
-], ids=str)
+], ids=param_id)
 def test_asks_torch_in_the_backends_order(torch_checks, dtype, head_dim, accepted, asked, chosen):
     torch_checks.accepted |= accepted
     assert sdpa.problem_choice("meta", dtype, head_dim, 64, 64, False) == chosen
@@ -242,21 +243,21 @@ def test_without_a_gpu_dispatch_judges_by_head_dims_alone(torch_checks, monkeypa
 
 @pytest.mark.parametrize("dtype, accepted, kernel", [
     (torch.bfloat16, ALL, "cudnn"), (torch.bfloat16, {"flash", "efficient"}, "flash"),
-    (torch.float16, {"efficient"}, "efficient"), (torch.float32, ALL, "efficient")], ids=str)
+    (torch.float16, {"efficient"}, "efficient"), (torch.float32, ALL, "efficient")], ids=param_id)
 def test_forward_and_backward_run_the_kernel_torch_takes(torch_checks, aten_calls, dtype, accepted, kernel):
     """Asked once, about the call's own tensors; the backward runs the forward's kernel even where
     torch would now answer otherwise."""
     torch_checks.accepted |= accepted
     q, k, v = meta_qkv(dtype, Nq=40, Nk=56)
     backend = REGISTRY["sdpa"]
-    out, lse = backend.forward(q, k, v, None, False, 0.125, 0.0, 0)
+    out, lse = backend.forward(q, k, v, Call(scale=0.125))
     assert (out.shape, lse.shape) == (q.shape, q.shape[:3])
     asked = torch_checks.kernels_asked()
     _, params = torch_checks.asked[-1]
     assert params.query.shape == q.shape and params.key.shape == params.value.shape == k.shape
     assert not params.is_causal and params.enable_gqa and params.query.device.type == "meta"
     torch_checks.accepted.clear()
-    backend.backward(torch.empty_like(out), None, q, k, v, out, lse, None, False, 0.125, 0.0, 0)
+    backend.backward(torch.empty_like(out), None, q, k, v, out, lse, Call(scale=0.125))
     assert aten_calls == [ATEN[kernel], ATEN[kernel] + "_backward"]
     assert torch_checks.kernels_asked() == asked
 
@@ -271,7 +272,7 @@ def test_asks_again_about_what_torch_reads_anew(torch_checks):
                  (q, k, heads_outer[:, :2]), (offset, k, v), (q.float(), k.float(), v.float())]:
         asked = len(torch_checks.asked)
         for _ in range(2):
-            REGISTRY["sdpa"].forward(*args, None, False, 0.125, 0.0, 0)
+            REGISTRY["sdpa"].forward(*args, Call(scale=0.125))
         assert len(torch_checks.asked) == asked + 1  # once, by its first choice
 
 
@@ -288,19 +289,19 @@ def test_asks_about_a_call_on_its_device(torch_checks, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", device)
     torch_checks.accepted.add("flash")
     q, k, v = meta_qkv(torch.bfloat16)
-    REGISTRY["sdpa"].forward(q, k, v, None, False, 0.125, 0.0, 0)
+    REGISTRY["sdpa"].forward(q, k, v, Call(scale=0.125))
     assert entered == [(q.get_device(), 0), 2]  # cuDNN, then flash, asked in there
 
 
 def test_runs_no_kernel_for_a_call_torch_refuses(torch_checks, aten_calls):
     q, k, v = meta_qkv(torch.bfloat16)
     with pytest.raises(RuntimeError, match="refuse its cudnn, flash, efficient kernels for this call"):
-        REGISTRY["sdpa"].forward(q, k, v, None, False, 0.125, 0.0, 0)
+        REGISTRY["sdpa"].forward(q, k, v, Call(scale=0.125))
     assert aten_calls == []
 
 
 def test_torch_kernel_names_what_records_timed():
-    """fastattn.bench.dispatch reads records made before the backend by the kernel names."""
+    """fastattn.bench.dispatch_sweep reads records made before the backend by the kernel names."""
     bf16, fp32 = torch.bfloat16, torch.float32
     assert sdpa.torch_kernel("cpu", fp32, 36, True, False) == "flash"
     assert [sdpa.torch_kernel("cuda", bf16, 128, False, cudnn) for cudnn in (True, False)] == ["cudnn", "flash"]
@@ -333,11 +334,11 @@ def test_inference_tensors_are_asked_about_without_a_gradient(torch_checks):
 def test_asks_again_when_torchs_switches_move(torch_checks):
     torch_checks.accepted |= ALL
     q, k, v = meta_qkv(torch.bfloat16)
-    REGISTRY["sdpa"].forward(q, k, v, None, False, 0.125, 0.0, 0)
+    REGISTRY["sdpa"].forward(q, k, v, Call(scale=0.125))
     asked = len(torch_checks.asked)
     torch.backends.cuda.enable_cudnn_sdp(False)
     try:
-        REGISTRY["sdpa"].forward(q, k, v, None, False, 0.125, 0.0, 0)
+        REGISTRY["sdpa"].forward(q, k, v, Call(scale=0.125))
     finally:
         torch.backends.cuda.enable_cudnn_sdp(True)
     assert len(torch_checks.asked) == asked + 1

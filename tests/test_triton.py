@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import fastattn
+from fastattn.call import Call
 from fastattn.masks import key_ranges
-from helpers import TOL, check_against_reference, padding_mask, qkv, rel_err
+from helpers import TOL, check_against_reference, padding_mask, qkv, rel_err, stable_seed
 from test_correctness import make_masks
 
 pytest.importorskip("triton")
@@ -45,7 +46,7 @@ def test_shapes(dtype, shape, causal):
                                   "bool-broadcast", "rows-fully-masked"])
 @pytest.mark.parametrize("lengths", [(70, 45), (33, 97)], ids=str)
 def test_masks(kind, lengths):
-    torch.manual_seed(hash(kind) % 2**31)
+    torch.manual_seed(stable_seed(kind))
     B, H, Hkv, D = 2, 4, 2, 32
     kpm, attn, causal = make_masks(kind, B, H, *lengths)
     kpm, attn = to_device(kpm, attn)
@@ -93,7 +94,7 @@ def test_dropout_matches_reference_with_the_kernels_mask():
     torch.manual_seed(0)
     B, H, Nq, Nk, p, seed = 2, 2, 40, 50, 0.3, 77
     q, k, v = inputs(B, H, 1, Nq, Nk, 16)
-    out, _ = ops.attention_forward(q, k, v, None, None, None, None, None, 0, 0, True, 0.25, p, seed, "triton")
+    out, _ = ops.attention_forward(q, k, v, "triton", Call(causal=True, scale=0.25, dropout_p=p, seed=seed))
     keep = dropout_keep_mask(seed, B, H, Nq, Nk, p, DEVICE)
     assert abs(keep.float().mean().item() - (1 - p)) < 0.03
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -134,14 +135,14 @@ def test_auto_never_picks_the_interpreter():
         fastattn.attention(q, k, v)
     assert any(e.key == "fastattn::attention_forward" for e in prof.key_averages())
     from fastattn.backends import Problem, select_backend
-    assert select_backend("auto", Problem("cpu", torch.float32, 16, None, False, False, False, False)).name == "cpu"
+    assert select_backend("auto", Problem("cpu", torch.float32, 16)).name == "cpu"
 
 
 def test_opcheck():
     q, k, v = inputs(2, 2, 1, 33, 40, 16, transposed=True)
     kpm = torch.rand(2, 40, device=DEVICE) < 0.3
-    torch.library.opcheck(torch.ops.fastattn.attention_forward.default,
-                          (q, k, v, kpm, key_ranges(kpm), None, None, None, 0, 0, True, 0.3, 0.0, 0, "triton"))
+    torch.library.opcheck(torch.ops.fastattn.attention_forward.default, (q, k, v, "triton"),
+                          dict(key_padding=kpm, key_ranges=key_ranges(kpm), causal=True, scale=0.3))
 
 
 @gpu

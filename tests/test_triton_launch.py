@@ -2,9 +2,10 @@
 a compiled kernel for arguments the JIT would specialize differently.
 
 The JIT's path needs a driver: a subprocess compiles for sm_90 with a recording driver
-(tests/triton_mock_driver.py) on a small kernel. The layouts the attention kernels are launched
-with (tensors, specialized integers, then do_not_specialize integers and floats, then the
-constexprs) are checked on every launch of the interpreter tests' calls."""
+(tests/triton_mock_driver.py) on small kernels, one with argument groups (tuples). The layouts the
+attention kernels are launched with (runtime arguments: tensors, argument groups, the
+do_not_specialize integers, each alone; then the constexprs) are checked on every launch of the
+interpreter tests' calls."""
 import inspect
 import os
 import subprocess
@@ -20,6 +21,7 @@ import fastattn
 pytest.importorskip("triton")
 from fastattn.triton import launch  # noqa: E402
 from fastattn.triton.attention import UNSPECIALIZED  # noqa: E402
+from fastattn.triton.launch import unspecialized_params  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +40,8 @@ JIT_VS_CACHED = textwrap.dedent('''
         x = tl.load(X + row * stride_x + offs, mask=offs < D)
         tl.store(Y + row * stride_y + offs, x * alpha + (seed % 7 + n).to(tl.float32), mask=offs < D)
 
-    launcher = Launcher(scale_rows, tensors=2, specialized=2)
+    launcher = Launcher(scale_rows)
+    assert launcher.unspecialized == (False, False, False, False, True, True, False)
     launches = mock.RecordingLauncher.launches
     x, y = torch.randn(64, 33), torch.empty(64, 32)
 
@@ -101,10 +104,52 @@ JIT_VS_CACHED = textwrap.dedent('''
     call(x, y)  # through the JIT: its launch passes launch metadata the direct one leaves out
     assert len(calls) == 3 and len(launches) == count + 2
     setattr(first, attr, real_run)
-    untested = Launcher(scale_rows, tensors=2, specialized=2)
+    untested = Launcher(scale_rows)
     untested.direct = False
     untested((64,), (x, y, x.stride(0), y.stride(0), 64, 5, 0.5), (32, 32), 4, 2)
     assert not untested.compiled and len(launches) == count + 3
+
+    # Argument groups: tuples of a tensor and its strides, of sizes. Triton specializes a tuple's
+    # integers (on 1 and on divisibility by 16) even where the kernel declares the tuple
+    # do_not_specialize; the launcher's key tells those kernels apart too.
+    @triton.jit(do_not_specialize=["sizes", "seed"])
+    def grouped(X, Y, sizes, seed, SCALARS, D: tl.constexpr, BLOCK: tl.constexpr):
+        x_ptr, stride_x = X
+        y_ptr, stride_y = Y
+        n, m = sizes
+        alpha, beta = SCALARS
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * stride_x + offs, mask=offs < D)
+        tl.store(y_ptr + row * stride_y + offs, x * alpha + beta + (seed % 7 + n * m).to(tl.float32), mask=offs < D)
+
+    grouped_launcher = Launcher(grouped)
+    assert grouped_launcher.unspecialized == (False, False, True, True, False)
+
+    def args(x=x, y=y, sizes=(64, 3), seed=5, scalars=(0.5, 1.0)):
+        return (x, x.stride(0)), (y, y.stride(0)), sizes, seed, scalars
+
+    def gcall(**kw):
+        return grouped_launcher((64,), args(**kw), (32, 32), 4, 2)
+
+    def gjit(**kw):
+        return grouped_launcher._jit((64,), args(**kw), (32, 32), 4, 2)
+
+    gfirst = gcall()
+    via_jit = launches[-1]
+    assert gcall() is gfirst and len(grouped_launcher.compiled) == 1
+    assert len(launches[-1][3]) == len(via_jit[3]) == 7 and launches[-1][3][:5] == via_jit[3][:5], \
+        (launches[-1][3], via_jit[3])
+    assert gcall(seed=11, scalars=(2.0, 3.0)) is gfirst  # do_not_specialize and floats: same kernel
+    assert launches[-1][3][3:5] == (11, (2.0, 3.0))
+    for name, kw in {"a tuple's integer 1": dict(sizes=(64, 1)),
+                     "a tuple's integer divisible by 16": dict(sizes=(64, 32)),
+                     "a tuple's stride divisible by 16": dict(x=wide),
+                     "a tuple's misaligned pointer": dict(x=torch.randn(64 * 33 + 1)[1:].view(64, 33)),
+                     "a tuple's dtype": dict(x=x.double())}.items():
+        used, again, picked = gcall(**kw), gcall(**kw), gjit(**kw)
+        assert used is picked and again is picked and picked is not gfirst, name
+    assert gcall(sizes=(48, 3)) is gcall(sizes=(64, 3))  # both divisible by 16: one kernel, as the JIT's
     print("ok")
 ''')
 
@@ -133,9 +178,15 @@ def _param_kinds(kernel):
     return [(p.name, "constexpr" in str(p.annotation)) for p in params]
 
 
+def _items(arg):
+    return arg if type(arg) is tuple else (arg,)
+
+
 @pytest.fixture
 def checked_launches(monkeypatch):
-    """Every launch of the attention kernels, checked against its kernel's parameters."""
+    """Every launch of the attention kernels, checked against its kernel's parameters: the
+    do_not_specialize ones (UNSPECIALIZED) integers passed alone (Triton would specialize them in a
+    group), the others tensors, numbers or groups of them, then the constexprs."""
     seen = []
     call = launch.Launcher.__call__
 
@@ -144,13 +195,13 @@ def checked_launches(monkeypatch):
         name = self.kernel.fn.__name__
         assert len(args) + len(constexprs) == len(kinds), name
         assert not any(c for _, c in kinds[:len(args)]) and all(c for _, c in kinds[len(args):]), name
-        for i, (arg, (pname, _)) in enumerate(zip(args, kinds)):
-            if i < self.tensors:
-                assert isinstance(arg, torch.Tensor), (name, pname)
-            elif i < self.ints_end:
-                assert type(arg) is int and pname not in UNSPECIALIZED, (name, pname)
+        assert self.unspecialized == unspecialized_params(self.kernel) and len(self.unspecialized) == len(args)
+        for arg, (pname, _), unspecialized in zip(args, kinds, self.unspecialized):
+            assert unspecialized == (pname in UNSPECIALIZED), (name, pname)
+            if unspecialized:
+                assert type(arg) is int, (name, pname, arg)
             else:
-                assert (type(arg) is int and pname in UNSPECIALIZED) or type(arg) is float, (name, pname, arg)
+                assert all(isinstance(a, torch.Tensor) or type(a) in (int, float) for a in _items(arg)), (name, pname)
         seen.append(name)
         return call(self, grid, args, constexprs, num_warps, num_stages)
 

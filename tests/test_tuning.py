@@ -93,8 +93,8 @@ def test_key_ranges_computed_once_and_no_host_reads(monkeypatch):
     from helpers import padding_mask, qkv
 
     calls = []
-    real = fastattn.api.key_ranges
-    monkeypatch.setattr(fastattn.api, "key_ranges", lambda m: calls.append(1) or real(m))
+    real = fastattn.front_door.key_ranges
+    monkeypatch.setattr(fastattn.front_door, "key_ranges", lambda m: calls.append(1) or real(m))
     q, k, v = qkv(2, 4, 2, 50, 70, 32)
     kpm = padding_mask("random", 2, 70)
     for name in ("item", "tolist", "__bool__"):
@@ -108,7 +108,7 @@ def test_key_ranges_computed_once_and_no_host_reads(monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's sweep; a GPU runs the real one")
 def test_sweep_runs_end_to_end(tmp_path, monkeypatch):
     """python -m fastattn tune, through the interpreter on tiny shapes: winners checked and written."""
-    from fastattn.triton.tune import main
+    from fastattn.bench.triton_sweep import main
 
     monkeypatch.setenv("FASTATTN_TUNE", "0")  # main sets it; the monkeypatch restores it after
     assert main(["--json", str(tmp_path / "tuned.json")]) == 0
@@ -181,20 +181,20 @@ def test_out_of_shared_memory_walks_only_checked_candidates(tuner, tmp_path):
 
 def test_the_shipped_manifest_is_for_the_shipped_defaults():
     """checked-sm90.json names every shipped sm90 default, and its Triton is the GPU image's."""
-    manifest = json.loads((tuning._SHIPPED_DIR / "checked-sm90.json").read_text())
+    manifest = json.loads((tuning.SHIPPED_DIR / "checked-sm90.json").read_text())
     assert manifest["triton"].startswith("3.6.")
     checked = {k: {tuple(c) for c in v} for k, v in manifest["configs"].items()}
-    for key, config in tuning._load(tuning._SHIPPED_DIR / "sm90.json").items():
+    for key, config in tuning.load_configs(tuning.SHIPPED_DIR / "sm90.json").items():
         assert tuple(config) in checked[key.split("|")[0]], key
     assert (32, 64, 8, 2) not in checked["dkdv"]  # never run on a GPU
-    assert tuning.load_checked(tuning._SHIPPED_DIR, "sm90") in ({}, checked)  # {} on a Triton other than 3.6
+    assert tuning.load_checked(tuning.SHIPPED_DIR, "sm90") in ({}, checked)  # {} on a Triton other than 3.6
 
 
 def test_the_gpu_check_of_a_config_measures_against_float64(monkeypatch):
-    """fastattn.triton.checked, as a GPU runs it, here through the interpreter: a config's
+    """fastattn.bench.triton_checked, as a GPU runs it, here through the interpreter: a config's
     forward and gradients within their bound, and a wrong output caught."""
     from fastattn.backends import REGISTRY
-    from fastattn.triton import checked
+    from fastattn.bench import triton_checked as checked
 
     if "triton" not in fastattn.available_backends():
         pytest.skip("triton backend unavailable")

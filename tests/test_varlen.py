@@ -7,6 +7,7 @@ import torch
 
 import fastattn
 from fastattn import attention_varlen, ops, pad, unpad
+from fastattn.call import Call
 from helpers import CPU_BACKENDS, TOL, count_fastattn_nodes, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -35,8 +36,9 @@ def check_each_sequence(q, k, v, lens_q, lens_k, backend, causal, tol, dropout_p
     cq, ck = cu(lens_q), cu(lens_k)
     H = q.shape[1]
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-    out, lse = ops.attention_forward(q4, k4, v4, None, None, None, cq, ck, max(lens_q), max(lens_k), causal,
-                                     0.3, dropout_p, seed, backend)
+    out, lse = ops.attention_forward(q4, k4, v4, backend, Call(
+        cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k), causal=causal,
+        scale=0.3, dropout_p=dropout_p, seed=seed))
     out, lse = out[0].transpose(0, 1), lse[0]
     dout = torch.randn_like(out)
     dlse = torch.randn_like(lse).masked_fill(torch.isinf(lse), 0)
@@ -45,8 +47,8 @@ def check_each_sequence(q, k, v, lens_q, lens_k, backend, causal, tol, dropout_p
         qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
         leaves = [t[rows].detach().double().transpose(0, 1)[None].requires_grad_()
                   for t, rows in ((q, qs), (k, ks), (v, ks))]
-        ref, ref_lse = ops.attention_forward(*leaves, None, None, None, None, None, 0, 0, causal, 0.3,
-                                             dropout_p, seed + b * H, "reference") if dropout_p else \
+        ref, ref_lse = ops.attention_forward(*leaves, "reference", Call(
+            causal=causal, scale=0.3, dropout_p=dropout_p, seed=seed + b * H)) if dropout_p else \
             fastattn.reference_attention(*leaves, causal=causal, scale=0.3)
         if dropout_p:  # the kernels' own keep mask, redrawn for this sequence alone
             ref, ref_lse = lone_call(q, k, v, qs, ks, causal, dropout_p, seed + b * H, backend)
@@ -68,7 +70,7 @@ def lone_call(q, k, v, qs, ks, causal, dropout_p, seed, backend):
     """One sequence through `backend` as a padded call of batch 1, in float64 where it can."""
     dtype = torch.float64 if backend == "reference" else q.dtype
     leaves = [t[rows].detach().to(dtype).transpose(0, 1)[None].requires_grad_() for t, rows in ((q, qs), (k, ks), (v, ks))]
-    return ops.attention_forward(*leaves, None, None, None, None, None, 0, 0, causal, 0.3, dropout_p, seed, backend)
+    return ops.attention_forward(*leaves, backend, Call(causal=causal, scale=0.3, dropout_p=dropout_p, seed=seed))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -90,8 +92,9 @@ def test_dropout_draws_a_lone_call_per_sequence(backend):
     q, k, v = packed(LENS_Q, 2, 16, torch.float32), packed(LENS_K, 2, 16, torch.float32), packed(LENS_K, 2, 16, torch.float32)
     cq, ck = cu(LENS_Q), cu(LENS_K)
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-    out, _ = ops.attention_forward(q4, k4, v4, None, None, None, cq, ck, max(LENS_Q), max(LENS_K), True, 0.3,
-                                   0.3, 99, backend)
+    out, _ = ops.attention_forward(q4, k4, v4, backend, Call(
+        cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=max(LENS_Q), max_seqlen_k=max(LENS_K), causal=True, scale=0.3,
+        dropout_p=0.3, seed=99))
     for b in range(len(LENS_Q)):
         qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
         lone, _ = lone_call(q, k, v, qs, ks, True, 0.3, 99 + b * 2, backend)
@@ -121,12 +124,13 @@ def test_compiles_to_one_node_per_call():
     f = lambda q, k, v: attention_varlen(q, k, v, cq, ck, max(LENS_Q), max(LENS_K), causal=True)  # noqa: E731
     assert count_fastattn_nodes(f, q, k, v) == 1
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-    masks = (None, None, None, cq, ck, max(LENS_Q), max(LENS_K), True, 0.3, 0.0, 0)
+    call = dict(cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=max(LENS_Q), max_seqlen_k=max(LENS_K), causal=True,
+                scale=0.3)
     for backend in CPU_BACKENDS:
-        torch.library.opcheck(torch.ops.fastattn.attention_forward.default, (q4, k4, v4, *masks, backend))
-        out, lse = ops.attention_forward(q4, k4, v4, *masks, backend)
+        torch.library.opcheck(torch.ops.fastattn.attention_forward.default, (q4, k4, v4, backend), call)
+        out, lse = ops.attention_forward(q4, k4, v4, backend, Call(**call))
         torch.library.opcheck(torch.ops.fastattn.attention_backward.default,
-                              (torch.randn_like(out), None, q4, k4, v4, out, lse, *masks, backend))
+                              (torch.randn_like(out), None, q4, k4, v4, out, lse, backend), call)
 
 
 @pytest.mark.parametrize("change, error, words", [

@@ -83,7 +83,7 @@ def launch_configs() -> dict[str, list]:
     """Per kernel: the run-time tuning candidates, then the shipped sm_90 defaults not among them."""
     from fastattn.triton import tuning
 
-    shipped = tuning._load(tuning._SHIPPED_DIR / "sm90.json")
+    shipped = tuning.load_configs(tuning.SHIPPED_DIR / "sm90.json")
     configs = {kernel: list(tuning.CANDIDATES[kernel]) for kernel in KERNELS}
     for key, config in sorted(shipped.items()):
         kernel = key.split("|")[0]
@@ -168,7 +168,7 @@ def _setup() -> None:
     type(triton).caps = dataclasses.replace(triton.caps, devices=frozenset({"cpu", "cuda"}))
     triton.unavailable_reason = None
     decode._multiprocessors = lambda device: 132  # an H100's SMs: the split decision of a real GPU
-    tuning._arch = lambda: "sm90"
+    tuning.gpu_arch = lambda: "sm90"
     cache = Path(tempfile.mkdtemp()) / "tuned.json"
     tuning.cache_path = lambda: cache
     os.environ["FASTATTN_TUNE"] = "0"  # a key the shipped table lacks takes the first candidate, untimed

@@ -71,13 +71,14 @@ def _host_time() -> None:
     """Host time of one small forward (1, 8, 16, 64): the whole glue with fastattn's launcher,
     and the launch alone through the JIT and through the launcher."""
     activate()
+    from fastattn.call import Call
     from fastattn.triton import attention
 
     q, k, v = (torch.randn(1, 8, 16, 64) for _ in range(3))
     out, lse = torch.empty_like(q), torch.empty(1, 8, 16)
 
     def forward():
-        attention.forward(q, k, v, out, lse, attention.MaskArgs(q, None, None, None), False, 0.125, 0.0, 0)
+        attention.forward(q, k, v, out, lse, Call(scale=0.125))
 
     launcher, seen = attention._FWD, []
 

@@ -64,17 +64,17 @@ at::Tensor new_lse(const at::Tensor& q) {
 // them (float32, on the CPU), made contiguous. Returns the tensors the params point into.
 // A window wider than every query-key distance is that distance (|j - i - offset| < Nq + Nk):
 // the kernels' position sums stay far from int64's end.
-std::pair<at::Tensor, at::Tensor> set_score_mods(AttentionParams& p, const CallArgs& args) {
+std::pair<at::Tensor, at::Tensor> set_score_mods(AttentionParams& p, const Call& call) {
   const auto bounded = [&](int64_t w) { return w < 0 ? int64_t{-1} : std::min(w, p.q_len + p.kv_len); };
-  p.window_left = bounded(args.window_left);
-  p.window_right = bounded(args.window_right);
-  p.softcap = static_cast<float>(args.softcap);
-  TORCH_CHECK(args.softcap == 0.0 || (p.softcap > 0.f && std::isfinite(p.softcap)),
-              "softcap: expected 0 or a positive float32, got ", args.softcap);
-  p.bottom_right = args.bottom_right;
+  p.window_left = bounded(call.window_left);
+  p.window_right = bounded(call.window_right);
+  p.softcap = static_cast<float>(call.softcap);
+  TORCH_CHECK(call.softcap == 0.0 || (p.softcap > 0.f && std::isfinite(p.softcap)),
+              "softcap: expected 0 or a positive float32, got ", call.softcap);
+  p.bottom_right = call.bottom_right;
   at::Tensor slopes, sinks;
-  if (args.alibi_slopes) {
-    slopes = args.alibi_slopes->to(at::kFloat).contiguous();
+  if (call.alibi_slopes) {
+    slopes = call.alibi_slopes->to(at::kFloat).contiguous();
     check_cpu(slopes, "alibi_slopes");
     const bool per_head = slopes.dim() == 1 && slopes.size(0) == p.heads;
     const bool per_batch = slopes.dim() == 2 && slopes.size(1) == p.heads &&
@@ -84,8 +84,8 @@ std::pair<at::Tensor, at::Tensor> set_score_mods(AttentionParams& p, const CallA
     p.alibi_slopes = slopes.data_ptr<float>();
     p.alibi_stride = per_batch && slopes.size(0) > 1 ? p.heads : 0;
   }
-  if (args.sinks) {
-    sinks = args.sinks->to(at::kFloat).contiguous();
+  if (call.sinks) {
+    sinks = call.sinks->to(at::kFloat).contiguous();
     check_cpu(sinks, "sinks");
     TORCH_CHECK(sinks.dim() == 1 && sinks.size(0) == p.heads, "sinks: expected (H,) with H = ", p.heads, ", got ",
                 sinks.sizes());
@@ -103,19 +103,18 @@ at::Tensor finish_kv_grad(const at::Tensor& g, const at::Tensor& like) {
 
 }  // namespace
 
-TensorPair cpu_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const MaskTensors& masks,
-                       const CallArgs& args) {
+TensorPair cpu_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Call& call) {
   check_cpu(q, "q");
   at::Tensor out = new_output(q), lse = new_lse(q);
-  AttentionParams p = make_params(q, k, v, out, lse, masks, args.causal, args.scale, args.dropout_p, args.seed);
-  const auto held = set_score_mods(p, args);
+  AttentionParams p = make_params(q, k, v, out, lse, call);
+  const auto held = set_score_mods(p, call);
   cpu::forward(p);
   return {out, lse};
 }
 
 TensorTriple cpu_backward(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
                           const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                          const MaskTensors& masks, const CallArgs& args) {
+                          const Call& call) {
   check_cpu(q, "q");
   const auto f32 = q.options().dtype(at::kFloat);
   const int64_t B = q.size(0), H = q.size(1), Nk = k.size(2), D = q.size(3);
@@ -123,16 +122,15 @@ TensorTriple cpu_backward(const at::Tensor& dout, const std::optional<at::Tensor
              dv = new_output({B, H, Nk, D}, f32);
   std::optional<at::Tensor> dlse32;
   if (dlse) dlse32 = dlse->to(at::kFloat).contiguous();
-  AttentionBwdParams p = make_bwd_params(dout, q, k, v, out, lse, dlse32, masks, args.causal, args.scale,
-                                         args.dropout_p, args.seed, dq, dk, dv);
-  const auto held = set_score_mods(p, args);
+  AttentionBwdParams p = make_bwd_params(dout, q, k, v, out, lse, dlse32, call, dq, dk, dv);
+  const auto held = set_score_mods(p, call);
   cpu::backward(p);
   return {dq.to(q.scalar_type()), finish_kv_grad(dk, k), finish_kv_grad(dv, v)};
 }
 
 TensorPair cpu_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                        const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
-                       const std::optional<at::Tensor>& v_new, const CallArgs& args) {
+                       const std::optional<at::Tensor>& v_new, const Call& call) {
   check_cpu(q, "q");
   const int64_t B = q.size(0), Nmax = k_cache.size(2), Nnew = k_new ? k_new->size(2) : 0;
   TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B &&
@@ -172,9 +170,11 @@ TensorPair cpu_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at:
     }
   }
   at::Tensor out = new_output(q), lse = new_lse(q);
-  AttentionParams p = make_params(q, k_cache, v_cache, out, lse, MaskTensors{}, args.causal, args.scale, 0.0, 0);
+  TORCH_CHECK(!call.key_padding && !call.key_ranges && !call.attn_mask && !call.varlen() && call.dropout_p == 0.0,
+              "decoding takes no masks, packed sequences or dropout");
+  AttentionParams p = make_params(q, k_cache, v_cache, out, lse, call);
   p.seqused_k = seqused.data_ptr<int32_t>();
-  const auto held = set_score_mods(p, args);
+  const auto held = set_score_mods(p, call);
   cpu::decode(p);
   return {out, lse};
 }

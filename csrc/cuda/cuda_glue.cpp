@@ -23,40 +23,42 @@ void check_tile_layout(const at::Tensor& t, const char* name) {
   TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name, " must be 16-byte aligned");
 }
 
-void check_call(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const MaskTensors& masks,
-                double dropout_p) {
+void check_call(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Call& call) {
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
               "the CUDA kernels take float16 or bfloat16, got ", q.scalar_type());
   TORCH_CHECK(cuda::has_head_dim(q.size(3)), "the CUDA kernels take head dims 64 and 128, got ", q.size(3));
-  TORCH_CHECK(!masks.attn_mask.has_value(), "the CUDA kernels take no attn_mask");
-  TORCH_CHECK(!masks.cu_seqlens_q.has_value() && !masks.cu_seqlens_k.has_value(),
+  TORCH_CHECK(!call.attn_mask.has_value(), "the CUDA kernels take no attn_mask");
+  TORCH_CHECK(!call.cu_seqlens_q.has_value() && !call.cu_seqlens_k.has_value(),
               "the CUDA kernels take no packed sequences (cu_seqlens)");
-  TORCH_CHECK(dropout_p == 0.0, "the CUDA kernels have no dropout");
+  TORCH_CHECK(call.dropout_p == 0.0, "the CUDA kernels have no dropout");
+  TORCH_CHECK(call.window_left < 0 && call.window_right < 0 && call.softcap == 0.0 && !call.alibi_slopes && !call.sinks,
+              "the CUDA kernels take no score modifiers");
   check_tile_layout(q, "q");
   check_tile_layout(k, "k");
   check_tile_layout(v, "v");
 }
 
+// The call's fields after the buffers, in their order (call.h), as fastattn.backends.cuda passes them.
 void cuda_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-                  at::Tensor& lse, const MaskTensors& masks, bool causal, double scale, double dropout_p,
-                  int64_t seed) {
-  check_call(q, k, v, masks, dropout_p);
+                  at::Tensor& lse FASTATTN_PY_CALL_PARAMS) {
+  const Call call = FASTATTN_CALL_FROM_PARAMS;
+  check_call(q, k, v, call);
   check_tile_layout(out, "out");
   const c10::cuda::CUDAGuard guard(q.device());
-  cuda::forward(make_params(q, k, v, out, lse, masks, causal, scale, dropout_p, seed),
+  cuda::forward(make_params(q, k, v, out, lse, call),
                 c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void cuda_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
-                   const MaskTensors& masks, bool causal, double scale, double dropout_p, int64_t seed,
-                   at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
-  check_call(q, k, v, masks, dropout_p);
+                   at::Tensor& dq, at::Tensor& dk, at::Tensor& dv FASTATTN_PY_CALL_PARAMS) {
+  const Call call = FASTATTN_CALL_FROM_PARAMS;
+  check_call(q, k, v, call);
   check_tile_layout(dout, "dout");
   check_tile_layout(out, "out");
   const c10::cuda::CUDAGuard guard(q.device());
-  const AttentionBwdParams p = make_bwd_params(dout, q, k, v, out, lse, dlse, masks, causal, scale, dropout_p, seed, dq, dk, dv);
+  const AttentionBwdParams p = make_bwd_params(dout, q, k, v, out, lse, dlse, call, dq, dk, dv);
   at::Tensor workspace = at::empty({cuda::backward_workspace_floats(p)}, lse.options());
   cuda::backward(p, workspace.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

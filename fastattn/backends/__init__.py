@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
-from .base import Backend, Capabilities, Masks, Problem
+from .base import Backend, Capabilities, Problem
 from .cpu import CpuBackend
 from .cuda import CudaBackend
 from .gluon import GluonBackend
@@ -102,5 +102,5 @@ def explain(name: str, problem: Problem) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Backend", "Capabilities", "Masks", "NoBackendError", "Problem", "REGISTRY",
+__all__ = ["Backend", "Capabilities", "NoBackendError", "Problem", "REGISTRY",
            "available_backends", "explain", "select_backend", "unavailable_backends"]

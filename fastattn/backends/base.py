@@ -9,6 +9,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..call import Call
+
 
 class Problem(NamedTuple):
     """The facts about one attention call that decide which backend can take it (a tuple: cheap
@@ -17,11 +19,11 @@ class Problem(NamedTuple):
     device: str  # device type: "cpu", "cuda"
     dtype: torch.dtype
     head_dim: int
-    mask_kind: str | None  # None, "bool" or "float"
-    key_padding: bool
-    causal: bool
-    dropout: bool
-    needs_grad: bool
+    mask_kind: str | None = None  # None, "bool" or "float"
+    key_padding: bool = False
+    causal: bool = False
+    dropout: bool = False
+    needs_grad: bool = False
     aligned: bool = True  # unit head-dim stride, other strides multiples of 8, 16-byte aligned data
     varlen: bool = False  # packed sequences (fastattn.attention_varlen)
     decode: bool = False  # a few queries against a KV cache (fastattn.attention_with_kvcache)
@@ -76,37 +78,6 @@ class Capabilities:
     score_mods: frozenset[str] = frozenset()  # of SCORE_MODS
 
 
-@dataclass(frozen=True)
-class Masks:
-    """Masks as the op hands them to a backend, normalised once by fastattn.attention, and the
-    score modifiers, which only a backend whose caps name them receives."""
-
-    key_padding: Tensor | None  # (B, Nk) bool, True = ignore
-    key_ranges: Tensor | None  # (3, B) int32 from masks.key_ranges: begin, end, holes
-    attn_mask: Tensor | None  # (B, H, Nq, Nk) bool or float32, broadcast dims with stride 0
-    # Packed sequences: (B + 1,) int32 cumulative lengths and the longest, q/k/v (1, H, total, D)
-    cu_seqlens_q: Tensor | None = None
-    cu_seqlens_k: Tensor | None = None
-    max_seqlen_q: int = 0
-    max_seqlen_k: int = 0
-    window_left: int = -1  # keys before the aligned diagonal a query sees; -1: unbounded
-    window_right: int = -1  # keys after it
-    softcap: float = 0.0  # 0: off
-    alibi_slopes: Tensor | None = None  # (H,) or (B, H) float32
-    sinks: Tensor | None = None  # (H,) float32
-    bottom_right: bool = False  # causal, window and ALiBi aligned bottom-right (else top-left)
-
-    @property
-    def varlen(self) -> bool:
-        return self.cu_seqlens_q is not None
-
-    def score_mods(self) -> dict:
-        """The score modifiers as fastattn.reference's keywords."""
-        return dict(window_size=(self.window_left, self.window_right), softcap=self.softcap,
-                    alibi_slopes=self.alibi_slopes, sinks=self.sinks,
-                    align="bottom_right" if self.bottom_right else "top_left")
-
-
 class Backend:
     """A fused attention implementation. Subclasses set name and caps and implement
     forward/backward (and decode where caps say so), except `cpu`, which the op's C++ kernel
@@ -152,19 +123,17 @@ class Backend:
             why.append("KV-cache decoding not supported")
         return why
 
-    def forward(self, q, k, v, masks: Masks, causal: bool, scale: float, dropout_p: float,
-                seed: int) -> tuple[Tensor, Tensor]:
+    def forward(self, q, k, v, call: Call) -> tuple[Tensor, Tensor]:
         """(out, lse): out from empty_out(q), lse from empty_lse(q)."""
         raise NotImplementedError(f"backend {self.name} has no Python forward")
 
-    def backward(self, dout, dlse, q, k, v, out, lse, masks: Masks, causal: bool, scale: float,
-                 dropout_p: float, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    def backward(self, dout, dlse, q, k, v, out, lse, call: Call) -> tuple[Tensor, Tensor, Tensor]:
         """(dq, dk, dv), contiguous, in the inputs' dtypes; dlse may be None."""
         raise NotImplementedError(f"backend {self.name} has no Python backward")
 
-    def decode(self, q, k_cache, v_cache, seqlens, masks: Masks, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    def decode(self, q, k_cache, v_cache, seqlens, call: Call) -> tuple[Tensor, Tensor]:
         """(out, lse) of q (B, H, Nq, D) against the first seqlens[b] (int32) keys of each cache
-        row (B, Hkv, Nmax, D), causal and masks' score modifiers aligned to the last of them.
+        row (B, Hkv, Nmax, D), causal and the call's score modifiers aligned to the last of them.
         Backends whose caps declare decode override this."""
         raise NotImplementedError(f"backend {self.name} declares no KV-cache decoding")
 

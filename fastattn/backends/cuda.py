@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import (Backend, Capabilities, Masks, Problem, empty_lse, empty_out, finish_grads, fp32_grad_buffers,
+from ..call import Call
+from .base import (Backend, Capabilities, Problem, empty_lse, empty_out, finish_grads, fp32_grad_buffers,
                    tile_aligned)
 
 HEAD_DIMS = (64, 128)  # csrc/cuda: one .cu per (head dim, dtype)
@@ -57,20 +58,17 @@ class CudaBackend(Backend):
             why.append("q/k/v need a unit head-dim stride, other strides multiple of 8, 16-byte aligned data")
         return why
 
-    def _masks(self, masks: Masks):
-        return self.ext.MaskTensors(masks.key_ranges, masks.key_padding)
-
-    def forward(self, q, k, v, masks, causal, scale, dropout_p, seed):
+    # The kernels' entry points take the call's fields after their buffers (csrc/call.h).
+    def forward(self, q, k, v, call: Call):
         out, lse = empty_out(q), empty_lse(q)
-        self.ext.cuda_forward(q, k, v, out, lse, self._masks(masks), causal, scale, dropout_p, seed)
+        self.ext.cuda_forward(q, k, v, out, lse, *call)
         return out, lse
 
-    def backward(self, dout, dlse, q, k, v, out, lse, masks, causal, scale, dropout_p, seed):
+    def backward(self, dout, dlse, q, k, v, out, lse, call: Call):
         dq, dk, dv = fp32_grad_buffers(q, k)
         if dlse is not None:
             dlse = dlse.to(torch.float32).contiguous()
         # an incoming gradient (or, traced, an output) of unusual layout: the one copy made here
         dout, out = _tile_ready(dout), _tile_ready(out)
-        self.ext.cuda_backward(dout, q, k, v, out, lse, dlse, self._masks(masks), causal, scale,
-                                   dropout_p, seed, dq, dk, dv)
+        self.ext.cuda_backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, *call)
         return finish_grads(dq, dk, dv, k, q.dtype)

@@ -17,6 +17,7 @@ import importlib.util
 import torch
 
 from . import dispatch
+from ..call import Call
 from .base import Backend, Capabilities, Problem, empty_lse, empty_out, new_buffer
 
 KNOWN_TRITON = ("3.6", "3.7", "3.8", "3.9")
@@ -78,15 +79,15 @@ class GluonBackend(Backend):
             return ["opt-in (backend='gluon') until a GPU record ranks it for this call"]
         return []
 
-    def forward(self, q, k, v, masks, causal, scale, dropout_p, seed):
+    def forward(self, q, k, v, call: Call):
         from ..gluon import launch
 
         q, k, v = _readable(q, k, v)
         out, lse = empty_out(q), empty_lse(q)
-        launch.forward(q, k, v, out, lse, causal, scale, masks.key_padding, masks.key_ranges)
+        launch.forward(q, k, v, out, lse, call.causal, call.scale, call.key_padding, call.key_ranges)
         return out, lse
 
-    def backward(self, dout, dlse, q, k, v, out, lse, masks, causal, scale, dropout_p, seed):
+    def backward(self, dout, dlse, q, k, v, out, lse, call: Call):
         from ..gluon import launch
 
         dout, q, k, v = _readable(dout, q, k, v)
@@ -95,7 +96,8 @@ class GluonBackend(Backend):
         dq, dk, dv = new_buffer(q, B, H, Nq, D), new_buffer(k, B, Hkv, Nk, D), new_buffer(v, B, Hkv, Nk, D)
         if dlse is not None:
             dlse = dlse.to(torch.float32).contiguous()
-        launch.backward(dout, q, k, v, out, lse, dq, dk, dv, causal, scale, masks.key_padding, masks.key_ranges, dlse)
+        launch.backward(dout, q, k, v, out, lse, dq, dk, dv, call.causal, call.scale, call.key_padding, call.key_ranges,
+                        dlse)
         return dq, dk, dv
 
 

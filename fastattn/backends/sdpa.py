@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from ..call import Call
 from .base import Backend, Capabilities, Problem, empty_lse, empty_out, out_strides
 
 aten = torch.ops.aten
@@ -53,7 +54,7 @@ def cuda_kernels(dtype: torch.dtype, head_dim: int) -> tuple[str, ...]:
 def torch_kernel(device: str, dtype: torch.dtype, head_dim: int, gqa: bool, cudnn: bool) -> str | None:
     """The backend's first choice of kernel ("flash", "cudnn", "efficient") for a call, or None,
     for benchmark records made before it existed, which time torch's kernels by name
-    (fastattn.bench.dispatch): cudnn, whether their torch had cuDNN's attention; gqa,
+    (fastattn.bench.dispatch_sweep): cudnn, whether their torch had cuDNN's attention; gqa,
     grouped-query, which their torch's memory-efficient kernel did not take."""
     if device == "cpu":
         return "flash"
@@ -157,7 +158,10 @@ class SdpaBackend(Backend):
                            f"{', '.join(kernels)} kernels for this call")
         return why
 
-    def forward(self, q, k, v, masks, causal, scale, dropout_p, seed):  # never causal: see reasons
+    def forward(self, q, k, v, call: Call):  # no masks, never causal: see reasons
+        return self._forward(q, k, v, call.scale)
+
+    def _forward(self, q, k, v, scale: float):
         q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
         B, H, Nq, D = q.shape
         if q.numel() == 0:  # no query: torch's CPU kernel divides by Nq = 0 (SIGFPE), and B or H = 0 fails
@@ -184,7 +188,8 @@ class SdpaBackend(Backend):
             out = torch.empty_strided(out.shape, out_strides(q), dtype=out.dtype, device=out.device).copy_(out)
         return out, lse
 
-    def backward(self, dout, dlse, q, k, v, out, lse, masks, causal, scale, dropout_p, seed):
+    def backward(self, dout, dlse, q, k, v, out, lse, call: Call):
+        scale = call.scale
         if q.numel() == 0:  # no query, so no key or value reaches the output
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
@@ -223,7 +228,7 @@ class SdpaBackend(Backend):
         dq_i = scale dlse_i sum_j p_ij k_j and dk_j = scale sum_i p_ij dlse_i q_i: the first is
         attention with k as the values, the second that attention's dV for dO = dlse q. Two more
         kernel calls, only when the loss uses lse (return_lse)."""
-        out_k, lse_k = self.forward(q, k, k, None, False, scale, 0.0, 0)  # lse_k: the forward's lse
+        out_k, lse_k = self._forward(q, k, k, scale)  # lse_k: the forward's lse
         dq_scaled = dlse[..., None].to(q.dtype) * q
         _, _, dk = self._backward(dq_scaled, q, k, k, out_k, lse_k, scale)
         dq = (scale * dlse[..., None] * out_k.float()).to(q.dtype)

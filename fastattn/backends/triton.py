@@ -11,7 +11,8 @@ import os
 
 import torch
 
-from .base import SCORE_MODS, Backend, Capabilities, Masks, Problem, empty_lse, empty_out, new_buffer
+from ..call import Call
+from .base import SCORE_MODS, Backend, Capabilities, Problem, empty_lse, empty_out, new_buffer
 
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"  # read once, like Triton itself
@@ -21,17 +22,6 @@ def _kernels():
     from ..triton import attention as triton_attention
 
     return triton_attention
-
-
-def _mask_args(q, k, masks: Masks):
-    """The kernels' mask arguments; windows wider than any query-key distance are that distance,
-    so the kernels' position sums stay far from int64's end."""
-    def bounded(w):
-        return min(w, q.shape[2] + k.shape[2])
-
-    return _kernels().MaskArgs(q, masks.key_padding, masks.key_ranges, masks.attn_mask, masks.cu_seqlens_q,
-                               masks.cu_seqlens_k, (bounded(masks.window_left), bounded(masks.window_right)),
-                               masks.softcap, masks.alibi_slopes, masks.sinks, masks.bottom_right)
 
 
 def on_device(t: torch.Tensor):
@@ -63,25 +53,24 @@ class TritonBackend(Backend):
             return ["CPU tensors run only through Triton's interpreter, for tests: name backend='triton'"]
         return []
 
-    def forward(self, q, k, v, masks, causal, scale, dropout_p, seed):
+    def forward(self, q, k, v, call: Call):
         rows = _kernels().rows_contiguous
         q, k, v = rows(q), rows(k), rows(v)
         out, lse = empty_out(q), empty_lse(q)
         with on_device(q):
-            _kernels().forward(q, k, v, out, lse, _mask_args(q, k, masks), causal, scale, dropout_p, seed,
-                               (masks.max_seqlen_q, masks.max_seqlen_k))
+            _kernels().forward(q, k, v, out, lse, call)
         return out, lse
 
-    def decode(self, q, k_cache, v_cache, seqlens, masks, causal, scale):
+    def decode(self, q, k_cache, v_cache, seqlens, call: Call):
         from ..triton import decode as triton_decode
 
         q = _kernels().rows_contiguous(q)
         out, lse = empty_out(q), empty_lse(q)
         with on_device(q):
-            triton_decode.decode(q, k_cache, v_cache, seqlens, out, lse, causal, scale, _mask_args(q, k_cache, masks))
+            triton_decode.decode(q, k_cache, v_cache, seqlens, out, lse, call)
         return out, lse
 
-    def backward(self, dout, dlse, q, k, v, out, lse, masks, causal, scale, dropout_p, seed):
+    def backward(self, dout, dlse, q, k, v, out, lse, call: Call):
         rows = _kernels().rows_contiguous
         dout, q, k, v, out = rows(dout), rows(q), rows(k), rows(v), rows(out)
         B, H, Nq, D = q.shape
@@ -91,6 +80,5 @@ class TritonBackend(Backend):
         if dlse is not None:
             dlse = dlse.to(torch.float32).contiguous()
         with on_device(q):
-            _kernels().backward(dout, dlse, q, k, v, out, lse, _mask_args(q, k, masks), causal, scale,
-                                dropout_p, seed, dq, dk, dv, (masks.max_seqlen_q, masks.max_seqlen_k))
+            _kernels().backward(dout, dlse, q, k, v, out, lse, call, dq, dk, dv)
         return dq, dk, dv

@@ -58,8 +58,8 @@ def make_inputs(case: Case, device: str) -> Inputs:
 
 def case_problem(case: Case, device: str) -> Problem:
     """The dispatch facts of the case's calls, as fastattn.attention gathers them."""
-    return Problem(device, DTYPES[case.dtype], case.head_dim, None, "padded" in case.kind, case.causal, False,
-                   case.mode == "fwd+bwd", nq=length_bucket(case.seq), nk=length_bucket(case.seq),
+    return Problem(device, DTYPES[case.dtype], case.head_dim, key_padding="padded" in case.kind, causal=case.causal,
+                   needs_grad=case.mode == "fwd+bwd", nq=length_bucket(case.seq), nk=length_bucket(case.seq),
                    gqa=case.kv_heads != case.heads)
 
 

@@ -42,11 +42,11 @@ def _rank(rank: int, init: str, N: int, reps: int, out: str) -> None:
         return time.perf_counter() - began
 
     step()
-    ring.exposed_seconds = 0.0
+    ring.WAITS.seconds = 0.0
     times = [step() for _ in range(reps)]
-    exposed = ring.exposed_seconds / reps
+    exposed = ring.WAITS.seconds / reps
     # The same transfers alone: k, v around the ring twice (forward, backward), dK, dV (float32) W hops.
-    hops = ring._Ring(None, rank, WORLD)
+    hops = ring.Ring(None, rank, WORLD)
     grads = [torch.zeros(t.shape, dtype=torch.float32) for t in (k, v)]
     dist.barrier()
     began = time.perf_counter()
@@ -54,7 +54,7 @@ def _rank(rank: int, init: str, N: int, reps: int, out: str) -> None:
         for tensors, count in (([k, v], WORLD - 1), ([k, v], WORLD - 1), (grads, WORLD)):
             for _ in range(count):
                 requests, _ = hops.start([t.detach() for t in tensors])
-                ring._wait(requests)
+                ring.WAITS.wait(requests)
     alone = (time.perf_counter() - began) / reps
     if rank == 0:
         Path(out).write_text(json.dumps(dict(ms=statistics.median(times) * 1e3, comm_ms=alone * 1e3,

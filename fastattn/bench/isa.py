@@ -36,8 +36,8 @@ def measure(n: int, min_run_time: float, cases=CASES) -> dict:
     import torch
     import torch.nn.functional as F
 
-    import fastattn
     from fastattn import _C
+    from fastattn.api import attention
     from fastattn.bench.cases import Case
     from fastattn.bench.timing import paired_ms
 
@@ -61,9 +61,9 @@ def measure(n: int, min_run_time: float, cases=CASES) -> dict:
         mask = None if pad is None else (allowed if causal else ~pad[:, None, None, :])
         x = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)] if "bf16" in case else (q, k, v)
         fns = [lambda: F.scaled_dot_product_attention(*x, attn_mask=mask, is_causal=causal and mask is None),
-               lambda: fastattn.attention(*x, key_padding_mask=pad, causal=causal, backend="cpu")]
+               lambda: attention(*x, key_padding_mask=pad, causal=causal, backend="cpu")]
         if "bf16" in case:  # the alternative a bf16 table must beat: fp32 inputs on the fp32 kernel
-            fns.append(lambda: fastattn.attention(*(t.float() for t in x), key_padding_mask=pad, causal=causal,
+            fns.append(lambda: attention(*(t.float() for t in x), key_padding_mask=pad, causal=causal,
                                                   backend="cpu"))
         runs = [step(fn, backward) for fn in fns]
         try:

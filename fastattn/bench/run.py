@@ -19,7 +19,7 @@ from .decode import decode_rows
 from .models import encoder_rows, model_rows, module_rows
 from .packed import varlen_rows
 from .score_mods import score_mod_rows
-from .report import environment, plot, print_tables
+from .record_report import environment, plot, print_tables
 from .timing import add_peak_shares, peaks
 
 

@@ -12,8 +12,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import ops
-from ..api import _problem, key_ranges
+from ..api import check_qkv
 from ..backends import select_backend
+from ..call import Call
+from ..front_door import describe
+from ..masks import key_ranges
 from ..merge import merge_attention
 from .shards import check_layout, group_of
 
@@ -34,7 +37,7 @@ def _block(layout: str, causal: bool, rank: int, src: int, n: int):
     return (whole, slice(0, half), False) if src < rank else (slice(half, None), whole, False)
 
 
-class _Ring:
+class Ring:
     """Point-to-point exchange with this rank's neighbours: send to next, receive from previous."""
 
     def __init__(self, group, rank: int, world: int):
@@ -54,17 +57,21 @@ class _Ring:
         return (dist.batch_isend_irecv(p2p) if p2p else []), received
 
 
-# Seconds this process has waited on the ring's transfers: the communication its compute did not
-# hide (read by the benchmark).
-exposed_seconds = 0.0
+class Waits:
+    """The seconds this process has waited on the ring's transfers: the communication its compute
+    did not hide (the benchmark reads and resets `seconds`)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wait(self, requests) -> None:
+        began = time.perf_counter()
+        for request in requests:
+            request.wait()
+        self.seconds += time.perf_counter() - began
 
 
-def _wait(requests) -> None:
-    global exposed_seconds
-    began = time.perf_counter()
-    for request in requests:
-        request.wait()
-    exposed_seconds += time.perf_counter() - began
+WAITS = Waits()
 
 
 def _held(k: Tensor, v: Tensor, padding: Tensor | None) -> list[Tensor]:
@@ -82,7 +89,7 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, padding, group, causal, scale, layout, backend):
         rank, world = group_of(group)
-        ring, n = _Ring(group, rank, world), q.shape[2]
+        ring, n = Ring(group, rank, world), q.shape[2]
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
         held = _held(k, v, padding)
@@ -91,10 +98,11 @@ class _RingAttention(torch.autograd.Function):
             block = _block(layout, causal, rank, (rank - step) % world, n)
             if block is not None:
                 rows, keys, block_causal = block
-                o, l = ops.attention_forward(q[:, :, rows], *_keys(held, keys), None, None, None, 0, 0, block_causal,
-                                             scale, 0.0, 0, backend)
+                bk, bv, kpm, ranges = _keys(held, keys)
+                o, l = ops.attention_forward(q[:, :, rows], bk, bv, backend, Call(
+                    key_padding=kpm, key_ranges=ranges, causal=block_causal, scale=scale))
                 out[:, :, rows], lse[:, :, rows] = merge_attention(out[:, :, rows], lse[:, :, rows], o, l)
-            _wait(requests)
+            WAITS.wait(requests)
             held = arriving
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, padding, out, lse)
@@ -107,7 +115,7 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, padding, out, lse = ctx.saved_tensors
         group, causal, scale, layout, backend = ctx.setup
         rank, world = group_of(group)
-        ring, n = _Ring(group, rank, world), q.shape[2]
+        ring, n = Ring(group, rank, world), q.shape[2]
         if dout is None:
             dout = torch.zeros_like(out)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -123,12 +131,12 @@ class _RingAttention(torch.autograd.Function):
                 bk, bv, kpm, ranges = _keys(held, keys)
                 lse_rows = lse[:, :, rows].contiguous()
                 dlse_rows = None if dlse is None else dlse[:, :, rows].contiguous()
-                dq_block, dk_block, dv_block = torch.ops.fastattn.attention_backward(
-                    dout[:, :, rows], dlse_rows, q[:, :, rows], bk, bv, out[:, :, rows], lse_rows, kpm, ranges,
-                    None, None, None, 0, 0, block_causal, scale, 0.0, 0, backend)
+                dq_block, dk_block, dv_block = ops.attention_backward(
+                    dout[:, :, rows], dlse_rows, q[:, :, rows], bk, bv, out[:, :, rows], lse_rows, backend,
+                    Call(key_padding=kpm, key_ranges=ranges, causal=block_causal, scale=scale))
                 dq[:, :, rows] += dq_block
                 done = keys, dk_block, dv_block
-            _wait(kv_requests + grad_requests)
+            WAITS.wait(kv_requests + grad_requests)
             grads = grads_in or [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v)]
             if done is not None:  # this rank's share, added to what the block gathered before
                 keys, dk_block, dv_block = done
@@ -136,7 +144,7 @@ class _RingAttention(torch.autograd.Function):
                 grads[1][:, :, keys] += dv_block
             held = arriving
         requests, own = ring.start(grads) if world > 1 else ([], grads)  # the last hop: each block's to its owner
-        _wait(requests)
+        WAITS.wait(requests)
         dk, dv = (g.to(t.dtype) for g, t in zip(own, (k, v)))
         return dq.to(q.dtype), dk, dv, None, None, None, None, None, None
 
@@ -157,7 +165,9 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool 
                          f"{k.shape[2]} and {v.shape[2]}")
     if layout == "zigzag" and causal and world > 1 and q.shape[2] % 2:
         raise ValueError(f"q: a zigzag shard holds two equal chunks, expected an even length, got {q.shape[2]}")
-    padding, _, scale, problem = _problem(q, k, v, key_padding_mask, None, causal, scale, 0.0, backend)
-    chosen = select_backend(backend, problem)
-    out, lse = _RingAttention.apply(q, k, v, padding, group, causal, scale, layout, chosen.name)
+    check_qkv(q, k, v)
+    call, problem = describe(q, k, v, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
+                             return_lse=return_lse, backend=backend)
+    out, lse = _RingAttention.apply(q, k, v, call.key_padding, group, causal, call.scale, layout,
+                                    select_backend(backend, problem).name)
     return (out, lse) if return_lse else out

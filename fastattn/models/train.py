@@ -238,7 +238,7 @@ def load_checkpoint(path, task, model, opt, device) -> int:
     return ckpt["step"]
 
 
-def peak_memory_mb(device, distributed: bool) -> list[float]:
+def peak_memory_per_rank_mb(device, distributed: bool) -> list[float]:
     """Each rank's peak memory: allocated on a GPU, the process's resident set on a CPU."""
     if device.type == "cuda":
         mine = torch.cuda.max_memory_allocated(device) / 2**20
@@ -325,7 +325,7 @@ def train(args) -> dict:
     metrics = dict(task=task.name, attention=args.attention, pack=args.pack, device=str(device),
                    world_size=world, context_parallel=args.context_parallel, steps=step, exact_match=score,
                    seconds=seconds, tokens_per_s=tokens / seconds, losses=losses,
-                   peak_memory_mb=peak_memory_mb(device, distributed))
+                   peak_memory_mb=peak_memory_per_rank_mb(device, distributed))
     if rank == 0:
         model.eval()
         for line in task.show(model, held_out, device):

@@ -36,9 +36,9 @@ def _check_flag(skip_padded_queries) -> bool:
     return skip_padded_queries
 
 
-class _Masks:
-    """Masks in the kernel's terms: padding (B, S) bool, attn (B or 1, H or 1, L, S) with bool
-    True = may attend or float, and a causal flag."""
+class _MaskKeywords:
+    """torch's masks as fastattn.attention's mask keywords: padding (key_padding_mask: (B, S) bool),
+    attn (attn_mask: (B or 1, H or 1, L, S), bool True = may attend, or float) and causal."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -157,7 +157,7 @@ class MultiHeadAttention(nn.MultiheadAttention):
         """The default path: the padded batch through the fused kernel. Returns the output in the
         input's layout and, if asked, the weights (B, H, L, S)."""
         seq_dim = 1 if self.batch_first else 0
-        masks = self._masks(key_padding_mask, attn_mask, is_causal, B, L, S, query.device)
+        masks = self._mask_keywords(key_padding_mask, attn_mask, is_causal, B, L, S, query.device)
         if packed and self.bias_k is None and not self.add_zero_attn:  # the QKV GEMM's heads, in two views
             qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
             qkv = qkv.view(*qkv.shape[:2], 3, self.num_heads, self.head_dim)
@@ -177,7 +177,7 @@ class MultiHeadAttention(nn.MultiheadAttention):
         q, k, v = (self._heads(t) for t in (q, k, v))  # (B, H, N, D) views, no copies
         return self._attend_heads(q, k, v, masks, need_weights, query.dtype)
 
-    def _attend_heads(self, q, k, v, masks: _Masks, need_weights, dtype) -> tuple[Tensor, Tensor | None]:
+    def _attend_heads(self, q, k, v, masks: _MaskKeywords, need_weights, dtype) -> tuple[Tensor, Tensor | None]:
         """The fused kernel on (B, H, N, D) views of the projections; the output projection."""
         out = attention(q, k, v, key_padding_mask=masks.padding, attn_mask=masks.attn,
                         causal=masks.causal, dropout_p=self.dropout if self.training else 0.0,
@@ -199,7 +199,7 @@ class MultiHeadAttention(nn.MultiheadAttention):
             raise ValueError("skip_padded_queries: expected add_bias_kv=False and add_zero_attn=False (the "
                              f"appended keys are not in the packed sequences), got add_bias_kv="
                              f"{self.bias_k is not None} and add_zero_attn={self.add_zero_attn}")
-        masks = self._masks(key_padding_mask, attn_mask, is_causal, B, L, L, x.device)
+        masks = self._mask_keywords(key_padding_mask, attn_mask, is_causal, B, L, L, x.device)
         if masks.padding is None:
             raise ValueError("key_padding_mask: with skip_padded_queries, expected a bool mask or a float one of "
                              "0 and -inf (bool only under torch.compile), got other float values")
@@ -302,10 +302,10 @@ class MultiHeadAttention(nn.MultiheadAttention):
         x = x.unflatten(-1, (self.num_heads, self.head_dim))
         return x.transpose(1, 2) if self.batch_first else x.permute(1, 2, 0, 3)
 
-    def _masks(self, key_padding_mask, attn_mask, is_causal, B, L, S, device) -> _Masks:
+    def _mask_keywords(self, key_padding_mask, attn_mask, is_causal, B, L, S, device) -> _MaskKeywords:
         """torch's masks (bool True = hidden, float added) in the kernel's terms. Padding and
         causal masks become a (B, S) padding mask and a flag, never a (B*H, L, S) tensor."""
-        masks = _Masks(device)
+        masks = _MaskKeywords(device)
         if key_padding_mask is None and attn_mask is None:
             masks.causal = bool(is_causal)
             return masks

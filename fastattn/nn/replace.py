@@ -51,7 +51,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
                    for t in qkv.split(mha.embed_dim, dim=-1))  # (B, H, L, D) views
         if src_mask is not None:
             src_mask = src_mask[..., :L, :L]
-        masks = mha._masks(padding_from_keep(valid), src_mask, is_causal, B, L, L, x.device)
+        masks = mha._mask_keywords(padding_from_keep(valid), src_mask, is_causal, B, L, L, x.device)
         out = attention(q, k, v, key_padding_mask=masks.padding, attn_mask=masks.attn,
                         causal=masks.causal, backend=mha.backend)  # (B, H, L, D)
         out = out.transpose(1, 2).reshape(B, L, mha.embed_dim)[valid]  # (T, E)

@@ -16,20 +16,23 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import INTERPRETING, LOG2E, UNSPECIALIZED, MaskArgs, _mma, _hide_values, _tanh, block_d, cdiv, \
-    dot_precision, next_pow2
+from .attention import INTERPRETING, LN2_C, LOG2E, LOG2E_C, UNSPECIALIZED, CallGroups, _hide_values, _mma, _tanh, \
+    block_d, cdiv, dot_precision, next_pow2
 from .launch import Launcher
 
 
 @triton.jit(do_not_specialize=UNSPECIALIZED)
-def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, SEQLENS, ALIBI,
-                         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_kd,
-                         stride_vb, stride_vh, stride_vn, stride_vd, split_len, H, Hkv, Nq, group, num_splits,
-                         qk_scale, window_left, window_right, alibi_stride, cap, D: tl.constexpr,
-                         CAUSAL: tl.constexpr, PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-                         HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
-    """q with contiguous rows of D (the caches: any strides)."""
+def _decode_split_kernel(Q, K, V, PARTS, SEQLENS, ALIBI, SCALARS, split_len, H, Hkv, Nq, group, num_splits,
+                         window_left, window_right, alibi_stride, D: tl.constexpr, CAUSAL: tl.constexpr,
+                         PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Q: (q, batch, head and row strides), q with contiguous rows of D; K, V: (cache, its four
+    strides), any strides; PARTS: (partial outputs, their lse); SCALARS: (qk_scale, cap) in log2 units."""
+    Q_PTR, stride_qb, stride_qh, stride_qm = Q
+    K_PTR, stride_kb, stride_kh, stride_kn, stride_kd = K
+    V_PTR, stride_vb, stride_vh, stride_vn, stride_vd = V
+    O_PART, LSE_PART = PARTS
+    qk_scale, cap = SCALARS
     bhk = tl.program_id(0)  # on the first axis: a grid's others stop at 65535
     split = tl.program_id(1)
     b, hk = (bhk // Hkv).to(tl.int64), (bhk % Hkv).to(tl.int64)  # 64-bit: long caches pass 2^31 elements
@@ -43,10 +46,10 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, SEQLENS, ALIBI,
     if WINDOW:  # from the first query's left edge
         lo += tl.where(window_left >= 0, tl.maximum(length - Nq - window_left, 0), 0)
     hi = tl.minimum(lo + split_len, length)
-    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + i[:, None] * stride_qm + offs_d[None, :],
+    q = tl.load(Q_PTR + b * stride_qb + h[:, None] * stride_qh + i[:, None] * stride_qm + offs_d[None, :],
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+    k_base = K_PTR + b * stride_kb + hk * stride_kh
+    v_base = V_PTR + b * stride_vb + hk * stride_vh
     at = length - Nq + i  # query i's key position: causal, the last key it sees
     key_lo, key_hi = tl.zeros_like(at), (at if CAUSAL else tl.zeros_like(at) + length)  # each row's keys, both in
     if WINDOW:  # once per row, not per score
@@ -54,7 +57,7 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, SEQLENS, ALIBI,
         key_hi = tl.where(window_right >= 0, tl.minimum(key_hi, at + window_right), key_hi)
     slope = 0.0
     if HAS_ALIBI:
-        slope = tl.load(ALIBI + b * alibi_stride + h, mask=row_ok, other=0.0) * 1.4426950408889634
+        slope = tl.load(ALIBI + b * alibi_stride + h, mask=row_ok, other=0.0) * LOG2E_C
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -90,10 +93,13 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, SEQLENS, ALIBI,
 
 
 @triton.jit(do_not_specialize=UNSPECIALIZED)
-def _decode_merge_kernel(O_PART, LSE_PART, O, LSE, SINKS, stride_ob, stride_oh, stride_om, H, Nq, num_splits,
-                         D: tl.constexpr, HAS_SINKS: tl.constexpr, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _decode_merge_kernel(PARTS, O, LSE, SINKS, H, Nq, num_splits, D: tl.constexpr, HAS_SINKS: tl.constexpr,
+                         SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
     """out = sum_s 2^(lse_s - lse) out_s and lse = log2-sum-exp2 of lse_s (and of the sink), for
-    one query row; out with contiguous rows of D."""
+    one query row. PARTS: (partial outputs, their lse); O: (out, batch, head and row strides),
+    out with contiguous rows of D."""
+    O_PART, LSE_PART = PARTS
+    O_PTR, stride_ob, stride_oh, stride_om = O
     row = tl.program_id(0)  # (b * H + h) * Nq + i
     b, h, i = row // (H * Nq), row // Nq % H, row % Nq
     offs_s = tl.arange(0, SPLITS)
@@ -101,7 +107,7 @@ def _decode_merge_kernel(O_PART, LSE_PART, O, LSE, SINKS, stride_ob, stride_oh, 
     lse2 = tl.load(LSE_PART + row * num_splits + offs_s, mask=offs_s < num_splits, other=float("-inf"))
     top = tl.max(lse2, 0)
     if HAS_SINKS:
-        sink = tl.load(SINKS + h) * 1.4426950408889634
+        sink = tl.load(SINKS + h) * LOG2E_C
         top = tl.maximum(top, sink)
     top = tl.where(top == float("-inf"), 0.0, top)
     w = tl.math.exp2(lse2 - top)
@@ -111,9 +117,9 @@ def _decode_merge_kernel(O_PART, LSE_PART, O, LSE, SINKS, stride_ob, stride_oh, 
     o = tl.load(O_PART + (row * num_splits + offs_s)[:, None] * D + offs_d[None, :],
                 mask=(offs_s[:, None] < num_splits) & (offs_d[None, :] < D), other=0.0)
     out = tl.sum(w[:, None] * o, 0) / tl.where(total != 0.0, total, 1.0)
-    tl.store(O + b * stride_ob + h * stride_oh + i * stride_om + offs_d, out.to(O.dtype.element_ty),
+    tl.store(O_PTR + b * stride_ob + h * stride_oh + i * stride_om + offs_d, out.to(O_PTR.dtype.element_ty),
              mask=offs_d < D)
-    lse = tl.where(total != 0.0, (top + tl.math.log2(tl.where(total != 0.0, total, 1.0))) * 0.6931471805599453,
+    lse = tl.where(total != 0.0, (top + tl.math.log2(tl.where(total != 0.0, total, 1.0))) * LN2_C,
                    float("-inf"))
     tl.store(LSE + row, lse)
 
@@ -131,14 +137,15 @@ def split_count(ctas: int, cache_len: int, block_n: int, multiprocessors: int) -
     return max(1, min(wanted, cache_len // (2 * block_n), 128))
 
 
-_SPLIT = Launcher(_decode_split_kernel, tensors=7, specialized=12)
-_MERGE = Launcher(_decode_merge_kernel, tensors=5, specialized=3)
+_SPLIT = Launcher(_decode_split_kernel)
+_MERGE = Launcher(_decode_merge_kernel)
 
 
-def decode(q, k_cache, v_cache, seqlens, out, lse, causal: bool, scale: float, mods: MaskArgs) -> None:
+def decode(q, k_cache, v_cache, seqlens, out, lse, call) -> None:
     """q (B, H, Nq, D) with contiguous rows of D; caches (B, Hkv, Nmax, D); seqlens (B,) int32
-    valid keys per row; mods: the score modifiers (no masks); writes out (B, H, Nq, D),
-    contiguous rows of D, and lse (B, H, Nq), contiguous."""
+    valid keys per row; call: a Call (fastattn.backends.base) with score modifiers and no masks;
+    writes out (B, H, Nq, D), contiguous rows of D, and lse (B, H, Nq), contiguous."""
+    causal, scale, mods = call.causal, call.scale, CallGroups(q, k_cache, call)
     B, H, Nq, D = q.shape
     Hkv, Nmax = k_cache.shape[1], k_cache.shape[2]
     window, softcap, alibi, sinks, _ = mods.mod_flags()
@@ -153,9 +160,17 @@ def decode(q, k_cache, v_cache, seqlens, out, lse, causal: bool, scale: float, m
     split_len = cdiv(cdiv(span, splits), block_n) * block_n
     o_part = torch.empty(B, H, Nq, splits, D, device=q.device, dtype=torch.float32)
     lse_part = torch.empty(B, H, Nq, splits, device=q.device, dtype=torch.float32)
+    parts = (o_part, lse_part)
     _SPLIT((B * Hkv, splits, m_blocks),
-           (q, k_cache, v_cache, o_part, lse_part, seqlens, mods.alibi, *q.stride()[:3], *k_cache.stride(),
-            *v_cache.stride(), split_len, H, Hkv, Nq, group, splits, scale * LOG2E, *mods.scalars()),
+           _split_args(q, k_cache, v_cache, parts, seqlens, mods, scale, split_len, splits),
            (D, causal, dot_precision(q.dtype), window, softcap, alibi, block_m, block_n, block_d(D)), 4, 2)
-    _MERGE((B * H * Nq,), (o_part, lse_part, out, lse, mods.sinks, *out.stride()[:3], H, Nq, splits),
+    _MERGE((B * H * Nq,), (parts, (out, *out.stride()[:3]), lse, mods.sinks, H, Nq, splits),
            (D, sinks, next_pow2(splits), block_d(D)), 4, 3)
+
+
+def _split_args(q, k_cache, v_cache, parts, seqlens, mods: CallGroups, scale: float, split_len: int,
+                splits: int) -> tuple:
+    """_decode_split_kernel's arguments before its constexprs."""
+    H, Hkv = q.shape[1], k_cache.shape[1]
+    return ((q, *q.stride()[:3]), (k_cache, *k_cache.stride()), (v_cache, *v_cache.stride()), parts, seqlens,
+            mods.alibi, (scale * LOG2E, mods.cap), split_len, H, Hkv, q.shape[2], H // Hkv, splits, *mods.scalars())

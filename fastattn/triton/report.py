@@ -20,44 +20,62 @@ import sys
 import tempfile
 from pathlib import Path
 
-POINTERS = {"LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32", "KV_RANGES": "*i32", "KPM": "*u8", "MASK": "*u8",
-            "CU_Q": "*i32", "CU_K": "*i32", "O_PART": "*fp32", "LSE_PART": "*fp32", "SEQLENS": "*i32",
-            "ALIBI": "*fp32", "SINKS": "*fp32"}
-FLOATS = {"qk_scale", "sm_scale", "dropout_p", "cap"}
 NO_MODS = dict(WINDOW=False, SOFTCAP=False, HAS_ALIBI=False, HAS_SINKS=False, BOTTOM_RIGHT=False)
 ALL_MODS = dict.fromkeys(NO_MODS, True)  # "+mods": window, softcap, ALiBi, sinks, bottom-right at once
-UNIT_STRIDES = {"stride_kd", "stride_vd"}  # the decode kernel's caches (the others' rows are contiguous)
+
+
+def example_args(name: str, dtype: str, flags: dict) -> tuple:
+    """The runtime arguments (groups and all) the glue passes kernel `name` at these flags, built by
+    the glue itself from CPU tensors: 16-byte aligned pointers, 16-divisible strides, unit head-dim
+    strides (the decode kernel's caches), a 64-bit seed, as on a GPU (B = 2, H = 4, 256 queries and
+    keys; decoding: 1 query against a 256-key cache)."""
+    import torch
+
+    from fastattn.call import Call
+    from fastattn.triton import attention as ta, decode as triton_decode
+
+    tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype.split("-")[0], torch.float32)
+    B, H, N, D = 2, 4, 256, flags["D"]
+    q, k, v, out, dout = (torch.empty(B, H, N, D, dtype=tdtype) for _ in range(5))
+    lse = torch.empty(B, H, N)
+    kpm = torch.zeros(B, N, dtype=torch.bool) if flags.get("HAS_KPM") else None
+    masks = ta.CallGroups(q, k, Call(
+        key_padding=kpm, key_ranges=None if kpm is None else torch.zeros(3, B, dtype=torch.int32),
+        window_left=64 if flags.get("WINDOW") else -1, window_right=0 if flags.get("WINDOW") else -1,
+        softcap=30.0 if flags.get("SOFTCAP") else 0.0, alibi_slopes=torch.empty(H) if flags.get("HAS_ALIBI") else None,
+        sinks=torch.empty(H) if flags.get("HAS_SINKS") else None, bottom_right=flags.get("BOTTOM_RIGHT", False)))
+    seed = 2**40
+    if name == "_fwd_kernel":
+        return ta._fwd_args(q, k, v, out, lse, masks, B, N, N, 0.125, 0.0, seed)
+    if name == "_bwd_dkdv_kernel":
+        return ta._bwd_args((torch.empty_like(k), torch.empty_like(v)), q, k, v, dout, lse, torch.empty_like(lse),
+                            masks, B, N, N, 0.125, 0.0, seed)
+    if name == "_bwd_dq_kernel":
+        return ta._bwd_args((torch.empty_like(q),), q, k, v, dout, lse, torch.empty_like(lse), masks, B, N, N, 0.125,
+                            0.0, seed)
+    if name == "_decode_split_kernel":
+        splits = 4
+        parts = torch.empty(B, H, 1, splits, D), torch.empty(B, H, 1, splits)
+        return triton_decode._split_args(q[:, :, :1], k, v, parts, torch.full((B,), N, dtype=torch.int32), masks,
+                                         0.125, N // splits, splits)
+    raise ValueError(f"no example arguments for {name}")
 
 
 def compile_kernel(fn, dtype: str, arch: int, constexprs: dict):
     """triton.compile for GPUTarget("cuda", arch, 32), with the specialisations a real launch
-    gets: 16-byte aligned pointers, 16-divisible strides, unit head-dim strides, and the integers
-    declared do_not_specialize (sizes, the seed) as they are."""
-    from fastattn.triton.attention import UNSPECIALIZED
-
+    gets: Triton's own binder on the arguments the glue passes (example_args)."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
 
     consts = dict(constexprs)
     options = dict(num_warps=consts.pop("num_warps"), num_stages=consts.pop("num_stages"))
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in consts or name in UNIT_STRIDES:
-            consts.setdefault(name, 1)  # unit stride along the head dim
-            signature[name] = "constexpr"
-        elif name.isupper() and name not in ("B", "H"):  # tensors are upper-case; B, H are sizes
-            signature[name] = POINTERS.get(name, f"*{dtype.split('-')[0]}")
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in FLOATS:
-            signature[name] = "fp32"
-        elif name == "seed":
-            signature[name] = "i64"
-        else:
-            signature[name] = "i32"
-            if name not in UNSPECIALIZED:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return triton.compile(ASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", arch, 32),
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, _ = binder(*example_args(fn.fn.__name__, dtype, consts), **consts)
+    _, signature, constants, attrs = fn._pack_args(backend, dict(options), bound, specialization, options)
+    return triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", arch, 32),
                           options=options)
 
 

@@ -11,7 +11,7 @@ compile and one tuning. In order:
      takes the first candidate instead).
 Steps 2 and 3 take only configs a GPU of this architecture has checked against float64 with this
 Triton minor version (the manifest fastattn/triton/tuned/checked-<arch>.json, written by
-`python -m fastattn.triton.checked`; fastattn.triton.checked): one miscompiled on an H200 while the
+`python -m fastattn.bench.triton_checked`): one miscompiled on an H200 while the
 interpreter ran it right. Without a manifest, or where no checked config fits, the first candidate
 that fits runs, untimed. A config out of shared memory gives way to the next candidate, the last
 to FALLBACK.
@@ -56,7 +56,7 @@ FALLBACK: dict[str, Config] = {"fwd": (32, 32, 4, 2), "dkdv": (16, 32, 4, 2), "d
 INTERPRETER_CONFIG: Config = (32, 32, 4, 1)  # small tiles: the interpreter runs them on the CPU
 DECODE_MAX_Q = 16
 TUNINGS: collections.Counter = collections.Counter()
-_SHIPPED_DIR = Path(__file__).parent / "tuned"
+SHIPPED_DIR = Path(__file__).parent / "tuned"
 
 
 def fits(config: Config, block_d: int) -> bool:
@@ -97,7 +97,7 @@ def _parse(key: str) -> tuple[str, int, int]:
     return "|".join(head), int(q[1:]).bit_length(), int(k[1:]).bit_length()
 
 
-def _arch() -> str:
+def gpu_arch() -> str:
     major, minor = torch.cuda.get_device_capability()
     return f"sm{major}{minor}"
 
@@ -112,7 +112,7 @@ def cache_path() -> Path:
 
 def load_checked(directory: Path, arch: str) -> dict[str, set[Config]]:
     """kernel -> the configs checked on `arch` with the installed Triton's minor version, from the
-    manifest fastattn.triton.checked writes on a GPU; {} where there is none."""
+    manifest fastattn.bench.triton_checked writes on a GPU; {} where there is none."""
     import triton
 
     minor = lambda version: version.split(".")[:2]  # noqa: E731
@@ -125,7 +125,7 @@ def load_checked(directory: Path, arch: str) -> dict[str, set[Config]]:
         return {}
 
 
-def _load(path: Path) -> dict[str, Config]:
+def load_configs(path: Path) -> dict[str, Config]:
     try:
         return {k: tuple(v) for k, v in json.loads(path.read_text())["configs"].items()}
     except (OSError, ValueError, KeyError, TypeError):
@@ -144,18 +144,18 @@ class Tuner:
 
     def shipped(self) -> dict[str, Config]:
         if self._shipped is None:
-            self._shipped = _load(_SHIPPED_DIR / f"{_arch()}.json")
+            self._shipped = load_configs(SHIPPED_DIR / f"{gpu_arch()}.json")
         return self._shipped
 
     def checked(self) -> dict[str, set[Config]]:
         """kernel -> the configs a GPU like this one has checked, with this Triton (empty: none)."""
         if self._checked is None:
-            self._checked = load_checked(_SHIPPED_DIR, _arch())
+            self._checked = load_checked(SHIPPED_DIR, gpu_arch())
         return self._checked
 
     def cached(self) -> dict[str, Config]:
         if self._cache is None:
-            self._cache = _load(cache_path())
+            self._cache = load_configs(cache_path())
         return self._cache
 
     def nearest_shipped(self, key: str) -> Config | None:
@@ -205,7 +205,7 @@ class Tuner:
         path = cache_path()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            merged = {**_load(path), **self.cached()}  # keep what other processes tuned meanwhile
+            merged = {**load_configs(path), **self.cached()}  # keep what other processes tuned meanwhile
             with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
                 f.write(json.dumps({"configs": merged}, indent=1, sort_keys=True))
             os.replace(f.name, path)  # atomic: processes tuning side by side never see half a file

@@ -40,17 +40,16 @@ void by_type(const at::Tensor& q, Run run) {
   return bf16 ? run(std::integral_constant<int, 128>{}, __nv_bfloat16{}) : run(std::integral_constant<int, 128>{}, __half{});
 }
 
-void emu_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
-                 const MaskTensors& masks, bool causal, double scale, double dropout_p, int64_t seed) {
-  const AttentionParams p = make_params(q, k, v, out, lse, masks, causal, scale, dropout_p, seed);
+void emu_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                 at::Tensor& lse FASTATTN_PY_CALL_PARAMS) {
+  const AttentionParams p = make_params(q, k, v, out, lse, FASTATTN_CALL_FROM_PARAMS);
   by_type(q, [&](auto d, auto t) { cuda::forward_steps<decltype(d)::value, decltype(t)>(p, EmuLaunch{buffers({&q, &k, &v})}); });
 }
 
 void emu_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
-                  const MaskTensors& masks, bool causal, double scale, double dropout_p, int64_t seed, at::Tensor& dq,
-                  at::Tensor& dk, at::Tensor& dv) {
-  const AttentionBwdParams p = make_bwd_params(dout, q, k, v, out, lse, dlse, masks, causal, scale, dropout_p, seed, dq, dk, dv);
+                  at::Tensor& dq, at::Tensor& dk, at::Tensor& dv FASTATTN_PY_CALL_PARAMS) {
+  const AttentionBwdParams p = make_bwd_params(dout, q, k, v, out, lse, dlse, FASTATTN_CALL_FROM_PARAMS, dq, dk, dv);
   at::Tensor ws = at::empty({cuda::bwd_workspace_floats(p)}, lse.options());
   by_type(q, [&](auto d, auto t) {
     cuda::backward_steps<decltype(d)::value, decltype(t)>(p, ws.data_ptr<float>(), EmuLaunch{buffers({&q, &k, &v, &dout, &ws})});
@@ -62,10 +61,6 @@ void emu_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
-  py::class_<fastattn::MaskTensors>(m, "MaskTensors", py::module_local())
-      .def(py::init([](std::optional<at::Tensor> ranges, std::optional<at::Tensor> padding) {
-        return fastattn::MaskTensors{std::move(ranges), std::move(padding)};
-      }));
   m.def("cuda_forward", &fastattn::emu_forward);
   m.def("cuda_backward", &fastattn::emu_backward);
 }

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..triton.report import SMEM_LIMIT, cubin_stats
 from .launch import BWD_VARIANTS, MAXNREG, VARIANTS, launched
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16"}  # short name -> gl and torch attribute
 
 
 def compile_kernel(kernel, descriptors: dict, constexprs: dict, num_warps: int, head_dim: int, dtype: str = "bf16",
@@ -31,8 +31,8 @@ def compile_kernel(kernel, descriptors: dict, constexprs: dict, num_warps: int, 
     from triton.runtime.jit import mangle_type
 
     def descriptor(rows):  # the JIT's signature string of a host descriptor (CPU tensor: nothing runs)
-        layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], getattr(gl, DTYPES[dtype]))
-        t = torch.empty(4096, head_dim, dtype=getattr(torch, DTYPES[dtype]))
+        layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], getattr(gl, DTYPE_NAMES[dtype]))
+        t = torch.empty(4096, head_dim, dtype=getattr(torch, DTYPE_NAMES[dtype]))
         return mangle_type(TensorDescriptor.from_tensor(t, [rows, head_dim], layout))
 
     signature = {**{n: descriptor(r) for n, r in descriptors.items()}, **(pointers or {})}

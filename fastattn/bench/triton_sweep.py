@@ -7,6 +7,10 @@ Compiling dominates a sweep: worker processes compile every configuration first 
 cache keeps the binaries), then one process times them. Results are written after every case,
 and a case is not started past --budget-s, so a sweep cut short still leaves its winners.
 Without a GPU (TRITON_INTERPRET=1) it runs end to end on tiny shapes: that is how CI checks it.
+
+A tool, not a kernel: it lives in the bench layer (it takes the benchmark's shapes from
+fastattn.bench.cases), beside the dispatch sweep (`tune --dispatch`: fastattn.bench.dispatch_sweep);
+the runtime tuner that reads what it writes is fastattn.triton.tuning.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ GPU = not os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @dataclass(frozen=True)
-class Case:
+class SweepCase:
     head_dim: int
     kind: str  # dense, causal, padded, causal+padded
     seq: int
@@ -38,21 +42,22 @@ class Case:
         return "causal" in self.kind
 
 
-def cases(quick: bool) -> list[Case]:
+def sweep_cases(quick: bool) -> list[SweepCase]:
     """Most valuable first: N 4096, then 16k, then 1k; D 128 before 64; dense and causal before padded."""
     if not GPU:
-        return [Case(16, kind, 64, 128, 32) for kind in ("dense", "causal+padded")]
+        return [SweepCase(16, kind, 64, 128, 32) for kind in ("dense", "causal+padded")]
     kinds = ("dense", "causal", "padded", "causal+padded")
-    return [Case(D, kind, N) for N in ((4096,) if quick else (4096, 16384, 1024)) for D in (128, 64) for kind in kinds]
+    return [SweepCase(D, kind, N) for N in ((4096,) if quick else (4096, 16384, 1024)) for D in (128, 64) for kind in kinds]
 
 
-class Problem:
+class SweepProblem:
     """A case's tensors and the launch of each kernel, bf16 (fp16 shares the configurations)."""
 
-    def __init__(self, case: Case, device: str, seed: int = 0):
-        from . import attention as ta
-        from ..bench.cases import Case as BenchCase
+    def __init__(self, case: SweepCase, device: str, seed: int = 0):
+        from ..call import Call
         from ..masks import key_ranges
+        from ..triton import attention as ta
+        from .cases import Case
 
         gen = torch.Generator(device=device).manual_seed(seed)
         D, N = case.head_dim, case.seq
@@ -61,38 +66,37 @@ class Problem:
         self.q, self.k, self.v, self.dout = (rand(B, N, H, D).transpose(1, 2) for _ in range(4))
         kpm = ranges = None
         if "padded" in case.kind:  # the benchmark's lengths: spread over [N/4, N]
-            lengths = torch.tensor(BenchCase("padded", "fwd", "bf16", B, H, H, N, D).lengths(), device=device)
+            lengths = torch.tensor(Case("padded", "fwd", "bf16", B, H, H, N, D).lengths(), device=device)
             kpm = torch.arange(N, device=device)[None, :] >= lengths[:, None]
             ranges = key_ranges(kpm)
-        self.masks = ta.MaskArgs(self.q, kpm, ranges, None)
+        self.call = Call(key_padding=kpm, key_ranges=ranges, causal=case.causal, scale=1 / math.sqrt(D))
         self.kpm, self.case, self.ta = kpm, case, ta
         self.out = torch.empty_like(self.q)
         self.dq, self.dk, self.dv = (torch.empty(t.shape, device=device, dtype=t.dtype) for t in (self.q, self.k, self.v))
         self.lse = torch.empty(B, H, N, device=device)
-        self.scale = 1 / math.sqrt(D)
 
     def forward(self):
-        self.ta.forward(self.q, self.k, self.v, self.out, self.lse, self.masks, self.case.causal, self.scale, 0.0, 0)
+        self.ta.forward(self.q, self.k, self.v, self.out, self.lse, self.call)
 
     def backward(self):
-        self.ta.backward(self.dout, None, self.q, self.k, self.v, self.out, self.lse, self.masks, self.case.causal,
-                         self.scale, 0.0, 0, self.dq, self.dk, self.dv)
+        self.ta.backward(self.dout, None, self.q, self.k, self.v, self.out, self.lse, self.call, self.dq, self.dk,
+                         self.dv)
 
     def run(self, kernel: str):
         (self.forward if kernel == "fwd" else self.backward)()
 
 
 def _configs(kernel: str, D: int):
-    from .tuning import INTERPRETER_CONFIG, SWEEP, fits
+    from ..triton.tuning import INTERPRETER_CONFIG, SWEEP, fits
 
     return [c for c in SWEEP[kernel] if fits(c, D)] if GPU else [INTERPRETER_CONFIG, (16, 32, 4, 1)]
 
 
-def _compile(case: Case, kernel: str, configs) -> int:
+def _compile(case: SweepCase, kernel: str, configs) -> int:
     """Worker: compile (and run once) each configuration; Triton's disk cache keeps them."""
-    from .tuning import TUNER
+    from ..triton.tuning import TUNER
 
-    problem, done = Problem(case, "cuda"), 0
+    problem, done = SweepProblem(case, "cuda"), 0
     problem.forward()  # the backward reads the forward's lse
     for config in configs:
         TUNER.force = {kernel: config}
@@ -104,7 +108,7 @@ def _compile(case: Case, kernel: str, configs) -> int:
     return done
 
 
-def precompile(group: list[Case], workers: int) -> int:
+def precompile(group: list[SweepCase], workers: int) -> int:
     """Compiles every configuration of every kernel for these cases in worker processes."""
     plan = [(case, kernel, _configs(kernel, case.head_dim)) for case in group for kernel in ("fwd", "dkdv", "dq")]
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
@@ -113,11 +117,11 @@ def precompile(group: list[Case], workers: int) -> int:
         return sum(job.result() for job in jobs)
 
 
-def sweep_case(case: Case, kernel: str, device: str, log) -> dict:
+def sweep_case(case: SweepCase, kernel: str, device: str, log) -> dict:
     """ms of every configuration of one kernel; the other kernels keep their current choice."""
-    from .tuning import TUNER, time_ms
+    from ..triton.tuning import TUNER, time_ms
 
-    problem, timings = Problem(case, device), {}
+    problem, timings = SweepProblem(case, device), {}
     problem.forward()
     for config in _configs(kernel, case.head_dim):
         TUNER.force = {kernel: config}
@@ -129,14 +133,14 @@ def sweep_case(case: Case, kernel: str, device: str, log) -> dict:
     return timings
 
 
-def check(case: Case, winners: dict, device: str) -> float:
+def check(case: SweepCase, winners: dict, device: str) -> float:
     """Worst relative error of the winners against float64, on a small problem of the case's kind
     with lengths off the tile grid, over the bf16 bounds: out 1e-2, gradients 4e-2. <= 1 passes."""
     from ..reference import reference_attention
-    from .tuning import TUNER
+    from ..triton.tuning import TUNER
 
-    small = Case(case.head_dim, case.kind, 300 if GPU else 40, 600 if GPU else 80, 2 * case.head_dim)
-    p = Problem(small, device, seed=1)
+    small = SweepCase(case.head_dim, case.kind, 300 if GPU else 40, 600 if GPU else 80, 2 * case.head_dim)
+    p = SweepProblem(small, device, seed=1)
     TUNER.force = dict(winners)
     p.forward()
     p.backward()
@@ -150,7 +154,7 @@ def check(case: Case, winners: dict, device: str) -> float:
 
 
 def main(argv=None) -> int:
-    from . import tuning
+    from ..triton import tuning
 
     parser = argparse.ArgumentParser(prog="python -m fastattn tune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="where to write the winners (default: the package's defaults for this GPU)")
@@ -162,19 +166,19 @@ def main(argv=None) -> int:
     start = time.time()
     log = lambda msg: print(f"[{time.time() - start:6.1f}s] {msg}", flush=True)  # noqa: E731
     device = "cuda" if GPU else "cpu"
-    arch = tuning._arch() if GPU else "interpreter"
+    arch = tuning.gpu_arch() if GPU else "interpreter"
     path = Path(args.json or Path(tuning.__file__).parent / "tuned" / f"{arch}.json")
     record = {"device": torch.cuda.get_device_name() if GPU else "CPU (Triton interpreter)",
               "torch": torch.__version__, "configs": {}, "checks": {}, "timings": {}}
     compiled_seqs = set()
-    for case in cases(args.quick):
+    for case in sweep_cases(args.quick):
         if time.time() - start > args.budget_s:
             log(f"budget spent: stopped before {case}")
             break
         if GPU and args.workers > 1 and case.seq not in compiled_seqs:  # one batch size: one compile
             compiled_seqs.add(case.seq)
             try:
-                n = precompile([c for c in cases(args.quick) if c.seq == case.seq], args.workers)
+                n = precompile([c for c in sweep_cases(args.quick) if c.seq == case.seq], args.workers)
                 log(f"compiled {n} kernel configurations for N = {case.seq} in {args.workers} processes")
             except Exception as e:  # noqa: BLE001 - the sweep below compiles what it needs itself
                 log(f"compiling in worker processes failed ({type(e).__name__}: {e}); compiling as it goes")

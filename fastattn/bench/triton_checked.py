@@ -7,7 +7,7 @@ each head-dim block the config fits (bf16; the fallbacks also fp32 at D = 256, t
 they serve),
 and writes what passed and what failed, after each check:
 
-    python -m fastattn.triton.checked OUT.json [--jobs N]
+    python -m fastattn.bench.triton_checked OUT.json [--jobs N]
 
 The manifest ships as fastattn/triton/tuned/checked-<arch>.json, which fastattn.triton.tuning
 reads (load_checked). It holds for the Triton minor version it was checked with: a newer Triton
@@ -31,9 +31,9 @@ BOUND = {"bfloat16": 1e-2, "float16": 3e-3, "float32": 2e-6}  # relative error, 
 
 def items(arch: str) -> list[tuple[str, tuple, int, str]]:
     """(kernel, config, head dim, dtype) for each check: every config at each block it fits."""
-    from . import tuning
+    from ..triton import tuning
 
-    shipped = tuning._load(tuning._SHIPPED_DIR / f"{arch}.json")
+    shipped = tuning.load_configs(tuning.SHIPPED_DIR / f"{arch}.json")
     out = []
     for kernel in KERNELS:
         configs = [*tuning.CANDIDATES[kernel], *(c for k, c in sorted(shipped.items()) if k.startswith(kernel + "|")),
@@ -50,7 +50,7 @@ def check(kernel: str, config: tuple, D: int, dtype: str, device: str = "cuda", 
     windowed with softcap, ALiBi and sinks. Lengths that are no multiple of any tile."""
     import torch
 
-    from . import tuning
+    from ..triton import tuning
 
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
@@ -74,11 +74,11 @@ def check(kernel: str, config: tuple, D: int, dtype: str, device: str = "cuda", 
 def _error(q, k, v, padding, kwargs, bound) -> float:
     import torch
 
-    import fastattn
+    from ..api import attention
 
     def run(backend, *tensors):
         leaves = [t.detach().requires_grad_() for t in tensors]
-        out, lse = fastattn.attention(*leaves, key_padding_mask=padding, return_lse=True, backend=backend, **kwargs)
+        out, lse = attention(*leaves, key_padding_mask=padding, return_lse=True, backend=backend, **kwargs)
         return out, lse, leaves
 
     out, lse, leaves = run("triton", q, k, v)
@@ -126,7 +126,7 @@ def _write(path: Path, manifest: dict) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastattn.triton.checked")
+    parser = argparse.ArgumentParser(prog="python -m fastattn.bench.triton_checked")
     parser.add_argument("out", type=Path)
     parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
                         help="processes compiling and checking side by side")
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     import torch
     import triton
 
-    from .tuning import _arch
+    from ..triton.tuning import _arch
 
     arch, start = _arch(), time.time()
     manifest = {"arch": arch, "device": torch.cuda.get_device_name(), "triton": triton.__version__,
