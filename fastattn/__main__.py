@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     elif args.command == "report":
         import importlib.util
 
-        from fastattn.triton.report import main as report
+        from fastattn.triton.compile_report import main as report
 
         more = []
         if importlib.util.find_spec("triton.experimental.gluon") is not None:

@@ -6,7 +6,7 @@ from torch import Tensor
 from . import ops
 from .backends import select_backend
 from .backends import explain as explain_selection
-from .front_door import DTYPES, check_tensors, describe
+from .front_door import SUPPORTED_DTYPES, check_tensors, describe
 
 
 def _same_device(a: Tensor, b: Tensor, c: Tensor) -> bool:
@@ -21,7 +21,7 @@ def check_qkv(query, key, value) -> None:
     """query (B, H, Nq, D), key and value (B, Hkv, Nk, D) with H % Hkv == 0."""
     # The common case in a few comparisons; anything else goes through every check, which names it.
     if (isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)
-            and query.dtype in DTYPES and query.dtype == key.dtype == value.dtype and _same_device(query, key, value)):
+            and query.dtype in SUPPORTED_DTYPES and query.dtype == key.dtype == value.dtype and _same_device(query, key, value)):
         qs, ks = query.shape, key.shape
         if (len(qs) == 4 and len(ks) == 4 and ks == value.shape and ks[0] == qs[0] and ks[3] == qs[3]
                 and ks[1] and qs[1] % ks[1] == 0):

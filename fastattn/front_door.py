@@ -17,14 +17,14 @@ from .backends.base import head_dim_value, length_bucket, tile_aligned
 from .masks import key_ranges
 from .reference import ALIGNS
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FP32_TINY, _FP32_MAX = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
 KINDS = ("dense", "varlen", "decode")
 
 
 def check_tensors(tensors: list[tuple[str, Tensor]], layout: str) -> None:
     """Each (name, tensor) is a tensor with one dim per letter group of `layout` ("(B, H, N, D)"),
-    in the first one's dtype (one of DTYPES) and on its device."""
+    in the first one's dtype (one of SUPPORTED_DTYPES) and on its device."""
     dims = layout.count(",") + 1
     first_name, first = tensors[0]
     for name, t in tensors:
@@ -32,8 +32,8 @@ def check_tensors(tensors: list[tuple[str, Tensor]], layout: str) -> None:
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t.dim() != dims:
             raise ValueError(f"{name}: expected {dims} dims {layout}, got shape {tuple(t.shape)}")
-        if t.dtype not in DTYPES:
-            raise TypeError(f"{name}: expected a dtype in {[str(d) for d in DTYPES]}, got {t.dtype}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name}: expected a dtype in {[str(d) for d in SUPPORTED_DTYPES]}, got {t.dtype}")
         if t.device != first.device:
             raise ValueError(f"{name}: expected device {first.device} ({first_name}'s), got {t.device}")
         if t.dtype != first.dtype:

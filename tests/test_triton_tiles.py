@@ -250,7 +250,7 @@ def run_forced(fn):
 
 
 # --------------------------------------------------------------------------- inputs and the check
-class Problem(NamedTuple):
+class TileCheck(NamedTuple):
     leaves: list  # q, k, v (and sinks): the kernels' inputs, each requiring grad
     call: object  # leaves -> (out, lse) through backend triton
     reference: object  # float64 leaves -> (out, lse)
@@ -292,7 +292,7 @@ def key_padding(kind, Nk, gen):
     return ((torch.rand(Nk, generator=gen) < 0.3) | (idx >= Nk - Nk // 4))[None]
 
 
-def padded_problem(case, Nq, Nk, dtype, D, gen) -> Problem:
+def padded_check(case, Nq, Nk, dtype, D, gen) -> TileCheck:
     kind = case["input"]
     B = 1  # the interpreter is slow; packed sequences have several
     H, Hkv = HEADS[case["heads"]]
@@ -326,10 +326,10 @@ def padded_problem(case, Nq, Nk, dtype, D, gen) -> Problem:
     def rows_and_heads(out, lse):
         return out.transpose(0, 1).flatten(1, 2), lse.transpose(0, 1).flatten(1)
 
-    return Problem(leaves, call, reference, rows_and_heads)
+    return TileCheck(leaves, call, reference, rows_and_heads)
 
 
-def packed_problem(case, lens_q, lens_k, dtype, D, gen) -> Problem:
+def packed_check(case, lens_q, lens_k, dtype, D, gen) -> TileCheck:
     """attention_varlen; the float64 reference: a lone call per sequence, concatenated."""
     B = len(lens_q)
     H, Hkv = HEADS[case["heads"]]
@@ -364,10 +364,10 @@ def packed_problem(case, lens_q, lens_k, dtype, D, gen) -> Problem:
     def rows_and_heads(out, lse):
         return out.transpose(0, 1), lse
 
-    return Problem(leaves, call, reference, rows_and_heads)
+    return TileCheck(leaves, call, reference, rows_and_heads)
 
 
-def check(problem: Problem, dtype, gen):
+def check(problem: TileCheck, dtype, gen):
     """Forward, lse and every gradient against float64, with helpers.check_against_reference's
     bounds; the sinks' gradient as test_score_mods measures it."""
     tol = TOL[dtype]
@@ -408,9 +408,9 @@ def test_candidate_and_shipped_configs(case, force):
     Nq, Nk = main_lengths(case)
     gen = torch.Generator().manual_seed(zlib.crc32(repr(sorted(case.items())).encode()))
     if case["input"] == "packed":  # the long sequence after a short one: it starts off the tile grid
-        problem = packed_problem(case, (19, Nq, 3), (26, Nk, 40), dtype, D, gen)
+        problem = packed_check(case, (19, Nq, 3), (26, Nk, 40), dtype, D, gen)
     else:
-        problem = padded_problem(case, Nq, Nk, dtype, D, gen)
+        problem = padded_check(case, Nq, Nk, dtype, D, gen)
     check(problem, dtype, gen)
     assert_launched(log, configs)
 
@@ -425,9 +425,9 @@ def test_decoding_rule_tiles(case, force):
     Nq, Nk = case["nq"], rule[1] + 13
     gen = torch.Generator().manual_seed(zlib.crc32(repr(sorted(case.items())).encode()))
     if case["input"] == "packed":
-        problem = packed_problem(case, (3, Nq, 1), (40, Nk, 5), dtype, D, gen)
+        problem = packed_check(case, (3, Nq, 1), (40, Nk, 5), dtype, D, gen)
     else:
-        problem = padded_problem(case, Nq, Nk, dtype, D, gen)
+        problem = padded_check(case, Nq, Nk, dtype, D, gen)
     check(problem, dtype, gen)
     assert_launched(log, configs)
 

@@ -21,8 +21,8 @@ def write_manifest(directory, configs=None, triton_version=None):
 @pytest.fixture
 def tuner(tmp_path, monkeypatch):
     monkeypatch.setattr(tuning, "cache_path", lambda: tmp_path / "cache.json")
-    monkeypatch.setattr(tuning, "_arch", lambda: "sm90")
-    monkeypatch.setattr(tuning, "_SHIPPED_DIR", tmp_path / "shipped")
+    monkeypatch.setattr(tuning, "gpu_arch", lambda: "sm90")
+    monkeypatch.setattr(tuning, "SHIPPED_DIR", tmp_path / "shipped")
     monkeypatch.delenv("FASTATTN_TUNE", raising=False)
     write_manifest(tmp_path / "shipped")
     return tuning.Tuner()
@@ -143,8 +143,8 @@ def test_tuning_and_shipped_defaults_take_only_checked_configs(tuner, tmp_path):
 @pytest.mark.parametrize("manifest", ["none", "older triton"])
 def test_without_a_checked_manifest_the_first_candidate_runs_untimed(tmp_path, monkeypatch, manifest):
     monkeypatch.setattr(tuning, "cache_path", lambda: tmp_path / "cache.json")
-    monkeypatch.setattr(tuning, "_arch", lambda: "sm90")
-    monkeypatch.setattr(tuning, "_SHIPPED_DIR", tmp_path / "shipped")
+    monkeypatch.setattr(tuning, "gpu_arch", lambda: "sm90")
+    monkeypatch.setattr(tuning, "SHIPPED_DIR", tmp_path / "shipped")
     monkeypatch.delenv("FASTATTN_TUNE", raising=False)
     if manifest == "older triton":
         write_manifest(tmp_path / "shipped", triton_version="2.0.0")

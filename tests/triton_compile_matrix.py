@@ -41,7 +41,7 @@ KERNELS = ("fwd", "dkdv", "dq")
 
 
 @dataclasses.dataclass(frozen=True)
-class Case:
+class MatrixCase:
     api: str  # "attention" (varlen when mask == "packed"), "decode" (attention_with_kvcache)
     dtype: str
     D: int
@@ -92,7 +92,7 @@ def launch_configs() -> dict[str, list]:
     return configs
 
 
-def cases() -> list[Case]:
+def cases() -> list[MatrixCase]:
     from fastattn.triton.tuning import FALLBACK, fits
 
     configs = launch_configs()
@@ -124,33 +124,33 @@ def cases() -> list[Case]:
     axes = {"dtype": ("bf16", "fp16"), "mask": MASKS, **{f: (False, True) for f in FLAGS}}
     for row in _pairwise(axes):
         D = head_dim()
-        out.append(Case("attention", row["dtype"], D, row["mask"], frozenset(f for f in FLAGS if row[f]), forced(D)))
+        out.append(MatrixCase("attention", row["dtype"], D, row["mask"], frozenset(f for f in FLAGS if row[f]), forced(D)))
     extra = itertools.cycle([("bf16", "padding", {"causal"}), ("fp16", "packed", {"causal", "window"}),
                              ("bf16", "bool", {"softcap", "alibi"}), ("fp16", "float", {"sinks", "dropout"})])
     while todo:  # configs the covering left out, each with a flag set in turn
         D = head_dim()
         dtype, mask, flags = next(extra)
-        out.append(Case("attention", dtype, D, mask, frozenset(flags), forced(D)))
+        out.append(MatrixCase("attention", dtype, D, mask, frozenset(flags), forced(D)))
     # fp32 by its three dot precisions (3xTF32 the default), which compile slowest: from a head-dim
     # block of 128 on, the fallbacks (every candidate is over shared memory there; the 16-bit cases
     # walk the glue from a config out of shared memory to the next)
     mods = frozenset({"causal", "window", "softcap", "alibi", "sinks"})
     fallback = tuple(FALLBACK.items())
-    out += [Case("attention", "fp32", 64, "padding", mods, forced(64)),
-            Case("attention", "fp32", 128, "packed", frozenset({"causal", "dropout", "gqa"}), fallback),
-            Case("attention", "fp32", 256, "bool", frozenset({"bottom_right", "causal"}), fallback),
-            Case("attention", "fp32-tf32", 80, "float", frozenset({"softcap"}), fallback),
-            Case("attention", "fp32-ieee", 16, "none", frozenset({"causal"}), forced(16))]
+    out += [MatrixCase("attention", "fp32", 64, "padding", mods, forced(64)),
+            MatrixCase("attention", "fp32", 128, "packed", frozenset({"causal", "dropout", "gqa"}), fallback),
+            MatrixCase("attention", "fp32", 256, "bool", frozenset({"bottom_right", "causal"}), fallback),
+            MatrixCase("attention", "fp32-tf32", 80, "float", frozenset({"softcap"}), fallback),
+            MatrixCase("attention", "fp32-ieee", 16, "none", frozenset({"causal"}), forced(16))]
     # The tuner's own choice: the decode tile (<= 16 queries) and the shipped defaults' lookup.
-    out += [Case("attention", "bf16", 128, "padding", frozenset({"causal"}), nq=8),
-            Case("attention", "fp16", 64, "packed", frozenset({"causal", "alibi"}), nq=16),
-            Case("attention", "bf16", 128, "padding", frozenset({"causal", "softcap"}), nq=3000)]
+    out += [MatrixCase("attention", "bf16", 128, "padding", frozenset({"causal"}), nq=8),
+            MatrixCase("attention", "fp16", 64, "packed", frozenset({"causal", "alibi"}), nq=16),
+            MatrixCase("attention", "bf16", 128, "padding", frozenset({"causal", "softcap"}), nq=3000)]
     decode_axes = {"dtype": DTYPES, "D": (16, 64, 128, 256), "queries": (1, 4, 16),
                    **{f: (False, True) for f in ("causal", "gqa", "window", "softcap", "alibi", "sinks")}}
     for row in _pairwise(decode_axes):
         flags = frozenset(f for f in decode_axes if row.get(f) is True)
-        out.append(Case("decode", row["dtype"], row["D"], "none", flags, nq=row["queries"]))
-    out.append(Case("dropout-mask", "bf16", 64))
+        out.append(MatrixCase("decode", row["dtype"], row["D"], "none", flags, nq=row["queries"]))
+    out.append(MatrixCase("dropout-mask", "bf16", 64))
     return out
 
 
@@ -174,7 +174,7 @@ def _setup() -> None:
     os.environ["FASTATTN_TUNE"] = "0"  # a key the shipped table lacks takes the first candidate, untimed
 
 
-def _inputs(case: Case):
+def _inputs(case: MatrixCase):
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(case.dtype, torch.float32)
@@ -187,7 +187,7 @@ def _inputs(case: Case):
     return q, k, v
 
 
-def _mods(case: Case, B: int, H: int) -> dict:
+def _mods(case: MatrixCase, B: int, H: int) -> dict:
     import torch
 
     mods = {}
@@ -206,7 +206,7 @@ def _mods(case: Case, B: int, H: int) -> dict:
     return mods
 
 
-def _call(case: Case):
+def _call(case: MatrixCase):
     """The case's call, forward and (but for decoding) backward, through the public API."""
     import torch
 
@@ -260,7 +260,7 @@ def _launching_kernel(error: BaseException) -> str | None:
     return None
 
 
-def run_case(case: Case) -> tuple[str, str]:
+def run_case(case: MatrixCase) -> tuple[str, str]:
     """("ok" | "FAIL", detail): compiles and launches the case twice, through the JIT and then
     through the launcher's cache, which must pass the same arguments."""
     import torch

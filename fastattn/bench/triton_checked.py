@@ -135,9 +135,9 @@ def main(argv=None) -> int:
     import torch
     import triton
 
-    from ..triton.tuning import _arch
+    from ..triton.tuning import gpu_arch
 
-    arch, start = _arch(), time.time()
+    arch, start = gpu_arch(), time.time()
     manifest = {"arch": arch, "device": torch.cuda.get_device_name(), "triton": triton.__version__,
                 "torch": torch.__version__, "commit": args.commit, "date": time.strftime("%Y-%m-%d"),
                 "checked": "forward and gradients against float64: causal + key padding, then window + softcap "

@@ -12,7 +12,7 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from ..triton.report import SMEM_LIMIT, cubin_stats
+from ..triton.compile_report import SMEM_LIMIT, cubin_stats
 from .launch import BWD_VARIANTS, MAXNREG, VARIANTS, launched
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16"}  # short name -> gl and torch attribute

@@ -39,7 +39,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from . import tuning
-from .launch import Launcher
+from .launch import INTERPRETING, Launcher
 
 LOG2E = 1.4426950408889634  # log2(e): scores and lse in log2 units
 LN2 = 0.6931471805599453  # ln(2): back to natural-log units
@@ -47,7 +47,6 @@ LN2 = 0.6931471805599453  # ln(2): back to natural-log units
 LOG2E_C = tl.constexpr(LOG2E)
 LN2_C = tl.constexpr(LN2)
 TANH_K = tl.constexpr(2 * LOG2E)  # tanh x = 2 / (1 + 2^(-TANH_K x)) - 1
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # Integer arguments that are not worth a compile of their own (see fastattn.triton.launch): single
 # arguments, since Triton specializes the integers of a tuple argument regardless.
 UNSPECIALIZED = ["B", "H", "Hkv", "Nq", "Nk", "group", "seed", "num_splits", "window_left", "window_right",
