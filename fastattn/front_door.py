@@ -64,9 +64,9 @@ def check_scalars(causal, scale, dropout_p, backend, head_dim: int) -> float:
     return float(scale)
 
 
-def check_score_mods(window_size, softcap, alibi_slopes, sinks, align, B: int, H: int, device) -> list[str]:
-    """Validates the score modifiers; returns those the call has, by SCORE_MODS' names
-    ("bottom_right" left to describe(), which knows whether the alignment matters)."""
+def check_score_mods(window_size, softcap, alibi_slopes, sinks, align, B: int, H: int, query: Tensor) -> list[str]:
+    """Validates the score modifiers (their tensors on query's device); returns those the call has,
+    by SCORE_MODS' names ("bottom_right" left to describe(), which knows whether the alignment matters)."""
     if (type(window_size) is tuple and window_size == (-1, -1) and type(softcap) is float and softcap == 0.0
             and alibi_slopes is None and sinks is None and (align == "top_left" or align == "bottom_right")):
         return []  # the defaults, in a few comparisons (a small call's host time)
@@ -92,8 +92,8 @@ def check_score_mods(window_size, softcap, alibi_slopes, sinks, align, B: int, H
         if tuple(t.shape) not in shapes:
             want = " or ".join(str(s) for s in shapes)
             raise ValueError(f"{name}: expected shape {want} (H = {H}, B = {B}), got {tuple(t.shape)}")
-        if t.device != device:
-            raise ValueError(f"{name}: expected device {device} (query's), got {t.device}")
+        if t.device != query.device:
+            raise ValueError(f"{name}: expected device {query.device} (query's), got {t.device}")
     if alibi_slopes is not None and alibi_slopes.requires_grad and torch.is_grad_enabled():
         raise ValueError("alibi_slopes: gradients with respect to the slopes are not supported; pass "
                          "alibi_slopes.detach()")
@@ -142,6 +142,9 @@ def dropout_seed(dropout_p: float) -> int:
     return int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
 
 
+_make = tuple.__new__  # a NamedTuple from all its fields, in order
+
+
 def _aligned(device: str, *tensors: Tensor) -> bool:
     """tile_aligned for all, where a backend asks (the cuda one, on a GPU); True elsewhere."""
     return device != "cuda" or all(tile_aligned(t) for t in tensors)
@@ -164,7 +167,7 @@ def describe(q: Tensor, k: Tensor, v: Tensor, *, kind: str = "dense", batch: int
     if return_lse is not True and return_lse is not False:
         check_flag("return_lse", return_lse)
     mods = check_score_mods(window_size, softcap, alibi_slopes, sinks, align, qs[0] if batch is None else batch,
-                            qs[1], q.device)
+                            qs[1], q)
     if key_padding_mask is not None:
         key_padding_mask = _check_key_padding(key_padding_mask, q, k)
     if attn_mask is not None:
@@ -193,16 +196,17 @@ def describe(q: Tensor, k: Tensor, v: Tensor, *, kind: str = "dense", batch: int
         mods.append("bottom_right")
     needs_grad = ((q.requires_grad or k.requires_grad or v.requires_grad)
                   or sinks is not None and sinks.requires_grad) and torch.is_grad_enabled()
-    # Both built positionally, in their declarations' order: keywords would cost a small call
-    # ~2 us here (tests/test_call.py checks what reaches a backend, field by field).
-    problem = Problem(device, q.dtype, head_dim_value(D, traced),
-                      None if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "float"),
-                      key_padding_mask is not None, causal, dropout, needs_grad, _aligned(device, q, k, v),
-                      kind == "varlen", kind == "decode", length_bucket(nq, traced), length_bucket(nk, traced), gqa,
-                      tuple(mods))
-    call = Call(key_padding_mask, None if key_padding_mask is None else key_ranges(key_padding_mask), attn_mask,
-                cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                causal, scale, float(dropout_p), dropout_seed(dropout_p) if draw_seed else 0,
-                window_size[0], window_size[1], float(softcap), alibi_slopes, sinks,
-                kind == "decode" or "bottom_right" in mods)
+    # Both made as tuples of their fields in their declarations' order: keywords, or even the
+    # NamedTuples' own constructors, would cost a small call ~1 us here (tests/test_call.py checks
+    # both field by field).
+    problem = _make(Problem, (device, q.dtype, head_dim_value(D, traced),
+                              None if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "float"),
+                              key_padding_mask is not None, causal, dropout, needs_grad, _aligned(device, q, k, v),
+                              kind == "varlen", kind == "decode", length_bucket(nq, traced), length_bucket(nk, traced),
+                              gqa, tuple(mods)))
+    call = _make(Call, (key_padding_mask, None if key_padding_mask is None else key_ranges(key_padding_mask),
+                        attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                        causal, scale, float(dropout_p), dropout_seed(dropout_p) if draw_seed else 0,
+                        window_size[0], window_size[1], float(softcap), alibi_slopes, sinks,
+                        kind == "decode" or "bottom_right" in mods))
     return call, problem

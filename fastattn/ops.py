@@ -24,17 +24,19 @@ _forward_op = torch.ops.fastattn.attention_forward.default
 _kvcache_op = torch.ops.fastattn.attention_kvcache.default
 
 
-def _in_one_call(*tensors) -> bool:
+def _in_one_call(call: Call, *tensors) -> bool:
     """Whether a call may go straight into the dispatcher (_C: one C++ call, every dispatch key on
     the way) rather than through torch.ops, whose argument parsing costs more than a small call's
     kernel: not while torch.compile traces (it must see torch.ops), nor where __torch_function__
-    (a tensor subclass, a mode) has a say."""
-    return not torch._C._has_torch_function_variadic(*tensors) and not torch.compiler.is_compiling()
+    (a tensor subclass among the tensors and the call's, a mode) has a say."""
+    return not torch._C._has_torch_function_variadic(
+        *tensors, call.key_padding, call.key_ranges, call.attn_mask, call.cu_seqlens_q, call.cu_seqlens_k,
+        call.alibi_slopes, call.sinks) and not torch.compiler.is_compiling()
 
 
 def attention_forward(q, k, v, backend: str, call: Call):
     """(out, lse) of one call: the op's arguments are q, k, v, the backend's name and the call's fields."""
-    op = _C.attention_forward if _in_one_call(q, k, v, *call) else _forward_op
+    op = _C.attention_forward if _in_one_call(call, q, k, v) else _forward_op
     return op(q, k, v, backend, *call)
 
 
@@ -44,7 +46,7 @@ def attention_backward(dout, dlse, q, k, v, out, lse, backend: str, call: Call):
 
 
 def attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, backend: str, call: Call):
-    op = _C.attention_kvcache if _in_one_call(q, k_cache, v_cache, cache_seqlens, k_new, v_new, *call) else _kvcache_op
+    op = _C.attention_kvcache if _in_one_call(call, q, k_cache, v_cache, cache_seqlens, k_new, v_new) else _kvcache_op
     return op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, backend, *call)
 
 
