@@ -19,7 +19,6 @@ from .reference import ALIGNS
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FP32_TINY, _FP32_MAX = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
-KINDS = ("dense", "varlen", "decode")
 
 
 def check_tensors(tensors: list[tuple[str, Tensor]], layout: str) -> None:
